@@ -1,0 +1,1 @@
+"""Benchmark suites: kernels, model training step, ZeRO memory planning, reports."""

@@ -1,0 +1,1 @@
+"""Kernel benchmarks: ours vs eager PyTorch vs torch.compile (and attention baselines)."""

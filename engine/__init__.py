@@ -1,0 +1,1 @@
+"""t5forge engine: training loop, DeepSpeed, data, tasks, CLI. Depends on models/ and kernels/."""

@@ -1,0 +1,31 @@
+"""Test set-up shared by the whole suite.
+
+TRITON_INTERPRET must be in the environment before `triton` is first imported (see
+shared/reference/MACHINE_NOTES.md), so it is set here, before any project import. On a machine with a
+GPU, run with T5FORGE_COMPILED=1 to test the compiled kernels instead.
+"""
+import os
+import pathlib
+
+if os.environ.get("T5FORGE_COMPILED") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_file(relative: str) -> pathlib.Path:
+    """A file under ../shared/data, or skip the test when it is absent (it is never copied into the repo)."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"shared data file not available: {path}")
+    return path
+
+
+@pytest.fixture
+def device():
+    import torch
+
+    return torch.device("cuda" if os.environ.get("T5FORGE_COMPILED") == "1" and torch.cuda.is_available() else "cpu")
