@@ -4,14 +4,364 @@ The gated form keeps `wi_0` and `wi_1` as ONE concatenated weight `wi = cat([wi_
 (2 * d_ff, d_model) so both projections run as a single matmul; checkpoints keep the Hugging Face names
 and models/checkpoint.py splits and merges them.
 
-The Triton kernels and their autograd.Function are added above the references.
+Triton path:
+- `_ffn_up_kernel`: the up-projection `x @ wi.T` as a Triton matmul whose epilogue applies the activation
+  (and the gate). For the gated form each program owns d_ff columns n and accumulates BOTH halves
+  (wi_0 row n and wi_1 row n) from one x tile -- one GEMM over the concatenated weight -- so the gate sees
+  `a` and `b` in registers and only `g = act(a) * b` (tokens x d_ff) is written. With BACKWARD=True the same
+  kernel recomputes `a, b` and writes `dh = [dg * b * act'(a) | dg * act(a)]` and `g` instead.
+- Two memory policies for backward, `recompute`:
+  * False (default): the forward also stores the pre-activation h (tokens x 2 d_ff); backward rebuilds g
+    and dh from h with one elementwise pass (GELU recomputed, never stored). Saved: x, h.
+  * True: nothing but x is saved; backward re-runs the up GEMM with the gradient epilogue (one extra
+    2*d_ff-wide GEMM, ~22% more FFN FLOPs) -- the [tokens, 2*d_ff] intermediate never reaches memory.
+  Eager PyTorch saves x, h, gelu(a) and g: tokens x (d_model + 4 d_ff) elements vs d_model + 2 d_ff here.
+- The down projection, dx, dwi and dwo are cuBLAS GEMMs (torch.matmul) inside the same autograd.Function.
+- `gelu_tanh_gate(h)`: the gate alone as a fused elementwise kernel (forward and backward, GELU recomputed
+  in backward), for callers that keep their own GEMMs.
+All math in fp32 (accumulators, activations); results rounded once to the input dtype.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ._triton_utils import check_device, is_interpreter, tl, triton
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACTIVATIONS = ("gelu_tanh", "relu")
+
+
+@triton.jit
+def _act(h, ACT_GELU: tl.constexpr):
+    if ACT_GELU:
+        # gelu_tanh(h) = 0.5 h (1 + tanh(u)) = h * sigmoid(2u),  u = sqrt(2/pi) (h + 0.044715 h^3)
+        out = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+    else:
+        out = tl.maximum(h, 0.0)
+    return out
+
+
+@triton.jit
+def _act_grad(h, ACT_GELU: tl.constexpr):
+    if ACT_GELU:
+        s = tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+        out = s + h * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * h * h)
+    else:
+        out = tl.where(h > 0.0, 1.0, 0.0)
+    return out
+
+
+@triton.jit
+def _gate_fwd_kernel(H, G, stride_h, stride_g, n_rows, n_cols, GATED: tl.constexpr, ACT_GELU: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # h row = [a | b] (2 * n_cols) when GATED, [a] otherwise; g = act(a) * b  or  act(a).
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    h_ptrs = H + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
+    g = _act(tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32), ACT_GELU)
+    if GATED:
+        g = g * tl.load(h_ptrs + n_cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(G + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_bwd_kernel(H, DG, DH, G, stride_h, stride_dg, stride_dh, stride_g, n_rows, n_cols,
+                     GATED: tl.constexpr, ACT_GELU: tl.constexpr, STORE_G: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Recomputes act(a) from the saved pre-activation instead of storing it in forward.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    h_ptrs = H + rows64 * stride_h + cols[None, :]
+    dh_ptrs = DH + rows64 * stride_dh + cols[None, :]
+    a = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    dg = tl.load(DG + rows64 * stride_dg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    act_a = _act(a, ACT_GELU)
+    if GATED:
+        b = tl.load(h_ptrs + n_cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dh_ptrs, (dg * b * _act_grad(a, ACT_GELU)).to(DH.dtype.element_ty), mask=mask)
+        tl.store(dh_ptrs + n_cols, (dg * act_a).to(DH.dtype.element_ty), mask=mask)
+        g = act_a * b
+    else:
+        tl.store(dh_ptrs, (dg * _act_grad(a, ACT_GELU)).to(DH.dtype.element_ty), mask=mask)
+        g = act_a
+    if STORE_G:
+        tl.store(G + rows64 * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
+
+
+def _up_configs():
+    if is_interpreter():  # one small config: the interpreter pays per program and per autotune trial
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    # BLOCK_N counts d_ff columns; the gated kernel holds two BLOCK_M x BLOCK_N accumulators.
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                     (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (128, 64, 32, 4, 4)]]
+
+
+@triton.autotune(configs=_up_configs(), key=["M", "N", "K", "GATED", "BACKWARD", "STORE_H", "STORE_G"])
+@triton.jit
+def _ffn_up_kernel(X, W, G, H, DG, DH, M, N, K, stride_xm, stride_wn, stride_gm, stride_hm, stride_dgm,
+                   stride_dhm, GATED: tl.constexpr, ACT_GELU: tl.constexpr, BACKWARD: tl.constexpr,
+                   STORE_G: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Program -> output tile, in bands of GROUP_M row tiles so that consecutive programs share weight tiles
+    # in L2 (the weight is the large operand re-read by every row band).
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = pid // (GROUP_M * tiles_n)
+    band_rows = tl.minimum(tiles_m - band * GROUP_M, GROUP_M)
+    in_band = pid % (GROUP_M * tiles_n)
+    pid_m = band * GROUP_M + in_band % band_rows
+    pid_n = in_band // band_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    m_ok = rm < M
+    n_ok = rn < N
+    x_ptrs = X + rm64[:, None] * stride_xm + rk[None, :]
+    wa_ptrs = W + rn64[None, :] * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N) tile of wi_0^T
+    wb_ptrs = wa_ptrs + N * stride_wn  # the matching rows of wi_1 sit N rows below
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wa = tl.load(wa_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:  # bf16 tl.dot is wrong in the interpreter (MACHINE_NOTES.md)
+            x = x.to(tl.float32)
+            wa = wa.to(tl.float32)
+        acc_a = tl.dot(x, wa, acc_a, input_precision=DOT_PRECISION)
+        if GATED:
+            wb = tl.load(wb_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                wb = wb.to(tl.float32)
+            acc_b = tl.dot(x, wb, acc_b, input_precision=DOT_PRECISION)
+            wb_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        wa_ptrs += BLOCK_K
+
+    mask = m_ok[:, None] & n_ok[None, :]
+    act_a = _act(acc_a, ACT_GELU)
+    if GATED:
+        g = act_a * acc_b
+    else:
+        g = act_a
+    if STORE_G:
+        tl.store(G + rm64[:, None] * stride_gm + rn[None, :], g.to(G.dtype.element_ty), mask=mask)
+    if BACKWARD:
+        dg = tl.load(DG + rm64[:, None] * stride_dgm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        dh_ptrs = DH + rm64[:, None] * stride_dhm + rn[None, :]
+        if GATED:
+            tl.store(dh_ptrs, (dg * acc_b * _act_grad(acc_a, ACT_GELU)).to(DH.dtype.element_ty), mask=mask)
+            tl.store(dh_ptrs + N, (dg * act_a).to(DH.dtype.element_ty), mask=mask)
+        else:
+            tl.store(dh_ptrs, (dg * _act_grad(acc_a, ACT_GELU)).to(DH.dtype.element_ty), mask=mask)
+    elif STORE_H:
+        h_ptrs = H + rm64[:, None] * stride_hm + rn[None, :]
+        tl.store(h_ptrs, acc_a.to(H.dtype.element_ty), mask=mask)
+        if GATED:
+            tl.store(h_ptrs + N, acc_b.to(H.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _gate_blocks(n_cols: int) -> tuple[int, int, int]:
+    block_n = min(1024, max(16, triton.next_power_of_2(n_cols)))
+    block_m = max(1, (16384 if is_interpreter() else 4096) // block_n)
+    return block_m, block_n, 4 if block_m * block_n <= 2048 else 8
+
+
+def _gate_fwd(h: torch.Tensor, gated: bool, act_gelu: bool) -> torch.Tensor:
+    n_rows, width = h.shape
+    n_cols = width // 2 if gated else width
+    g = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device)
+    if g.numel():
+        bm, bn, warps = _gate_blocks(n_cols)
+        _gate_fwd_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
+            h, g, h.stride(0), g.stride(0), n_rows, n_cols, GATED=gated, ACT_GELU=act_gelu,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    return g
+
+
+def _gate_bwd(h: torch.Tensor, dg: torch.Tensor, gated: bool, act_gelu: bool, store_g: bool):
+    """(dh, g or None) from the saved pre-activation h and the gradient of g."""
+    n_rows, width = h.shape
+    n_cols = width // 2 if gated else width
+    dh = torch.empty_like(h)
+    g = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device) if store_g else None
+    if dh.numel():
+        bm, bn, warps = _gate_blocks(n_cols)
+        g_arg = g if g is not None else dh
+        _gate_bwd_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
+            h, dg, dh, g_arg, h.stride(0), dg.stride(0), dh.stride(0), g_arg.stride(0), n_rows, n_cols,
+            GATED=gated, ACT_GELU=act_gelu, STORE_G=store_g, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    return dh, g
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own matmul setting (full fp32 unless the user allowed TF32).
+    if dtype == torch.float32 and not is_interpreter() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _ffn_up(x: torch.Tensor, wi: torch.Tensor, gated: bool, act_gelu: bool, *, store_h: bool = False,
+            dg: torch.Tensor | None = None, store_g: bool = True):
+    """The up GEMM with its epilogue. Forward (dg None): returns (g, h or None).
+    Backward (dg given): recomputes a, b and returns (dh, g or None)."""
+    m, k = x.shape
+    n = wi.shape[0] // 2 if gated else wi.shape[0]
+    backward = dg is not None
+    store_g = store_g or not backward
+    g = torch.empty((m, n), dtype=x.dtype, device=x.device) if store_g else None
+    h = torch.empty((m, wi.shape[0]), dtype=x.dtype, device=x.device) if (store_h or backward) else None
+    if m == 0 or n == 0:
+        if h is not None:
+            h.zero_()
+        return (h, g) if backward else (g, h)
+    g_arg = g if g is not None else h
+    h_arg = h if h is not None else g
+    dg_arg = dg if dg is not None else g_arg
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    # In backward the H buffer receives dh (same shape as h), so one tensor serves both roles.
+    _ffn_up_kernel[grid](
+        x, wi, g_arg, h_arg, dg_arg, h_arg, m, n, k, x.stride(0), wi.stride(0), g_arg.stride(0),
+        h_arg.stride(0), dg_arg.stride(0), h_arg.stride(0), GATED=gated, ACT_GELU=act_gelu,
+        BACKWARD=backward, STORE_G=store_g, STORE_H=store_h and not backward,
+        UPCAST=x.dtype == torch.bfloat16 and is_interpreter(), DOT_PRECISION=_dot_precision(x.dtype))
+    return (h, g) if backward else (g, h)
+
+
+def _up_backward(x, wi, h, dg, gated, act_gelu, need_g):
+    """dh (and g for dwo) from the saved h, or by re-running the up GEMM when h was not kept."""
+    if h is not None:
+        return _gate_bwd(h, dg, gated, act_gelu, store_g=need_g)
+    return _ffn_up(x, wi, gated, act_gelu, dg=dg, store_g=need_g)
+
+
+# ------------------------------------------------------------------------------------------- autograd
+class _GateFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h2, gated, act_gelu):
+        ctx.save_for_backward(h2)
+        ctx.flags = (gated, act_gelu)
+        return _gate_fwd(h2, gated, act_gelu)
+
+    @staticmethod
+    def backward(ctx, dg):
+        (h2,) = ctx.saved_tensors
+        dh, _ = _gate_bwd(h2, dg.contiguous(), *ctx.flags, store_g=False)
+        return dh, None, None
+
+
+class _FFNUpFunction(torch.autograd.Function):
+    """x -> g = act(x wi_0^T) * (x wi_1^T); used when dropout sits between g and wo."""
+
+    @staticmethod
+    def forward(ctx, x2, wi, gated, act_gelu, recompute):
+        g, h = _ffn_up(x2, wi, gated, act_gelu, store_h=not recompute)
+        ctx.save_for_backward(x2, wi, h)
+        ctx.flags = (gated, act_gelu)
+        return g
+
+    @staticmethod
+    def backward(ctx, dg):
+        x2, wi, h = ctx.saved_tensors
+        dh, _ = _up_backward(x2, wi, h, dg.contiguous(), *ctx.flags, need_g=False)
+        return _input_grads(ctx, dh, x2, wi) + (None, None, None)
+
+
+class _FFNFunction(torch.autograd.Function):
+    """The whole block x -> y; g is not saved (rebuilt in backward), so only x (and h) stay alive."""
+
+    @staticmethod
+    def forward(ctx, x2, wi, wo, gated, act_gelu, recompute):
+        g, h = _ffn_up(x2, wi, gated, act_gelu, store_h=not recompute)
+        y = torch.matmul(g.to(wo.dtype), wo.t())
+        ctx.save_for_backward(x2, wi, wo, h)
+        ctx.flags = (gated, act_gelu)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, wi, wo, h = ctx.saved_tensors
+        dg = torch.matmul(dy, wo).to(x2.dtype)
+        dh, g = _up_backward(x2, wi, h, dg, *ctx.flags, need_g=ctx.needs_input_grad[2])
+        dwo = torch.matmul(dy.t(), g.to(dy.dtype)) if ctx.needs_input_grad[2] else None
+        dx, dwi = _input_grads(ctx, dh, x2, wi)
+        return dx, dwi, dwo, None, None, None
+
+
+def _input_grads(ctx, dh, x2, wi):
+    dx = torch.matmul(dh, wi) if ctx.needs_input_grad[0] else None
+    dwi = torch.matmul(dh.t(), x2) if ctx.needs_input_grad[1] else None
+    return dx, dwi
+
+
+# -------------------------------------------------------------------------------------------- public
+def _check_activation(activation: str) -> bool:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"kernels/gated_ffn.py: unknown FFN activation {activation!r}; expected one of "
+                         f"{_ACTIVATIONS}")
+    return activation == "gelu_tanh"
+
+
+def gelu_tanh_gate(h: torch.Tensor) -> torch.Tensor:
+    """Fused `gelu_tanh(a) * b` for `h = [a | b]` (last dim 2 * d_ff); backward recomputes the GELU."""
+    check_device("gated_ffn.py gelu_tanh_gate", h)
+    if h.shape[-1] % 2 or h.dtype not in _DTYPES:
+        raise ValueError(f"kernels/gated_ffn.py gelu_tanh_gate: need an even last dim and fp32/fp16/bf16, got "
+                         f"shape {tuple(h.shape)} dtype {h.dtype}")
+    h2 = h.reshape(-1, h.shape[-1])
+    if h2.numel() and h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    return _GateFunction.apply(h2, True, True).view(*h.shape[:-1], h.shape[-1] // 2)
+
+
+def ffn(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, *, gated: bool, activation: str = "gelu_tanh",
+        dropout_p: float = 0.0, training: bool = False, recompute: bool = False) -> torch.Tensor:
+    """Triton FFN block, same semantics as `ffn_ref`. `recompute=True` keeps only x for backward and
+    re-runs the up GEMM there (least memory); the default keeps the pre-activation h (no extra GEMM)."""
+    act_gelu = _check_activation(activation)
+    check_device("gated_ffn.py ffn", x, wi, wo)
+    if torch.is_autocast_enabled(x.device.type):  # mirror F.linear under autocast
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, wi, wo = x.to(dtype), wi.to(dtype), wo.to(dtype)
+    d_model = x.shape[-1]
+    d_ff = wi.shape[0] // 2 if gated else wi.shape[0]
+    if wi.dim() != 2 or wi.shape[1] != d_model or (gated and wi.shape[0] % 2) or wo.dim() != 2 \
+            or wo.shape[1] != d_ff:
+        raise ValueError(f"kernels/gated_ffn.py ffn: shapes x {tuple(x.shape)}, wi {tuple(wi.shape)}, wo "
+                         f"{tuple(wo.shape)} do not fit gated={gated} (wi: (2*d_ff if gated else d_ff, "
+                         f"d_model), wo: (d_model, d_ff))")
+    if x.dtype != wi.dtype or x.dtype not in _DTYPES or wo.dtype not in _DTYPES:
+        raise ValueError(f"kernels/gated_ffn.py ffn: x dtype {x.dtype} must equal wi dtype {wi.dtype} "
+                         "(fp32/fp16/bf16), as for F.linear")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"kernels/gated_ffn.py ffn: dropout_p must be in [0, 1), got {dropout_p}")
+    x2 = x.reshape(-1, d_model)
+    if x2.numel() and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    wi, wo = wi.contiguous(), wo.contiguous()
+    if dropout_p > 0.0 and training:
+        # Same RNG call on the same (tokens, d_ff) shape as ffn_ref, so a shared seed gives the same mask.
+        g = _FFNUpFunction.apply(x2, wi, gated, act_gelu, recompute)
+        y = F.linear(F.dropout(g, p=dropout_p, training=True).to(wo.dtype), wo)
+    else:
+        y = _FFNFunction.apply(x2, wi, wo, gated, act_gelu, recompute)
+    return y.view(*x.shape[:-1], wo.shape[0])
+
+
+# ------------------------------------------------------------------------------------------ references
 def _act_ref(h: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "gelu_tanh":
         return F.gelu(h, approximate="tanh")

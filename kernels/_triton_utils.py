@@ -1,0 +1,87 @@
+"""Helpers shared by the Triton kernels: the import guard, interpreter detection, launch sizing.
+
+Triton is optional: without it (or on a CPU without TRITON_INTERPRET=1) the kernel modules still import,
+their `*_ref` functions work, and `triton_available(t)` tells a caller (the model's "auto" backend) to
+fall back to the references.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import types
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the references still work; kernels raise if called
+    HAS_TRITON = False
+
+    def _identity_decorator(fn=None, **_kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    # Enough of triton's surface for the kernel modules to be *defined* (never run) without triton.
+    triton = types.SimpleNamespace(jit=_identity_decorator, heuristics=lambda *_a, **_k: _identity_decorator,
+                                   autotune=lambda *_a, **_k: _identity_decorator, Config=dict,
+                                   cdiv=lambda a, b: -(-a // b),
+                                   next_power_of_2=lambda n: 1 << max(n - 1, 0).bit_length())
+    tl = types.SimpleNamespace(constexpr=object)
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels on the CPU (must be set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available(t: torch.Tensor) -> bool:
+    """Can the Triton kernels run on tensor `t`'s device?"""
+    if not HAS_TRITON:
+        return False
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and is_interpreter()
+
+
+def check_device(name: str, *tensors: torch.Tensor) -> None:
+    """One clear line when the Triton path is called where it cannot run."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"kernels/{name}: triton is not installed; use the *_ref function or "
+                           "kernel_backend='torch'")
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"kernels/{name}: all tensors must be on one device, got {dev} and {t.device}")
+    if not triton_available(tensors[0]):
+        raise ValueError(f"kernels/{name}: Triton kernels need CUDA tensors, or CPU tensors with "
+                         f"TRITON_INTERPRET=1 set before triton is imported (got device {dev})")
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs_persistent(device: torch.device, work_items: int, per_sm: int = 2) -> int:
+    """Grid size of a persistent kernel: a fixed number per device (so reductions are deterministic).
+
+    Under the interpreter programs run one after another, so a handful keeps the loop structure exercised
+    without paying for many partial rows.
+    """
+    if device.type == "cuda":
+        cap = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+    else:
+        cap = 4
+    return max(1, min(cap, work_items))
+
+
+def autotune_configs(configs: list) -> list:
+    """Autotuning multiplies the interpreter's cost (MACHINE_NOTES.md): keep only the first config there."""
+    return configs[:1] if is_interpreter() else configs
+
+
+def needs_dot_upcast(dtype: torch.dtype) -> bool:
+    """`tl.dot` on bf16 operands returns garbage in the interpreter (MACHINE_NOTES.md): upcast there."""
+    return dtype == torch.bfloat16 and is_interpreter()
