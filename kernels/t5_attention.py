@@ -1,19 +1,288 @@
-"""Attention with T5's learned relative position bias: the plain-PyTorch reference.
+"""Attention with T5's learned relative position bias: Triton flash kernel and plain-PyTorch reference.
 
 T5 (shared/reference/T5.md) uses NO 1/sqrt(d) scaling (scale = 1.0) and adds a learned bias looked
 up from a `[num_buckets, heads]` table by a bucketed relative position (key position - query
 position). The encoder buckets both directions, decoder self-attention only the past, and
 cross-attention has no bias at all.
 
+Fast path `t5_attention` (kernels in kernels/_t5_attention_kernels.py): flash attention (tiled, online
+softmax in fp32, LSE stored, backward recomputes P) with the bias gathered INSIDE the kernel from a
+`(H, 2 * max_distance + 1)` lookup table built from the bucket function, and the gradient of the bias
+table reduced per tile by bucket (no L x L tensor, no atomic per score). Masks: key padding, causal,
+prefix-LM, packed segments with per-segment positions; a row with no visible key gives zeros.
+
 The reference materialises the `[B|1, H, Lq, Lk]` bias and a boolean visibility mask. The model's
-"torch" backend builds both ONCE per stack and reuses them in every layer (`attention_ref_with_bias`);
-the Triton flash kernel computes the same bias inside the kernel from the table.
+"torch" backend builds both ONCE per stack and reuses them in every layer (`attention_ref_with_bias`).
 """
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import torch
+
+try:
+    import triton
+
+    from . import _t5_attention_kernels as _k
+except ImportError:  # the references below still work without triton
+    triton = None
+    _k = None
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    fwd_m: int
+    fwd_n: int
+    bwd_m: int    # dk/dv kernel: query block it iterates over
+    bwd_n: int    # dk/dv kernel: key block it owns
+    dq_m: int
+    dq_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _blocks(head_dim: int, q_len: int) -> _Blocks:
+    """Tile sizes. Under the interpreter small tiles keep ragged lengths multi-tile and the CPU fast.
+
+    GPU values follow the Triton flash-attention tutorial's H100 picks for d=64/128 (BLOCK_M 128 x BLOCK_N
+    64 forward, 64 x 64 backward since it also holds dk, dv and the bucket partials); not yet tuned here
+    (no GPU in the session that wrote this): benchmarks/kernels/bench_attention.py measures them.
+    """
+    if _interpreting():
+        return _Blocks(16, 16, 16, 16, 16, 16, 1, 1)
+    # A short query block (decoding: Lq = 1) must not pay for 128 rows; tl.dot needs >= 16.
+    fwd_m = max(16, min(128, triton.next_power_of_2(q_len)))
+    if head_dim <= 64:
+        return _Blocks(fwd_m, 64, 64, 64, 64, 64, 4, 3)
+    return _Blocks(fwd_m, 64, 64, 64, 64, 64, 8, 2)
+
+
+def _bias_tables(bias_table: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
+    """Per-head bias (log2 units) and bucket id for every relative position in [-D, D], D = max_distance.
+
+    Beyond +-max_distance the bucket saturates (the log bucket reaches the last bucket of its half), so
+    clamping the relative position to [-D, D] is exact. Built with the reference bucket function so the
+    kernel matches Hugging Face's fp32 log arithmetic bit for bit at bucket boundaries.
+    """
+    rel = torch.arange(-max_distance, max_distance + 1, device=bias_table.device)
+    buckets = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)   # (2D+1,)
+    bias_lut = (bias_table.detach().float()[buckets].t() * _LOG2E).contiguous()        # (H, 2D+1)
+    return bias_lut, buckets.to(torch.int32).contiguous()
+
+
+@dataclass
+class _Meta:
+    """Normalised masks/positions (int32, (B|1, L) with batch stride 0 when broadcast) and flags."""
+    bidirectional: bool
+    num_buckets: int
+    max_distance: int
+    scale: float
+    q_offset: int
+    causal: bool
+    deterministic: bool
+    q_pos: torch.Tensor | None = None
+    kv_pos: torch.Tensor | None = None
+    q_seg: torch.Tensor | None = None
+    kv_seg: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
+
+
+def _b_stride(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.shape[0] == 1 else t.stride(0)
+
+
+def _as_rows(t: torch.Tensor, name: str, batch: int, length: int) -> torch.Tensor:
+    """(L,) or (B|1, L) integer/bool tensor -> contiguous int32 (B|1, L)."""
+    t = t.unsqueeze(0) if t.dim() == 1 else t
+    if t.dim() != 2 or t.shape[1] != length or t.shape[0] not in (1, batch):
+        raise ValueError(f"t5_attention: {name} has shape {tuple(t.shape)}, expected ({batch}, {length}) "
+                         f"or ({length},)")
+    return t.to(torch.int32).contiguous()
+
+
+def _launch_common(q, k, meta: _Meta, bias_lut, blocks_m: int, blocks_n: int):
+    """Arguments shared by every kernel (after the tensors), and the constexpr flags."""
+    dummy = q.new_empty(1, dtype=torch.int32)
+    tensors = [meta.q_pos if meta.q_pos is not None else dummy, meta.kv_pos if meta.kv_pos is not None else dummy,
+               meta.q_seg if meta.q_seg is not None else dummy, meta.kv_seg if meta.kv_seg is not None else dummy,
+               meta.prefix if meta.prefix is not None else dummy]
+    strides = [bias_lut.stride(0) if bias_lut is not None else 0, _b_stride(meta.q_pos), _b_stride(meta.kv_pos),
+               _b_stride(meta.q_seg), _b_stride(meta.kv_seg)]
+    interp_bf16 = _interpreting() and q.dtype == torch.bfloat16
+    flags = dict(HEAD_DIM=q.shape[-1], BLOCK_M=blocks_m, BLOCK_N=blocks_n, HAS_BIAS=bias_lut is not None,
+                 HAS_QPOS=meta.q_pos is not None, HAS_KPOS=meta.kv_pos is not None,
+                 HAS_SEG=meta.q_seg is not None, CAUSAL=meta.causal, HAS_PREFIX=meta.prefix is not None,
+                 # The interpreter's bf16 tl.dot is broken (MACHINE_NOTES): upcast tiles to fp32 there.
+                 UPCAST=interp_bf16,
+                 # fp32 inputs get true fp32 dots (torch's matmul default), not TF32.
+                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 or interp_bf16 else "tf32")
+    return tensors, strides, flags
+
+
+def _forward(q, k, v, bias_lut, meta: _Meta):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    cfg = _blocks(D, Lq)
+    # (B, Lq, H, D) storage viewed as (B, H, Lq, D): the model's merge of heads is then a free reshape.
+    o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    tensors, strides, flags = _launch_common(q, k, meta, bias_lut, cfg.fwd_m, cfg.fwd_n)
+    grid = (triton.cdiv(Lq, cfg.fwd_m), H, B)
+    _k._fwd_kernel[grid](
+        q, k, v, o, lse, bias_lut if bias_lut is not None else lse, *tensors,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
+        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.max_distance,
+        **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, bias_lut, bucket_lut, meta: _Meta, bias_grad: bool):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    cfg = _blocks(D, Lq)
+    delta = torch.empty_like(lse)
+    _k._bwd_delta_kernel[(triton.cdiv(Lq, cfg.dq_m), H, B)](
+        o, do, delta, *o.stride(), *do.stride(), H, Lq, HEAD_DIM=D, BLOCK_M=cfg.dq_m)
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    nb_pad = triton.next_power_of_2(meta.num_buckets)
+    n_kv_blocks = triton.cdiv(Lk, cfg.bwd_n)
+    if bias_grad and meta.deterministic:
+        # One slot per program, every slot written: summed below in a fixed order.
+        dbias = torch.empty((B, H, n_kv_blocks, nb_pad), dtype=torch.float32, device=q.device)
+    else:
+        dbias = torch.zeros((H, nb_pad), dtype=torch.float32, device=q.device)
+    lut = bias_lut if bias_lut is not None else lse
+    buckets = bucket_lut if bucket_lut is not None else lse
+    tensors, strides, flags = _launch_common(q, k, meta, bias_lut, cfg.bwd_m, cfg.bwd_n)
+    _k._bwd_dkdv_kernel[(n_kv_blocks, H, B)](
+        q, k, v, do, lse, delta, dk, dv, dbias, lut, buckets, *tensors,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
+        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, meta.num_buckets,
+        NB_PAD=nb_pad, BIAS_GRAD=bias_grad, DETERMINISTIC=meta.deterministic, **flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    tensors, strides, flags = _launch_common(q, k, meta, bias_lut, cfg.dq_m, cfg.dq_n)
+    _k._bwd_dq_kernel[(triton.cdiv(Lq, cfg.dq_m), H, B)](
+        q, k, v, do, lse, delta, dq, lut, *tensors,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
+        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance,
+        **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    dtable = None
+    if bias_grad:
+        if meta.deterministic:
+            dbias = dbias.sum(dim=(0, 2))
+        dtable = dbias[:, :meta.num_buckets].t()                      # (num_buckets, H)
+    return dq, dk, dv, dtable
+
+
+class _T5AttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias_table, meta: _Meta):
+        bias_lut = bucket_lut = None
+        if bias_table is not None:
+            bias_lut, bucket_lut = _bias_tables(bias_table, meta.bidirectional, meta.num_buckets,
+                                                meta.max_distance)
+        o, lse = _forward(q, k, v, bias_lut, meta)
+        ctx.save_for_backward(q, k, v, o, lse, bias_lut, bucket_lut)
+        ctx.meta = meta
+        ctx.table_dtype = None if bias_table is None else bias_table.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, bias_lut, bucket_lut = ctx.saved_tensors
+        bias_grad = bias_lut is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dtable = _backward(do, q, k, v, o, lse, bias_lut, bucket_lut, ctx.meta, bias_grad)
+        if dtable is not None:
+            dtable = dtable.to(ctx.table_dtype)
+        return dq, dk, dv, dtable, None
+
+
+def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32, max_distance=128,
+                 scale=1.0, key_padding_mask=None, causal=False, prefix_lengths=None,
+                 q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None,
+                 q_offset=0, deterministic=False):
+    """Flash attention with T5's relative position bias computed in-kernel; differentiable in q, k, v and
+    `bias_table` (num_buckets, H). q: (B, H, Lq, D), k, v: (B, H, Lk, D), any strides; returns (B, H, Lq, D).
+
+    Semantics are those of `t5_attention_ref` (see the contract in kernels/t5_attention.py's references).
+    `deterministic=True` reduces the bias-table gradient through per-program partial buffers summed in a
+    fixed order (bit-exact across runs); otherwise each program adds its partial with num_buckets atomics.
+    dq, dk, dv never use atomics.
+    """
+    if triton is None:
+        raise RuntimeError("t5_attention: triton is not installed; use kernel_backend='torch' "
+                           "(t5_attention_ref)")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"t5_attention: tensors on {q.device} need CUDA, or TRITON_INTERPRET=1 set before "
+                         f"triton is imported; use kernel_backend='torch' on CPU")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"t5_attention: q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if k.shape != (B, H, Lk, D) or v.shape != k.shape:
+        raise ValueError(f"t5_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, H={H}, Lk, "
+                         f"D={D}) like q {tuple(q.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"t5_attention: q, k, v must share one of float16/bfloat16/float32; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if D not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"t5_attention: head dim {D} unsupported; expected one of {_SUPPORTED_HEAD_DIMS}")
+    if q_offset < 0:
+        raise ValueError(f"t5_attention: q_offset must be >= 0, got {q_offset}")
+    if bias_table is not None:
+        if bias_table.shape != (num_buckets, H):
+            raise ValueError(f"t5_attention: bias_table has shape {tuple(bias_table.shape)}, expected "
+                             f"(num_buckets={num_buckets}, H={H})")
+        max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+        if max_exact < 1 or max_distance <= max_exact or (bidirectional and num_buckets % 2):
+            raise ValueError(f"t5_attention: num_buckets={num_buckets}, max_distance={max_distance} is not a valid "
+                             f"T5 bucketing (needs >= {4 if bidirectional else 2} buckets, even when "
+                             f"bidirectional, and max_distance > {max(max_exact, 1)})")
+    if Lq == 0 or Lk == 0:
+        return t5_attention_ref(q, k, v, bias_table, bidirectional=bidirectional, num_buckets=num_buckets,
+                                max_distance=max_distance, scale=scale, key_padding_mask=key_padding_mask,
+                                causal=causal, prefix_lengths=prefix_lengths, q_segment_ids=q_segment_ids,
+                                kv_segment_ids=kv_segment_ids, q_positions=q_positions,
+                                kv_positions=kv_positions, q_offset=q_offset)
+
+    meta = _Meta(bidirectional=bool(bidirectional), num_buckets=int(num_buckets), max_distance=int(max_distance),
+                 scale=float(scale), q_offset=int(q_offset), causal=bool(causal) or prefix_lengths is not None,
+                 deterministic=bool(deterministic))
+    if q_positions is not None:
+        meta.q_pos = _as_rows(q_positions, "q_positions", B, Lq)
+    if kv_positions is not None:
+        meta.kv_pos = _as_rows(kv_positions, "kv_positions", B, Lk)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("t5_attention: q_segment_ids and kv_segment_ids must be given together")
+    if q_segment_ids is not None:
+        meta.q_seg = _as_rows(q_segment_ids, "q_segment_ids", B, Lq)
+        meta.kv_seg = _as_rows(kv_segment_ids, "kv_segment_ids", B, Lk)
+    if key_padding_mask is not None:
+        # Padding is the segment rule with one segment: query id 1, key id 1 (real) or 0 (never visible).
+        kpm = _as_rows(key_padding_mask.bool(), "key_padding_mask", B, Lk)
+        if meta.kv_seg is None:
+            meta.q_seg = torch.ones((1, Lq), dtype=torch.int32, device=q.device)
+            meta.kv_seg = kpm
+        else:
+            meta.kv_seg = (meta.kv_seg * kpm).contiguous()
+    if prefix_lengths is not None:
+        if prefix_lengths.shape != (B,):
+            raise ValueError(f"t5_attention: prefix_lengths has shape {tuple(prefix_lengths.shape)}, expected ({B},)")
+        meta.prefix = prefix_lengths.to(torch.int32).contiguous()
+    return _T5AttentionFn.apply(q, k, v, bias_table, meta)
 
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True,

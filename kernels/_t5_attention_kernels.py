@@ -1,0 +1,408 @@
+"""Private Triton kernels of kernels/t5_attention.py (flash attention with T5's relative position bias).
+
+Layout and conventions shared by every kernel here:
+- grid = (blocks along the length the program owns, H, B); the batch and head come from axes 1 and 2, so
+  no axis ever exceeds CUDA's 65535 limit on y/z for realistic H and B.
+- Scores live in the log2 domain: `s2 = (q.k) * scale * log2(e) + bias * log2(e)`, so the softmax uses
+  `exp2` (one MUFU op). The host pre-multiplies the bias lookup table by log2(e); LSE is stored in log2
+  units. `ds` (the gradient of the natural-log score) is what dq, dk and dbias need.
+- The bias is a gather from two tiny host-built tables indexed by the clamped relative position
+  `clamp(k_pos - q_pos, -D_MAX, D_MAX) + D_MAX` (never negative; see MACHINE_NOTES: a negative index
+  corrupts the heap under the interpreter): `BIAS_LUT[h, idx]` (fp32, log2 units) and
+  `BUCKET_LUT[idx]` (int32 bucket, for the table gradient). Both come from the reference bucket function,
+  so the kernel's buckets are bit-identical to Hugging Face's fp32 log arithmetic.
+- Visibility: row/col in range, causal `k_pos <= q_pos` (or key index < prefix length), same segment
+  and key segment != 0. Masked scores are -inf; a row with no visible key keeps l == 0 and writes zeros.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_BIG = 1 << 30
+
+
+@triton.jit
+def _visible(qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix,
+             CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
+    """Boolean visibility for broadcastable query-side (qi, qpos, qseg) and key-side operands.
+
+    Callers pass row/column-expanded vectors, so the same code serves the [M, N] forward orientation and
+    the transposed [N, M] orientation of the dk/dv kernel.
+    """
+    vis = (qi < Lq) & (kj < Lk)
+    if CAUSAL:
+        ok = kpos <= qpos
+        if HAS_PREFIX:
+            ok = ok | (kj < prefix)
+        vis = vis & ok
+    if HAS_SEG:
+        vis = vis & (qseg == kseg) & (kseg != 0)
+    return vis
+
+
+@triton.jit
+def _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
+                   CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
+    """True when no (query, key) pair of the tile can be visible: disjoint segment ranges, an all-padding
+    key block, or (causal) every key position after every query position. Works for arbitrary positions
+    and segment orders (it checks ranges, it assumes no sorting); packed rows skip most off-diagonal tiles.
+    """
+    m_ok = offs_m < Lq
+    n_ok = offs_n < Lk
+    empty = tl.max(n_ok.to(tl.int32), 0) == 0
+    if HAS_SEG:
+        q_lo = tl.min(tl.where(m_ok, qseg, _BIG), 0)
+        q_hi = tl.max(tl.where(m_ok, qseg, -1), 0)
+        k_real = n_ok & (kseg != 0)
+        k_lo = tl.min(tl.where(k_real, kseg, _BIG), 0)
+        k_hi = tl.max(tl.where(k_real, kseg, -1), 0)
+        empty = empty | (k_hi < 0) | (q_hi < k_lo) | (k_hi < q_lo)
+    if CAUSAL:
+        q_last = tl.max(tl.where(m_ok, qpos, -_BIG), 0)
+        k_first = tl.min(tl.where(n_ok, kpos, _BIG), 0)
+        after = k_first > q_last
+        if HAS_PREFIX:
+            after = after & (start_n >= prefix)
+        empty = empty | after
+    return empty
+
+
+@triton.jit
+def _rel_index(qpos, kpos, D_MAX):
+    """Index into the bias/bucket tables: the relative position clamped to [-D_MAX, D_MAX], shifted >= 0."""
+    rel = kpos - qpos
+    rel = tl.minimum(tl.maximum(rel, -D_MAX), D_MAX)
+    return rel + D_MAX
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
+                stride_qb, stride_qh, stride_qm, stride_qd,
+                stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd,
+                stride_ob, stride_oh, stride_om, stride_od,
+                stride_lut_h, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
+                H, Lq, Lk, q_offset, qk_scale, D_MAX,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
+                HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    # Causal with index-ordered positions: the last query blocks see the most keys, launch them first.
+    BOUNDED: tl.constexpr = CAUSAL and not HAS_QPOS and not HAS_KPOS
+    if BOUNDED:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_nb = tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < Lq, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    kt_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[:, None] * stride_kd
+    v_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[None, :] * stride_vd
+
+    if HAS_QPOS:
+        qpos = tl.load(QPOS + b * stride_qpos_b + offs_m, mask=offs_m < Lq, other=0)
+    else:
+        qpos = offs_m + q_offset
+    qseg = offs_m
+    if HAS_SEG:
+        qseg = tl.load(QSEG + b * stride_qseg_b + offs_m, mask=offs_m < Lq, other=0)
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b)
+
+    hi = Lk
+    if BOUNDED:
+        hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
+        if HAS_PREFIX:
+            hi = tl.maximum(hi, tl.minimum(prefix, Lk))
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_nb
+        if HAS_KPOS:
+            kpos = tl.load(KPOS + b * stride_kpos_b + offs_n, mask=offs_n < Lk, other=0)
+        else:
+            kpos = offs_n
+        kseg = offs_n
+        if HAS_SEG:
+            kseg = tl.load(KSEG + b * stride_kseg_b + offs_n, mask=offs_n < Lk, other=0)
+        empty = start_n >= hi
+        if HAS_SEG or CAUSAL:
+            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
+                                   CAUSAL, HAS_PREFIX, HAS_SEG)
+        if not empty:
+            kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=offs_n[None, :] < Lk, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=offs_n[:, None] < Lk, other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+            if HAS_BIAS:
+                idx = _rel_index(qpos[:, None], kpos[None, :], D_MAX)
+                s += tl.load(BIAS_LUT + h * stride_lut_h + idx)
+            vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :],
+                           qseg[:, None], kseg[None, :], prefix, CAUSAL, HAS_PREFIX, HAS_SEG)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            m_i = m_new
+
+    has_any = l_i > 0.0
+    o = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
+    # Empty rows store 0: the backward masks them out by visibility, so any finite value works.
+    lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), 0.0)
+    tl.store(LSE + (b64 * H + h) * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
+                      stride_dob, stride_doh, stride_dom, stride_dod, H, Lq,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O), the softmax-backward correction term (fp32)."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    row = offs_m[:, None] < Lq
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=row, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=row, other=0.0).to(tl.float32)
+    tl.store(DELTA + (b64 * H + h) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LUT,
+                     QPOS, KPOS, QSEG, KSEG, PREFIX,
+                     stride_qb, stride_qh, stride_qm, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_dob, stride_doh, stride_dom, stride_dod,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                     stride_lut_h, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
+                     H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, NUM_BUCKETS,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     NB_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                     DETERMINISTIC: tl.constexpr,
+                     HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One program per key block: loops over query blocks, accumulates dk, dv and the block's dbias.
+
+    Works in the transposed [N, M] orientation (keys on rows) so dk and dv come from plain dots. The bias
+    gradient is reduced in registers per tile by bucket -- one masked sum per bucket present in the tile
+    (far-off-diagonal tiles hold a single bucket) -- into an [NB_PAD] partial that is written ONCE per
+    program: to its own slot of a partial buffer (deterministic; the host sums in a fixed order) or with
+    NB_PAD atomic adds (fast mode). Never one atomic per score.
+    """
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    pid_n = tl.program_id(0)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_bk = tl.arange(0, NB_PAD)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    n_ok = offs_n[:, None] < Lk
+    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=n_ok, other=0.0)
+    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=n_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + offs_d[None, :] * stride_qd
+    do_base = DO + b64 * stride_dob + h64 * stride_doh + offs_d[None, :] * stride_dod
+    row_base = (b64 * H + h) * Lq
+
+    if HAS_KPOS:
+        kpos = tl.load(KPOS + b * stride_kpos_b + offs_n, mask=offs_n < Lk, other=0)
+    else:
+        kpos = offs_n
+    kseg = offs_n
+    if HAS_SEG:
+        kseg = tl.load(KSEG + b * stride_kseg_b + offs_n, mask=offs_n < Lk, other=0)
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b)
+
+    lo = 0
+    if CAUSAL and not HAS_QPOS and not HAS_KPOS:
+        # Queries before position start_n see none of these keys (unless the keys lie in the prefix).
+        lo = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
+        if HAS_PREFIX:
+            lo = tl.where(start_n < prefix, 0, lo)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dbias = tl.zeros([NB_PAD], tl.float32)
+    for start_m in range(lo, Lq, BLOCK_M):
+        offs_m = start_m + offs_mb
+        if HAS_QPOS:
+            qpos = tl.load(QPOS + b * stride_qpos_b + offs_m, mask=offs_m < Lq, other=0)
+        else:
+            qpos = offs_m + q_offset
+        qseg = offs_m
+        if HAS_SEG:
+            qseg = tl.load(QSEG + b * stride_qseg_b + offs_m, mask=offs_m < Lq, other=0)
+        empty = start_m >= Lq
+        if HAS_SEG or CAUSAL:
+            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
+                                   CAUSAL, HAS_PREFIX, HAS_SEG)
+        if not empty:
+            m_ok = offs_m[:, None] < Lq
+            q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=m_ok, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=m_ok, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=0.0)
+            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Lq, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # [N, M]
+            if HAS_BIAS:
+                idx = _rel_index(qpos[None, :], kpos[:, None], D_MAX)
+                st += tl.load(BIAS_LUT + h * stride_lut_h + idx)
+            vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :], kpos[:, None],
+                           qseg[None, :], kseg[:, None], prefix, CAUSAL, HAS_PREFIX, HAS_SEG)
+            pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
+            if BIAS_GRAD:
+                bucket = tl.load(BUCKET_LUT + idx)
+                b_lo = tl.min(tl.min(tl.where(vis, bucket, NB_PAD), 1), 0)
+                b_hi = tl.max(tl.max(tl.where(vis, bucket, -1), 1), 0)
+                for bk in range(b_lo, b_hi + 1):
+                    part = tl.sum(tl.sum(tl.where(bucket == bk, dst, 0.0), 1), 0)
+                    dbias += tl.where(offs_bk == bk, part, 0.0)
+
+    dk_ptrs = DK + b64 * stride_dkb + h64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b64 * stride_dvb + h64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok)
+    if BIAS_GRAD:
+        if DETERMINISTIC:
+            slot = ((b64 * H + h) * tl.num_programs(0) + pid_n) * NB_PAD
+            tl.store(DBIAS + slot + offs_bk, dbias)
+        else:
+            tl.atomic_add(DBIAS + h * NB_PAD + offs_bk, dbias, mask=offs_bk < NUM_BUCKETS)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                   stride_lut_h, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
+                   H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
+                   HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                   UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One program per query block: recomputes P from the stored LSE and accumulates dq (no atomics)."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    BOUNDED: tl.constexpr = CAUSAL and not HAS_QPOS and not HAS_KPOS
+    if BOUNDED:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_nb = tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    m_ok = offs_m[:, None] < Lq
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=m_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row_base = (b64 * H + h) * Lq
+    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=0.0)
+    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Lq, other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[None, :] * stride_kd
+    vt_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[:, None] * stride_vd
+
+    if HAS_QPOS:
+        qpos = tl.load(QPOS + b * stride_qpos_b + offs_m, mask=offs_m < Lq, other=0)
+    else:
+        qpos = offs_m + q_offset
+    qseg = offs_m
+    if HAS_SEG:
+        qseg = tl.load(QSEG + b * stride_qseg_b + offs_m, mask=offs_m < Lq, other=0)
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b)
+    hi = Lk
+    if BOUNDED:
+        hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
+        if HAS_PREFIX:
+            hi = tl.maximum(hi, tl.minimum(prefix, Lk))
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_nb
+        if HAS_KPOS:
+            kpos = tl.load(KPOS + b * stride_kpos_b + offs_n, mask=offs_n < Lk, other=0)
+        else:
+            kpos = offs_n
+        kseg = offs_n
+        if HAS_SEG:
+            kseg = tl.load(KSEG + b * stride_kseg_b + offs_n, mask=offs_n < Lk, other=0)
+        empty = start_n >= hi
+        if HAS_SEG or CAUSAL:
+            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
+                                   CAUSAL, HAS_PREFIX, HAS_SEG)
+        if not empty:
+            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=offs_n[:, None] < Lk, other=0.0)
+            vt = tl.load(vt_base + offs_n[None, :] * stride_vn, mask=offs_n[None, :] < Lk, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                vt = vt.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            if HAS_BIAS:
+                idx = _rel_index(qpos[:, None], kpos[None, :], D_MAX)
+                s += tl.load(BIAS_LUT + h * stride_lut_h + idx)
+            vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :],
+                           qseg[:, None], kseg[None, :], prefix, CAUSAL, HAS_PREFIX, HAS_SEG)
+            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+
+    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok)
