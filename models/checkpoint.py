@@ -1,0 +1,222 @@
+"""Checkpoints in the Hugging Face T5 layout, both ways.
+
+A directory holds `config.json` and the weights as `model.safetensors`, sharded safetensors with
+`model.safetensors.index.json`, or `pytorch_model.bin` (optionally sharded with its `.index.json`).
+Pickled `.bin` files are read with `torch.load(weights_only=True)`, which refuses to execute code.
+
+Names are Hugging Face's. Our gated FFN holds `wi_fused` = cat([wi_0, wi_1]) and this module is the
+adapter: it merges on load and splits on save (torchtitan's state-dict-adapter idea). Aliases that
+Hugging Face checkpoints may carry (`encoder.embed_tokens`, `decoder.embed_tokens`, a tied `lm_head`)
+are accepted and dropped; an untied model loaded from a checkpoint without `lm_head` (transformers >= 5
+saves v1.1 models tied) starts its head as a copy of the embedding, which gives the same logits.
+
+    model = from_pretrained("path/to/t5-v1_1-base")          # or T5ForConditionalGeneration.from_pretrained
+    save_pretrained(model, "out/")                           # transformers can load "out/"
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import T5Config
+from .t5 import T5ForConditionalGeneration
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+_FUSED = ".DenseReluDense.wi_fused.weight"
+_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def _first(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+# ------------------------------------------------------------------------ state-dict adapter
+def hf_state_dict(model: T5ForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """Our parameters under Hugging Face names: `wi_fused` split into `wi_0` / `wi_1`."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith(_FUSED):
+            stem = name[: -len("wi_fused.weight")]
+            wi_0, wi_1 = tensor.chunk(2, dim=0)
+            out[stem + "wi_0.weight"], out[stem + "wi_1.weight"] = wi_0, wi_1
+        else:
+            out[name] = tensor
+    return out
+
+
+def convert_hf_state_dict(model: T5ForConditionalGeneration, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors -> our names, checked against `model`: missing, unexpected, wrong shape."""
+    cfg = model.config
+    hf = dict(hf)
+    for alias in _ALIASES:
+        hf.pop(alias, None)
+    if cfg.tie_word_embeddings:
+        hf.pop("lm_head.weight", None)             # HF may store the tied head; it equals shared.weight
+    elif "lm_head.weight" not in hf and "shared.weight" in hf:
+        hf["lm_head.weight"] = hf["shared.weight"].clone()
+    expected = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name in expected:
+        if name.endswith(_FUSED):
+            stem = name[: -len("wi_fused.weight")]
+            parts = [hf.pop(stem + "wi_0.weight", None), hf.pop(stem + "wi_1.weight", None)]
+            if parts[0] is not None and parts[1] is not None:
+                if parts[0].shape != parts[1].shape:
+                    raise ValueError(f"checkpoint {stem}wi_0.weight {tuple(parts[0].shape)} and wi_1.weight "
+                                     f"{tuple(parts[1].shape)} differ in shape")
+                out[name] = torch.cat(parts, dim=0)
+        elif name in hf:
+            out[name] = hf.pop(name)
+    missing = [n.replace("wi_fused", "wi_0|wi_1") for n in expected if n not in out]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} weight(s): {_first(missing)}")
+    if hf:
+        raise ValueError(f"checkpoint has {len(hf)} unexpected weight(s) for this config: {_first(hf)}")
+    for name, tensor in out.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            shown = name.replace("wi_fused", "wi_0+wi_1")
+            raise ValueError(f"checkpoint weight {shown} has shape {tuple(tensor.shape)}, "
+                             f"the config expects {tuple(expected[name].shape)}")
+    return out
+
+
+def load_hf_state_dict(model: T5ForConditionalGeneration, hf: dict[str, torch.Tensor]) -> None:
+    """Copy Hugging Face tensors into `model` (in place, cast to the model's dtypes)."""
+    model.load_state_dict(convert_hf_state_dict(model, hf), strict=True)
+
+
+# --------------------------------------------------------------------------------- reading
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    # weights_only=True: only tensors and plain containers are unpickled, never arbitrary code.
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, from whichever of the supported layouts it has."""
+    d = Path(directory)
+    for single, index in ((SAFETENSORS_NAME, SAFETENSORS_INDEX), (BIN_NAME, BIN_INDEX)):
+        if (d / single).is_file():
+            return _load_file(d / single)
+        if (d / index).is_file():
+            weight_map = _read_json(d / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{d / index}: no 'weight_map' object")
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                tensors.update(_load_file(d / shard))
+            absent = [k for k in weight_map if k not in tensors]
+            if absent:
+                raise ValueError(f"{d / index} lists weights that no shard holds: {_first(absent)}")
+            return tensors
+    raise FileNotFoundError(f"no weights in {d}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, "
+                            f"{BIN_NAME} or {BIN_INDEX}")
+
+
+def read_config(directory: str | os.PathLike, **overrides: Any) -> T5Config:
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {d}")
+    if not (d / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"checkpoint directory has no {CONFIG_NAME}: {d}")
+    try:
+        return T5Config.from_hf_dict(_read_json(d / CONFIG_NAME), **overrides)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{d / CONFIG_NAME}: {e}") from None
+
+
+def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32,
+                    device: str | torch.device = "cpu", **overrides: Any) -> T5ForConditionalGeneration:
+    """Build the model from a Hugging Face T5 checkpoint directory.
+
+    `dtype="auto"` keeps the checkpoint's dtype; `overrides` change config fields (e.g. kernel_backend,
+    dropout_rate). The model is built on the meta device and the loaded tensors are assigned, so the
+    weights are held in memory once.
+    """
+    config = read_config(directory, **overrides)
+    tensors = read_weights(directory)
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(config)
+    state = convert_hf_state_dict(model, tensors)
+    if dtype != "auto":
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device)
+
+
+# --------------------------------------------------------------------------------- writing
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    return int(s)
+
+
+def save_pretrained(model: T5ForConditionalGeneration, directory: str | os.PathLike, *,
+                    max_shard_size: int | str = "5GB") -> None:
+    """Write `config.json` and safetensors weights (sharded with an index above `max_shard_size`)."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    # Weights of another layout left in the directory would shadow or mix with the new ones on load.
+    for stale in [d / SAFETENSORS_NAME, d / SAFETENSORS_INDEX, d / BIN_NAME, d / BIN_INDEX,
+                  *d.glob("model-*-of-*.safetensors"), *d.glob("pytorch_model-*-of-*.bin")]:
+        stale.unlink(missing_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state_dict(model).items()}
+    dtypes = {t.dtype for t in tensors.values()}
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(max(dtypes, key=lambda t: t.itemsize)).removeprefix("torch.")
+    (d / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without this tag
+    if len(shards) == 1:
+        save_file(shards[0], str(d / SAFETENSORS_NAME), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(d / fname), metadata=metadata)
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (d / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,496 @@
+"""T5 (v1.0 and v1.1) encoder-decoder: our own implementation, parameter names as in Hugging Face.
+
+Architecture (shared/reference/T5.md): pre-norm blocks `x + SubLayer(RMSNorm(x))`, no biases, no
+1/sqrt(d) attention scaling, a learned relative position bias owned by the first block of each stack and
+reused by every block, ReLU FFN (v1.0, tied head scaled by d_model**-0.5) or gated-GELU (v1.1, untied).
+
+Kernels are chosen per call by `config.kernel_backend` (see `_backend`): "torch" uses the plain-PyTorch
+references in kernels/ and materialises the bias + mask ONCE per stack; "triton" hands the bias table
+and masking arguments to the flash kernel in every layer. Residual adds are deferred and fused with the
+next RMSNorm (`add_rms_norm`): every sub-layer returns its output and the next norm adds it.
+
+    model = T5ForConditionalGeneration(T5Config.from_preset("t5-v1_1-small"))
+    out = model(input_ids=..., attention_mask=..., labels=...)   # out.loss, out.logits
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kernels.gated_ffn import ffn_ref
+from kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
+from kernels.t5_attention import compute_attention_mask, compute_position_bias
+
+from .config import T5Config
+
+# Per layer: (self_k, self_v, cross_k, cross_v), each (B, H, L, D).
+LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------- kernel dispatch
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _triton_kernel(module: str, name: str, required: bool) -> Callable | None:
+    """`kernels.<module>.<name>` if it exists; a clear NotImplementedError when required and missing."""
+    fn = getattr(importlib.import_module(f"kernels.{module}"), name, None)
+    if fn is None and required:
+        raise NotImplementedError(f"kernel_backend='triton' needs kernels/{module}.py:{name}, which does not exist yet;"
+                                  " use kernel_backend='torch' (or 'auto')")
+    return fn
+
+
+def _backend(config: T5Config, x: torch.Tensor, module: str, name: str) -> Callable | None:
+    """The Triton fast path to use for `x`, or None for the PyTorch reference."""
+    if config.kernel_backend == "torch":
+        return None
+    if config.kernel_backend == "triton":
+        return _triton_kernel(module, name, required=True)
+    if x.is_cuda and _triton_available():  # "auto": Triton on CUDA; a kernel not written yet -> reference
+        return _triton_kernel(module, name, required=False)
+    return None
+
+
+# ------------------------------------------------------------------------------ small functions
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder inputs from labels: shifted one to the right, `start_id` first, -100 -> pad.
+
+    With packing (`segment_ids`), every segment restarts with `start_id` (T5.md: decoder inputs restart
+    with 0 at each segment start), so no target token leaks into the next example.
+    """
+    shifted = labels.new_full(labels.shape, start_id)
+    shifted[:, 1:] = labels[:, :-1]
+    if segment_ids is not None:
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        shifted = shifted.masked_fill(starts, start_id)
+    return shifted.masked_fill(shifted == -100, pad_id)
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Per-segment positions 0, 1, ... restarting wherever the segment id changes. (B, L) long."""
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_idx = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - start_idx
+
+
+@dataclass
+class AttentionSpec:
+    """What every layer of one stack needs to mask and bias one kind of attention, built once per stack.
+
+    torch backend: `bias` is the materialised additive (B|1, H|1, Lq, Lk) bias with masked keys at the
+    dtype's minimum, and `row_valid` (B, 1, Lq, 1) zeroes queries that see no key (packing padding).
+    triton backend: `kernel_kwargs` are passed to `kernels.t5_attention.t5_attention` with `table`.
+    """
+    bias: torch.Tensor | None = None
+    row_valid: torch.Tensor | None = None
+    table: torch.Tensor | None = None
+    kernel_kwargs: dict[str, Any] | None = None
+
+
+def build_attention_spec(config: T5Config, q: torch.Tensor, *, table: torch.Tensor | None, q_len: int,
+                         kv_len: int, bidirectional: bool = True, causal: bool = False,
+                         key_padding_mask: torch.Tensor | None = None, q_segment_ids=None, kv_segment_ids=None,
+                         q_positions=None, kv_positions=None, q_offset: int = 0) -> AttentionSpec:
+    """One stack's attention bias/mask, in the form the chosen backend wants. `q` gives device/dtype."""
+    positions = dict(q_positions=q_positions, kv_positions=kv_positions, q_offset=q_offset)
+    kernel = _backend(config, q, "t5_attention", "t5_attention")
+    if kernel is not None:
+        return AttentionSpec(table=table, kernel_kwargs=dict(
+            bidirectional=bidirectional, num_buckets=config.relative_attention_num_buckets,
+            max_distance=config.relative_attention_max_distance, scale=1.0, key_padding_mask=key_padding_mask,
+            causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, **positions))
+    bias = None
+    if table is not None:
+        bias = compute_position_bias(table, q_len, kv_len, bidirectional=bidirectional,
+                                     num_buckets=config.relative_attention_num_buckets,
+                                     max_distance=config.relative_attention_max_distance, **positions)
+        bias = bias.to(q.dtype)
+    mask = compute_attention_mask(q_len, kv_len, device=q.device, key_padding_mask=key_padding_mask,
+                                  causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                  **positions)
+    row_valid = None
+    if mask is not None:
+        # masked_fill (not +min) keeps masked scores finite, so a fully masked row never turns into NaN.
+        base = bias if bias is not None else torch.zeros((), dtype=q.dtype, device=q.device)
+        bias = base.masked_fill(~mask, torch.finfo(q.dtype).min)
+        if q_segment_ids is not None:  # only packing padding can leave a query without any key
+            row_valid = mask.any(dim=-1, keepdim=True).to(q.dtype)                      # (B, 1, Lq, 1)
+    return AttentionSpec(bias=bias, row_valid=row_valid)
+
+
+# ------------------------------------------------------------------------------------- modules
+class T5LayerNorm(nn.Module):
+    """RMSNorm with T5's numerics; `forward(x, delta)` also adds a pending residual delta first."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.ones(config.d_model))
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (normed, stream) with stream = x + delta (x when delta is None)."""
+        eps = self.config.layer_norm_epsilon
+        if delta is None:
+            fast = _backend(self.config, x, "rms_norm", "rms_norm")
+            return (fast or rms_norm_ref)(x, self.weight, eps), x
+        fast = _backend(self.config, x, "rms_norm", "add_rms_norm")
+        return (fast or add_rms_norm_ref)(delta, x, self.weight, eps)
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention without biases or scaling; the relative bias table lives in block 0 only."""
+
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool):
+        super().__init__()
+        self.config = config
+        self.num_heads, self.d_kv = config.num_heads, config.d_kv
+        inner = config.inner_dim
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)  # (B, H, L, D)
+
+    def forward(self, x: torch.Tensor, spec: AttentionSpec, kv_input: torch.Tensor | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                static_kv: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Self-attention (kv_input None) or cross-attention. `past`: cached (k, v); for self-attention
+        the new keys are appended, for cross-attention (`static_kv`) they are reused as they are."""
+        q = self._heads(self.q(x))
+        if static_kv and past is not None:
+            k, v = past
+        else:
+            src = x if kv_input is None else kv_input
+            k, v = self._heads(self.k(src)), self._heads(self.v(src))
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        dropout = self.config.dropout_rate if self.training else 0.0
+        if spec.kernel_kwargs is not None and dropout == 0.0:
+            kernel = _triton_kernel("t5_attention", "t5_attention", required=True)
+            out = kernel(q, k, v, spec.table, **spec.kernel_kwargs)
+        elif spec.kernel_kwargs is not None:
+            raise NotImplementedError("the Triton attention kernel has no attention-probability dropout; "
+                                      "set dropout_rate=0 or kernel_backend='torch' for training with dropout")
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=spec.bias, dropout_p=dropout, scale=1.0)
+            if spec.row_valid is not None:
+                out = out * spec.row_valid
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)                  # (B, Lq, H*D)
+        return self.o(out), (k, v)
+
+
+class T5DenseReluDense(nn.Module):
+    """FFN. Gated: one fused `wi_fused` = cat([wi_0, wi_1]) (2*d_ff, d_model) so both run as one matmul."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        if config.is_gated:
+            self.wi_fused = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        wi = self.wi_fused.weight if cfg.is_gated else self.wi.weight
+        fn = _backend(cfg, x, "gated_ffn", "ffn") or ffn_ref
+        # fp16 safety (T5.md): when `wo` is kept in fp32 (`to_dtype(torch.float16)`), the hidden state is
+        # cast to fp32 before `wo` and the output stays fp32, so the residual stream cannot overflow.
+        return fn(x, wi, self.wo.weight, gated=cfg.is_gated, activation="gelu_tanh" if cfg.is_gated else "relu",
+                  dropout_p=cfg.dropout_rate, training=self.training)
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool):
+        super().__init__()
+        self.SelfAttention = T5Attention(config, has_relative_attention_bias)
+        self.layer_norm = T5LayerNorm(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+
+class T5LayerCrossAttention(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.EncDecAttention = T5Attention(config, has_relative_attention_bias=False)
+        self.layer_norm = T5LayerNorm(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.DenseReluDense = T5DenseReluDense(config)
+        self.layer_norm = T5LayerNorm(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+
+class T5Block(nn.Module):
+    """layer.0 self-attention, [layer.1 cross-attention,] then the FFN, each pre-norm with residual.
+
+    The residual stream travels as (stream, delta): the block's input stream is `stream + delta`, the
+    add being fused into the first norm; the block returns its last sub-layer output as the new delta.
+    """
+
+    def __init__(self, config: T5Config, is_decoder: bool, has_relative_attention_bias: bool):
+        super().__init__()
+        self.is_decoder = is_decoder
+        layers: list[nn.Module] = [T5LayerSelfAttention(config, has_relative_attention_bias)]
+        if is_decoder:
+            layers.append(T5LayerCrossAttention(config))
+        layers.append(T5LayerFF(config))
+        self.layer = nn.ModuleList(layers)
+
+    def forward(self, stream: torch.Tensor, delta: torch.Tensor | None, self_spec: AttentionSpec,
+                cross_spec: AttentionSpec | None = None, encoder_hidden: torch.Tensor | None = None,
+                past: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor, LayerCache | None]:
+        attn = self.layer[0]
+        normed, stream = attn.layer_norm(stream, delta)
+        out, self_kv = attn.SelfAttention(normed, self_spec, past=None if past is None else past[:2])
+        delta = attn.dropout(out)
+        cache = None
+        if self.is_decoder:
+            cross = self.layer[1]
+            normed, stream = cross.layer_norm(stream, delta)
+            out, cross_kv = cross.EncDecAttention(normed, cross_spec, kv_input=encoder_hidden,
+                                                  past=None if past is None else past[2:], static_kv=True)
+            delta = cross.dropout(out)
+            cache = (*self_kv, *cross_kv)
+        ff = self.layer[-1]
+        normed, stream = ff.layer_norm(stream, delta)
+        return stream, ff.dropout(ff.DenseReluDense(normed)), cache
+
+
+class T5Stack(nn.Module):
+    """Encoder or decoder: blocks, final RMSNorm, dropout. Embeddings are the model's shared table."""
+
+    def __init__(self, config: T5Config, is_decoder: bool):
+        super().__init__()
+        self.config = config
+        self.is_decoder = is_decoder
+        n = config.num_decoder_layers if is_decoder else config.num_layers
+        self.block = nn.ModuleList(T5Block(config, is_decoder, has_relative_attention_bias=i == 0) for i in range(n))
+        self.final_layer_norm = T5LayerNorm(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    @property
+    def bias_table(self) -> torch.Tensor:
+        """(num_buckets, H) relative bias table, owned by block 0 and shared by every block."""
+        return self.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+
+    def forward(self, embeds: torch.Tensor, self_spec: AttentionSpec, cross_spec: AttentionSpec | None = None,
+                encoder_hidden: torch.Tensor | None = None, past: list[LayerCache] | None = None,
+                use_cache: bool = False) -> tuple[torch.Tensor, list[LayerCache] | None]:
+        stream, delta = self.dropout(embeds), None
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        caches: list[LayerCache] | None = [] if use_cache else None
+        for i, block in enumerate(self.block):
+            args = (stream, delta, self_spec, cross_spec, encoder_hidden, None if past is None else past[i])
+            if recompute:
+                # Non-reentrant checkpointing restores the RNG state, so dropout masks match on recompute.
+                stream, delta, cache = checkpoint(block, *args, use_reentrant=False)
+            else:
+                stream, delta, cache = block(*args)
+            if caches is not None:
+                caches.append(cache)
+        normed, _ = self.final_layer_norm(stream, delta)
+        return self.dropout(normed), caches
+
+
+@dataclass
+class Seq2SeqLMOutput:
+    logits: torch.Tensor                                   # (B, L_tgt, vocab)
+    loss: torch.Tensor | None = None                       # mean cross-entropy over labels != -100
+    past_key_values: list[LayerCache] | None = None        # per decoder layer (self_k, self_v, cross_k, cross_v)
+    encoder_last_hidden_state: torch.Tensor | None = None  # (B, L_in, d_model)
+
+
+def _encoder_hidden(encoder_outputs: Any) -> torch.Tensor:
+    """Accepts a tensor, our output object, or Hugging Face's (`.last_hidden_state` / tuple)."""
+    if isinstance(encoder_outputs, torch.Tensor):
+        return encoder_outputs
+    for attr in ("last_hidden_state", "encoder_last_hidden_state"):
+        if getattr(encoder_outputs, attr, None) is not None:
+            return getattr(encoder_outputs, attr)
+    return encoder_outputs[0]
+
+
+class T5ForConditionalGeneration(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, is_decoder=False)
+        self.decoder = T5Stack(config, is_decoder=True)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------- set-up
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The T5 init (Mesh-TF's, as Hugging Face's `_init_weights` reproduces it): per module type a
+        normal with std `factor * fan_in**-0.5`, where q also absorbs the missing 1/sqrt(d_kv) scaling."""
+        cfg, f = self.config, self.config.initializer_factor
+        d = cfg.d_model
+        for m in self.modules():
+            if isinstance(m, T5LayerNorm):
+                m.weight.fill_(f)
+            elif isinstance(m, T5Attention):
+                m.q.weight.normal_(0.0, f * (d * cfg.d_kv) ** -0.5)
+                m.k.weight.normal_(0.0, f * d ** -0.5)
+                m.v.weight.normal_(0.0, f * d ** -0.5)
+                m.o.weight.normal_(0.0, f * cfg.inner_dim ** -0.5)
+                if hasattr(m, "relative_attention_bias"):
+                    m.relative_attention_bias.weight.normal_(0.0, f * d ** -0.5)
+            elif isinstance(m, T5DenseReluDense):
+                (m.wi_fused if cfg.is_gated else m.wi).weight.normal_(0.0, f * d ** -0.5)
+                m.wo.weight.normal_(0.0, f * cfg.d_ff ** -0.5)
+        self.shared.weight.normal_(0.0, f)
+        if not cfg.tie_word_embeddings:
+            # Mesh-TF's untied logits layer is a fan-in-scaled dense (std d_model**-0.5). Hugging Face uses
+            # std 1.0 here, which starts training at a loss of ~200 (MACHINE_NOTES.md); we keep Mesh-TF's.
+            self.lm_head.weight.normal_(0.0, f * d ** -0.5)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = False
+
+    def to_dtype(self, dtype: torch.dtype) -> "T5ForConditionalGeneration":
+        """Cast parameters; for fp16 the FFN output projections `wo` stay fp32 (T5 overflows fp16 there)."""
+        self.to(dtype)
+        if dtype == torch.float16:
+            for m in self.modules():
+                if isinstance(m, T5DenseReluDense):
+                    m.wo.float()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs: Any) -> "T5ForConditionalGeneration":
+        """See `models.checkpoint.from_pretrained` (Hugging Face layout)."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(directory, **kwargs)
+
+    def save_pretrained(self, directory, **kwargs: Any) -> None:
+        """See `models.checkpoint.save_pretrained`: a directory `transformers` loads."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------------ stacks
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder output (B, L_in, d_model). Packed rows pass segment ids (0 = padding) and positions."""
+        embeds = self.shared(input_ids)
+        if segment_ids is not None and positions is None:
+            positions = segment_positions(segment_ids)
+        length = input_ids.shape[1]
+        spec = build_attention_spec(self.config, embeds, table=self.encoder.bias_table, q_len=length, kv_len=length,
+                                    bidirectional=True, key_padding_mask=attention_mask, q_segment_ids=segment_ids,
+                                    kv_segment_ids=segment_ids, q_positions=positions, kv_positions=positions)
+        hidden, _ = self.encoder(embeds, spec)
+        return hidden
+
+    def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
+               attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+               encoder_segment_ids: torch.Tensor | None = None, decoder_segment_ids: torch.Tensor | None = None,
+               decoder_positions: torch.Tensor | None = None, past_key_values: list[LayerCache] | None = None,
+               use_cache: bool = False) -> tuple[torch.Tensor, list[LayerCache] | None]:
+        """Decoder output (B, L_new, d_model) for `decoder_input_ids` following `past_key_values`."""
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError("packed inputs need both encoder_segment_ids and decoder_segment_ids")
+        embeds = self.shared(decoder_input_ids)
+        if decoder_segment_ids is not None and decoder_positions is None:
+            decoder_positions = segment_positions(decoder_segment_ids)
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        q_len = decoder_input_ids.shape[1]
+        if decoder_attention_mask is not None and decoder_attention_mask.shape[1] != past_len + q_len:
+            raise ValueError(f"decoder_attention_mask has length {decoder_attention_mask.shape[1]}; with "
+                             f"{past_len} cached positions it must cover {past_len + q_len}")
+        cfg = self.config
+        self_spec = build_attention_spec(cfg, embeds, table=self.decoder.bias_table, q_len=q_len,
+                                         kv_len=past_len + q_len, bidirectional=False, causal=True,
+                                         key_padding_mask=decoder_attention_mask, q_segment_ids=decoder_segment_ids,
+                                         kv_segment_ids=decoder_segment_ids, q_positions=decoder_positions,
+                                         kv_positions=decoder_positions, q_offset=past_len)
+        cross_spec = build_attention_spec(cfg, embeds, table=None, q_len=q_len, kv_len=encoder_hidden.shape[1],
+                                          key_padding_mask=attention_mask, q_segment_ids=decoder_segment_ids,
+                                          kv_segment_ids=encoder_segment_ids)
+        return self.decoder(embeds, self_spec, cross_spec, encoder_hidden, past_key_values, use_cache)
+
+    def lm_logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.tie_word_embeddings:
+            # v1.0 ties the head to the input embedding and rescales, since that table has std 1.
+            return F.linear(decoder_hidden * self.config.d_model ** -0.5, self.shared.weight)
+        return self.lm_head(decoder_hidden)
+
+    def decode_step(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, past_key_values: list[LayerCache] | None = None
+                    ) -> tuple[torch.Tensor, list[LayerCache]]:
+        """Incremental decoding: logits (B, L_new, vocab) of the new tokens and the grown cache.
+
+        The first call computes each layer's cross-attention K/V from `encoder_hidden`; later calls reuse
+        them and append the new self-attention K/V.
+        """
+        hidden, cache = self.decode(decoder_input_ids, encoder_hidden, attention_mask,
+                                    past_key_values=past_key_values, use_cache=True)
+        return self.lm_logits(hidden), cache
+
+    @staticmethod
+    def reorder_cache(past_key_values: list[LayerCache], index: torch.Tensor) -> list[LayerCache]:
+        """Select batch rows of every cached tensor (beam search)."""
+        return [tuple(t.index_select(0, index) for t in layer) for layer in past_key_values]
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, encoder_segment_ids: torch.Tensor | None = None,
+                encoder_positions: torch.Tensor | None = None, decoder_segment_ids: torch.Tensor | None = None,
+                decoder_positions: torch.Tensor | None = None, encoder_outputs: Any = None,
+                past_key_values: list[LayerCache] | None = None, use_cache: bool = False) -> Seq2SeqLMOutput:
+        if encoder_outputs is not None:
+            encoder_hidden = _encoder_hidden(encoder_outputs)
+        elif input_ids is not None:
+            encoder_hidden = self.encode(input_ids, attention_mask, encoder_segment_ids, encoder_positions)
+        else:
+            raise ValueError("forward needs input_ids or encoder_outputs")
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("forward needs decoder_input_ids or labels")
+            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id,
+                                            decoder_segment_ids)
+        hidden, cache = self.decode(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask,
+                                    encoder_segment_ids, decoder_segment_ids, decoder_positions, past_key_values,
+                                    use_cache)
+        logits = self.lm_logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return Seq2SeqLMOutput(logits=logits, loss=loss, past_key_values=cache,
+                               encoder_last_hidden_state=encoder_hidden)
