@@ -1,0 +1,171 @@
+"""Atomic, pruned checkpoint directories under RUN_DIR/checkpoints.
+
+    checkpoints/
+      step_00000200/      model + optimizer (engine layout), trainer_state.json, rank_00000.pt ...,
+                          tokenizer/ (the SentencePiece model the run used)
+      latest              text file naming the newest COMPLETE step directory
+
+A save writes into `.tmp-step_N`, fsyncs every file, renames it to `step_N`, and only then replaces
+`latest` (itself through a temporary file and `os.replace`). A save killed at any point therefore
+leaves `latest` on the previous complete checkpoint; stale `.tmp-*` directories are removed on the
+next start. Per-rank state (RNG, data-loader position) goes into `rank_R.pt`, loaded with
+`torch.load(weights_only=True)`: nothing in a checkpoint is unpickled as code.
+
+The directory must be on a filesystem every node sees (as DeepSpeed's own checkpoints assume).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import re
+import shutil
+from typing import Callable
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+LATEST = "latest"
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def tmp_tag(step: int) -> str:
+    return f".tmp-{step_tag(step)}"
+
+
+def _fsync_path(path: pathlib.Path) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: pathlib.Path) -> None:
+    """Flush every file and directory under `root` (and root itself) to stable storage."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(pathlib.Path(dirpath) / name)
+        _fsync_path(pathlib.Path(dirpath))
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def latest_checkpoint(ckpt_root: pathlib.Path) -> pathlib.Path | None:
+    """The step directory `latest` names, or None when the run has no complete checkpoint."""
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text(encoding="utf-8").strip()
+    path = ckpt_root / tag
+    if not STEP_DIR.match(tag) or not (path / "trainer_state.json").is_file():
+        raise ValueError(f"{pointer}: names {tag!r}, which is not a complete checkpoint directory")
+    return path
+
+
+def remove_stale(ckpt_root: pathlib.Path) -> None:
+    """Delete `.tmp-*` leftovers of saves that were killed (rank 0, before training starts)."""
+    if ckpt_root.is_dir():
+        for child in ckpt_root.iterdir():
+            if child.name.startswith(".tmp-") and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def finalize(ckpt_root: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
+    """Rank 0, after every rank has written into the tmp directory: fsync, rename, point `latest`, prune."""
+    tmp = ckpt_root / tmp_tag(step)
+    final = ckpt_root / step_tag(step)
+    fsync_tree(tmp)
+    if final.exists():  # a re-save of the same step (e.g. resumed and stopped at once): replace it
+        trash = ckpt_root / f".tmp-old-{step_tag(step)}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_path(ckpt_root)
+    write_text_atomic(ckpt_root / LATEST, step_tag(step) + "\n")
+    prune(ckpt_root, keep_last)
+    return final
+
+
+def prune(ckpt_root: pathlib.Path, keep_last: int) -> None:
+    steps = sorted(p for p in ckpt_root.iterdir() if STEP_DIR.match(p.name))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- per-rank state: RNG and data loader -------------------------------------------------------------
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": _py_state_to_list(random.getstate()),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_py_state_from_list(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _py_state_to_list(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_state_from_list(state: list):
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def save_rank_state(directory: pathlib.Path, rank: int, state: dict) -> None:
+    torch.save(state, directory / f"rank_{rank:05d}.pt")
+
+
+def load_rank_state(directory: pathlib.Path, rank: int) -> dict:
+    path = directory / f"rank_{rank:05d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (was the checkpoint written with a different number of ranks?)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_trainer_state(directory: pathlib.Path, state: dict) -> None:
+    (directory / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def load_trainer_state(directory: pathlib.Path) -> dict:
+    return json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def barrier_noop() -> None:
+    return None
+
+
+BarrierFn = Callable[[], None]

@@ -1,0 +1,205 @@
+"""Two engines with one interface: DeepSpeed (any number of ranks and nodes) and a local single process.
+
+The trainer only talks to this interface, so the same `Trainer` code runs the CPU default (no
+DeepSpeed start-up, no process group) and multi-node ZeRO runs, and the tests cover both:
+
+    out = engine.forward(batch)           # the model's output (autocast applied here)
+    engine.backward(loss)                 # loss of one micro-batch; accumulation is the engine's job
+    info = engine.micro_step(boundary, lr)  # after every micro-batch; at the boundary applies the update
+    engine.all_reduce_sum(tensor)         # across data-parallel ranks (identity locally)
+    engine.save(ckpt_root, tag) / engine.load(ckpt_root, tag)   # model + optimizer, every rank calls
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import RunConfig
+from engine.deepspeed_config import autocast_dtype, deepspeed_config
+
+
+@dataclass
+class StepInfo:
+    applied: bool  # False: the update was skipped (non-finite gradients, or an fp16 overflow)
+    grad_norm: float | None
+
+
+def launched_distributed() -> bool:
+    """True under the deepspeed / torchrun launchers (they set WORLD_SIZE and LOCAL_RANK)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def choose_engine(cfg: RunConfig, device: torch.device) -> str:
+    if cfg.run.engine != "auto":
+        return cfg.run.engine
+    return "deepspeed" if launched_distributed() or device.type == "cuda" else "local"
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class LocalEngine:
+    """One process, no torch.distributed: gradient accumulation, clipping and the step done here."""
+
+    rank = 0
+    local_rank = 0
+    world_size = 1
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig,
+                 device: torch.device):
+        if cfg.deepspeed.precision == "fp16":
+            raise ValueError("config key 'deepspeed.precision': fp16 needs DeepSpeed's loss scaling "
+                             "(run.engine = deepspeed)")
+        if cfg.deepspeed.zero_stage != 0:
+            raise ValueError("config key 'deepspeed.zero_stage': ZeRO needs run.engine = deepspeed")
+        self.device = device
+        self.module = model.to(device)
+        self.optimizer = optimizer
+        self.accum = cfg.batch.grad_accum
+        self.clip = cfg.optim.clip_grad_norm
+        # bf16: fp32 weights, the forward autocast (as DeepSpeed ZeRO 0 runs it, see deepspeed_config).
+        self.amp_dtype = autocast_dtype(cfg)
+
+    def forward(self, batch: dict):
+        with _autocast(self.device, self.amp_dtype):
+            return self.module(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def micro_step(self, boundary: bool, lr: float) -> StepInfo | None:
+        if not boundary:
+            return None
+        _set_lr(self.optimizer, lr)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        # max_norm=inf still returns the global norm, which is logged every step.
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
+        self.optimizer.step()
+        applied = not getattr(self.optimizer, "last_step_skipped", False)
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepInfo(applied=applied, grad_norm=float(norm))
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        return None
+
+    def save(self, ckpt_root: pathlib.Path, tag: str) -> None:
+        from safetensors.torch import save_model
+
+        directory = ckpt_root / tag
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self.module, str(directory / "model.safetensors"))  # handles the tied embedding
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, ckpt_root: pathlib.Path, tag: str) -> None:
+        from safetensors.torch import load_model
+
+        directory = ckpt_root / tag
+        if not (directory / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{directory}: no model.safetensors (a DeepSpeed checkpoint? set run.engine)")
+        load_model(self.module, str(directory / "model.safetensors"), device=str(self.device))
+        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
+
+    def close(self) -> None:
+        return None
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize around the model and our optimizer; gloo on the CPU, NCCL on GPUs."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig,
+                 device: torch.device):
+        import deepspeed
+        import torch.distributed as dist
+
+        self._dist = dist
+        if not dist.is_initialized():
+            # Without a launcher (a plain `t5forge pretrain --run.engine deepspeed`): a world of one.
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("LOCAL_RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29511")
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        self.base_optimizer = optimizer
+        self.amp_dtype = autocast_dtype(cfg)
+        ds_config = deepspeed_config(cfg, self.world_size)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.module = self.engine.module
+        self._fp16 = cfg.deepspeed.precision == "fp16"
+        self._bf16_ds = "bf16" in ds_config
+
+    def forward(self, batch: dict):
+        with _autocast(self.device, self.amp_dtype):
+            return self.engine(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+
+    def micro_step(self, boundary: bool, lr: float) -> StepInfo | None:
+        if boundary != self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("trainer and DeepSpeed disagree on the gradient-accumulation boundary")
+        if boundary:
+            _set_lr(self.base_optimizer, lr)
+        self.engine.step()
+        if not boundary:
+            return None
+        applied = self.engine.was_step_applied() and not getattr(self.base_optimizer, "last_step_skipped", False)
+        norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            norm = float(norm)
+        return StepInfo(applied=applied, grad_norm=None if norm is None or norm < 0 else norm)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX)
+        return tensor
+
+    def barrier(self) -> None:
+        self._dist.barrier()
+
+    def save(self, ckpt_root: pathlib.Path, tag: str) -> None:
+        # save_latest=False: our `latest` pointer is written only after the directory is complete.
+        self.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={}, save_latest=False)
+
+    def load(self, ckpt_root: pathlib.Path, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{ckpt_root / tag}: DeepSpeed found no checkpoint to load "
+                                    "(a local-engine checkpoint? set run.engine = local)")
+
+    def close(self) -> None:
+        if self._dist.is_initialized():
+            self._dist.barrier()
+
+
+def build_engine(kind: str, model, optimizer, cfg: RunConfig, device: torch.device):
+    if kind == "local":
+        return LocalEngine(model, optimizer, cfg, device)
+    return DeepSpeedEngine(model, optimizer, cfg, device)

@@ -1,0 +1,243 @@
+"""`t5forge pretrain`: T5 pretraining from one command, on a laptop CPU or many GPU nodes.
+
+    t5forge pretrain                                   # tiny model, built-in corpus, CPU, ~3 minutes
+    t5forge pretrain --config engine/configs/t5-v1_1-base.toml --data.paths 'c4/en/c4-train.*.json.gz' \\
+        --data.tokenizer spiece.model --run.dir runs/base
+    deepspeed --num_gpus 8 --module engine.train --config engine/configs/t5-v1_1-base.toml ...
+    deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 --module engine.train --config ...
+
+Running the same command on an existing `run.dir` resumes from its latest checkpoint. SIGTERM / SIGINT
+save a checkpoint and exit (exit code 0). Config keys: engine/config.py.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+import random
+import sys
+
+import numpy as np
+import torch
+
+from engine.config import RunConfig, load_run_config
+
+DEMO_SENTENCES = (
+    "Return a new list containing all items from the iterable in ascending order.",
+    "If the file does not exist, an exception is raised and nothing is written.",
+    "This module provides classes for reading and writing compressed data.",
+)
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N (LOCAL_RANK is in the environment too)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def pick_device(cfg: RunConfig) -> torch.device:
+    want = cfg.run.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("config key 'run.device': cuda requested but no CUDA device is available")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def set_threads(cfg: RunConfig) -> None:
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+        return
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(1, local_procs)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_data(cfg: RunConfig) -> tuple[list[str], str]:
+    """The data files and tokenizer model: the user's, or the built-in corpus made on first use."""
+    if not cfg.data.paths:
+        from engine.data import builtin
+
+        paths, tokenizer_file = builtin.builtin_corpus()
+        tokenizer = cfg.data.tokenizer or tokenizer_file
+        return [str(p) for p in paths], str(tokenizer)
+    files: list[str] = []
+    for pattern in cfg.data.paths:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise FileNotFoundError(f"config key 'data.paths': no file matches {pattern!r}")
+        files.extend(matches)
+    if not cfg.data.tokenizer:
+        raise ValueError("config key 'data.tokenizer': a SentencePiece model is required with data.paths "
+                         "(the real T5 vocabulary is spiece.model)")
+    if not os.path.isfile(cfg.data.tokenizer):
+        raise FileNotFoundError(f"config key 'data.tokenizer': file not found: {cfg.data.tokenizer}")
+    return files, cfg.data.tokenizer
+
+
+def target_length(cfg: RunConfig) -> int:
+    if cfg.data.target_length > 0:
+        return cfg.data.target_length
+    from engine.data.objectives import compute_span_corruption_lengths
+
+    _, targets = compute_span_corruption_lengths(cfg.data.input_length, cfg.data.noise_density,
+                                                 cfg.data.mean_noise_span_length)
+    return targets
+
+
+def build_data(cfg: RunConfig, files: list[str], tokenizer, rank: int, world_size: int):
+    from engine.data.pipeline import build_pretrain_dataset
+
+    objective_params = {}
+    if cfg.data.objective in ("span_corruption", "iid_denoising", "bert", "mask_every_token", "drop_corrupted",
+                              "denoise"):
+        objective_params["noise_density"] = cfg.data.noise_density
+        if cfg.data.objective in ("span_corruption", "denoise"):
+            objective_params["mean_noise_span_length"] = cfg.data.mean_noise_span_length
+    return build_pretrain_dataset(
+        paths=files, tokenizer=tokenizer, batch_size=cfg.batch.micro_batch_size,
+        inputs_length=cfg.data.input_length, targets_length=target_length(cfg), objective=cfg.data.objective,
+        objective_params=objective_params, pack=cfg.data.pack, shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.run.seed, rank=rank, world_size=world_size, num_workers=cfg.data.num_workers)
+
+
+def build_model_config(cfg: RunConfig, tokenizer_vocab: int):
+    from models.config import T5Config
+
+    vocab = cfg.model.vocab_size or -(-tokenizer_vocab // 128) * 128
+    if vocab < tokenizer_vocab:
+        raise ValueError(f"config key 'model.vocab_size': {vocab} is smaller than the tokenizer's {tokenizer_vocab}")
+    overrides = dict(vocab_size=vocab, kernel_backend=cfg.model.kernel_backend,
+                     gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if cfg.model.dropout_rate >= 0:
+        overrides["dropout_rate"] = cfg.model.dropout_rate
+    try:
+        return T5Config.from_preset(cfg.model.preset, **overrides)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"config key 'model.preset': {err}") from None
+
+
+def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, tokenizer_vocab: int | None = None):
+    """Model, optimizer, engine and trainer from a run config (data may be injected, as tests do)."""
+    from engine.engines import build_engine, choose_engine
+    from engine.optim import build_optimizer
+    from engine.trainer import Trainer
+    from models.t5 import T5ForConditionalGeneration
+
+    device = pick_device(cfg)
+    set_threads(cfg)
+    kind = choose_engine(cfg, device)
+    if data is None:
+        from engine.tokenizer import Tokenizer
+
+        files, tokenizer_file = resolve_data(cfg)
+        tokenizer = Tokenizer(tokenizer_file)
+        tokenizer_vocab = tokenizer.vocab_size
+    model_config = build_model_config(cfg, tokenizer_vocab)
+    seed_everything(cfg.run.seed)  # the same initial weights on every rank
+    model = T5ForConditionalGeneration(model_config)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    engine = build_engine(kind, model, optimizer, cfg, device)
+    # Dropout masks and data shuffles differ per rank; a resume restores these states exactly.
+    seed_everything(cfg.run.seed + 1000 * (engine.rank + 1))
+    if data is None:
+        data = build_data(cfg, files, tokenizer, engine.rank, engine.world_size)
+    flops = model_config.flops_per_token(cfg.data.input_length, target_length(cfg))
+    trainer = Trainer(cfg, engine, data, flops_per_token=flops, tokenizer_file=tokenizer_file, device=device)
+    return trainer, model_config
+
+
+def greedy_fill(model, tokenizer, input_ids: list[int], max_new_tokens: int = 32) -> list[int]:
+    """Greedy decoding by re-running the decoder on the prefix (small demo inputs: no cache needed)."""
+    device = next(model.parameters()).device
+    enc = torch.tensor([input_ids], device=device)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            dec = torch.tensor([[0] + out], device=device)
+            logits = model(input_ids=enc, attention_mask=torch.ones_like(enc), decoder_input_ids=dec).logits
+            nxt = int(logits[0, -1, : tokenizer.vocab_size].argmax())
+            if nxt == tokenizer.eos_id:
+                break
+            out.append(nxt)
+    return out
+
+
+def demo(model, tokenizer_file: str, seed: int, noise_density: float, mean_span: float, file=sys.stdout) -> None:
+    """Corrupt a few sentences with span corruption and show what the model fills in."""
+    from engine.data.objectives import span_corruption
+    from engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_file)
+    rng = np.random.default_rng(seed)
+    was_training = model.training
+    model.eval()
+    print("\nWhat the model fills in (greedy):", file=file)
+    for sentence in DEMO_SENTENCES:
+        tokens = np.asarray(tokenizer.encode(sentence), dtype=np.int64)
+        inputs, targets = span_corruption(tokens, rng, noise_density=max(noise_density, 0.15),
+                                          mean_noise_span_length=mean_span,
+                                          first_sentinel_id=tokenizer.sentinel_id(0), eos_id=tokenizer.eos_id)
+        predicted = greedy_fill(model, tokenizer, inputs.tolist())
+        print(f"  input:     {tokenizer.decode(inputs.tolist()[:-1])}", file=file)
+        print(f"  expected:  {tokenizer.decode(targets.tolist()[:-1])}", file=file)
+        print(f"  predicted: {tokenizer.decode(predicted)}", file=file)
+    model.train(was_training)
+
+
+def pretrain_main(argv: list[str]) -> int:
+    from engine.trainer import NonFiniteLossError
+
+    argv = _strip_launcher_args(list(argv))
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        cfg = load_run_config(argv)
+        trainer, model_config = build_trainer(cfg)
+        resumed = trainer.resume()
+        if trainer.is_main:
+            params = model_config.num_parameters()
+            where = f"resuming at step {trainer.step}" if resumed else "starting"
+            print(f"t5forge pretrain: {cfg.model.preset} ({params / 1e6:.1f}M parameters), "
+                  f"{trainer.engine.world_size} rank(s), {type(trainer.engine).__name__}, {where}; "
+                  f"run dir {cfg.run.dir}", file=sys.stderr)
+        result = trainer.train()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"t5forge pretrain: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"t5forge pretrain: {err}", file=sys.stderr)
+        return 1
+    if trainer.is_main:
+        first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"),) * 2
+        how = "stopped by signal, checkpoint saved" if result.stopped_by_signal else "done"
+        print(f"t5forge pretrain: {how} at step {result.step} (loss {first:.3f} -> {last:.3f} in this run, "
+              f"{result.skipped_steps} skipped steps); checkpoint in {trainer.ckpt_root}", file=sys.stderr)
+        if (cfg.run.demo and not result.stopped_by_signal and trainer.tokenizer_file
+                and cfg.deepspeed.zero_stage < 3 and cfg.data.objective == "span_corruption"):
+            demo(trainer.engine.module, trainer.tokenizer_file, cfg.run.seed, cfg.data.noise_density,
+                 cfg.data.mean_noise_span_length)
+    trainer.engine.close()
+    return 0
+
+
+if __name__ == "__main__":  # `python -m engine.train` / `deepspeed --module engine.train`
+    sys.exit(pretrain_main(sys.argv[1:]))

@@ -1,0 +1,280 @@
+"""The training loop: steps, metrics, non-finite skipping, checkpoints with exact resume, clean stops.
+
+    trainer = Trainer(cfg, engine, data, flops_per_token=..., tokenizer_file=...)
+    trainer.resume()          # from RUN_DIR/checkpoints/latest when there is one
+    result = trainer.train()  # until run.max_steps, a stop signal, or too many non-finite steps
+
+`data` is an iterable of micro-batches (dicts of LongTensors, see the contract) with `state_dict()` /
+`load_state_dict()`; its state after the last consumed batch is saved per rank, with the RNG states,
+so a resumed run sees exactly the batches and dropout masks the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine import checkpoint as ckpt
+from engine.config import RunConfig
+from engine.metrics import MetricsLogger, device_peak_tflops, mfu
+from engine.schedules import lr_at
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # the mean loss of every step run in this process
+    stopped_by_signal: bool = False
+    skipped_steps: int = 0
+
+
+def z_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """mean(logsumexp(logits)^2) over the positions with a label: keeps the softmax normaliser near 1
+    (PaLM, T5X), so bf16 logits do not drift."""
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    mask = (labels != -100).float()
+    return (lse.square() * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def count_tokens(batch: dict) -> int:
+    """Tokens a step processes, input + target positions including padding (what the FLOPs count)."""
+    return int(batch["input_ids"].numel() + batch["labels"].numel())
+
+
+class Trainer:
+    cfg: RunConfig
+    engine: object  # engine.engines.LocalEngine | DeepSpeedEngine
+    step: int  # optimizer steps done (skipped ones included: they consumed data)
+    skipped_total: int
+    skipped_in_a_row: int
+    tokens_seen: int
+
+    def __init__(self, cfg: RunConfig, engine, data, *, flops_per_token: float = 0.0,
+                 tokenizer_file: str | None = None, device: torch.device | None = None):
+        self.cfg = cfg
+        self.engine = engine
+        self.data = data
+        self.device = device or torch.device("cpu")
+        self.flops_per_token = flops_per_token
+        self.tokenizer_file = tokenizer_file
+        self.run_dir = pathlib.Path(cfg.run.dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.is_main = engine.rank == 0
+        if self.is_main:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale(self.ckpt_root)
+        engine.barrier()
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.run.tensorboard)
+        self.peak_tflops = device_peak_tflops(self.device, cfg.run.peak_tflops)
+        self.step = 0
+        self.skipped_total = 0
+        self.skipped_in_a_row = 0
+        self.tokens_seen = 0
+        self._data_iter = None
+        self._stop_signal: int | None = None
+        self._last_saved_step = -1
+
+    # ------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped_total": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row,
+                "tokens_seen": self.tokens_seen, "world_size": self.engine.world_size, "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.engine.world_size:
+            raise ValueError(f"checkpoint was written by {state['world_size']} ranks, this run has "
+                             f"{self.engine.world_size}: resume with the same world size")
+        self.step = state["step"]
+        self.skipped_total = state["skipped_total"]
+        self.skipped_in_a_row = state["skipped_in_a_row"]
+        self.tokens_seen = state["tokens_seen"]
+
+    def save(self) -> pathlib.Path | None:
+        """Every rank calls this; rank 0 makes the directory visible as `latest` once it is complete."""
+        tag = ckpt.tmp_tag(self.step)
+        tmp = self.ckpt_root / tag
+        self.engine.barrier()
+        self.engine.save(self.ckpt_root, tag)
+        tmp.mkdir(parents=True, exist_ok=True)
+        data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else {}
+        ckpt.save_rank_state(tmp, self.engine.rank, {"rng": ckpt.rng_state(), "data": data_state})
+        if self.is_main:
+            ckpt.save_trainer_state(tmp, self.state_dict())
+            if self.tokenizer_file:
+                (tmp / "tokenizer").mkdir(exist_ok=True)
+                shutil.copy2(self.tokenizer_file, tmp / "tokenizer" / pathlib.Path(self.tokenizer_file).name)
+        self.engine.barrier()
+        final = None
+        if self.is_main:
+            final = ckpt.finalize(self.ckpt_root, self.step, self.cfg.checkpoint.keep_last)
+        self.engine.barrier()
+        self._last_saved_step = self.step
+        return final
+
+    def resume(self) -> bool:
+        """Load RUN_DIR/checkpoints/latest if it exists (and checkpoint.resume); True when resumed."""
+        if not self.cfg.checkpoint.resume:
+            return False
+        path = ckpt.latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        self.load_state_dict(ckpt.load_trainer_state(path))
+        self.engine.load(self.ckpt_root, path.name)
+        rank_state = ckpt.load_rank_state(path, self.engine.rank)
+        if hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(rank_state["data"])
+        self._data_iter = None
+        ckpt.set_rng_state(rank_state["rng"])
+        self.logger.truncate_after(self.step)
+        self._last_saved_step = self.step
+        return True
+
+    # ------------------------------------------------------------------------------------- steps
+    def _next_batch(self) -> dict:
+        if self._data_iter is None:
+            self._data_iter = iter(self.data)
+        try:
+            batch = next(self._data_iter)
+        except StopIteration:
+            raise RuntimeError(f"the data ran out at step {self.step + 1}; add data or lower run.max_steps") from None
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        """One optimizer step over batch.grad_accum micro-batches; returns the step's global metrics."""
+        accum = self.cfg.batch.grad_accum
+        lr = lr_at(self.step + 1, self.cfg.optim.lr, self.cfg.schedule, self.cfg.run.max_steps)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        z_sum = torch.zeros((), dtype=torch.float64)
+        tokens = 0
+        info = None
+        for micro in range(accum):
+            batch = self._next_batch()
+            out = self.engine.forward(batch)
+            loss = out.loss
+            if self.cfg.optim.z_loss > 0:
+                z = z_loss(out.logits, batch["labels"])
+                z_sum += z.detach().double().cpu()
+                loss = loss + self.cfg.optim.z_loss * z
+            # A non-finite loss still runs backward: its gradients are non-finite on every rank after
+            # the reduction, so DeepSpeed's overflow check / our optimizers skip the update everywhere
+            # and every rank takes part in the same collectives.
+            self.engine.backward(loss)
+            loss_sum += out.loss.detach().double().cpu()
+            tokens += count_tokens(batch)
+            info = self.engine.micro_step(micro == accum - 1, lr)
+        # One all-reduce per step: losses, tokens and the stop request travel together.
+        stop = 1.0 if self._stop_signal is not None else 0.0
+        packed = torch.tensor([loss_sum.item(), z_sum.item(), float(tokens), stop], dtype=torch.float64)
+        packed = self.engine.all_reduce_sum(packed.to(self._reduce_device())).cpu()
+        world = self.engine.world_size
+        self.step += 1
+        loss = packed[0].item() / (accum * world)
+        finite = math.isfinite(loss)
+        if not info.applied or not finite:
+            self.skipped_total += 1
+            # fp16 overflows while the loss scale settles are routine; only count them when the loss is bad.
+            if not finite or self.cfg.deepspeed.precision != "fp16":
+                self.skipped_in_a_row += 1
+        else:
+            self.skipped_in_a_row = 0
+        step_tokens = int(packed[2].item())
+        self.tokens_seen += step_tokens
+        if packed[3].item() > 0 and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # another rank was signalled
+        return {"step": self.step, "loss": loss, "z_loss": packed[1].item() / (accum * world), "lr": lr,
+                "grad_norm": info.grad_norm, "tokens": step_tokens, "applied": info.applied and finite}
+
+    def _reduce_device(self) -> torch.device:
+        # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+        return self.device if self.device.type == "cuda" and self.engine.world_size > 1 else torch.device("cpu")
+
+    # ------------------------------------------------------------------------------------- loop
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: give up on the clean stop
+        self._stop_signal = signum
+
+    def _install_signal_handlers(self):
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+        return previous
+
+    def _progress(self):
+        if not (self.is_main and self.cfg.run.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.run.max_steps, initial=self.step, desc="pretrain", unit="step",
+                    dynamic_ncols=True, file=sys.stderr)
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        result = TrainResult(step=self.step)
+        previous = self._install_signal_handlers()
+        bar = self._progress()
+        window_tokens, window_start = 0, time.perf_counter()
+        try:
+            while self.step < cfg.run.max_steps:
+                metrics = self.train_step()
+                result.losses.append(metrics["loss"])
+                window_tokens += metrics["tokens"]
+                if self.skipped_in_a_row >= cfg.run.max_nonfinite_in_a_row:
+                    raise NonFiniteLossError(
+                        f"step {self.step}: {self.skipped_in_a_row} non-finite steps in a row (loss "
+                        f"{metrics['loss']}); stopping, the last good checkpoint is left intact")
+                if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    record = self._record(metrics, window_tokens / elapsed)
+                    self.logger.log(record)
+                    if bar is not None:
+                        bar.set_postfix(self._postfix(record), refresh=False)
+                    window_tokens, window_start = 0, time.perf_counter()
+                if bar is not None:
+                    bar.update(1)
+                if self._stop_signal is not None:
+                    self.save()
+                    result.stopped_by_signal = True
+                    break
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.run.max_steps:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.logger.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        result.step = self.step
+        result.skipped_steps = self.skipped_total
+        return result
+
+    def _record(self, metrics: dict, tokens_per_s: float) -> dict:
+        record = {"step": metrics["step"], "loss": metrics["loss"], "lr": metrics["lr"],
+                  "tokens_per_s": tokens_per_s, "grad_norm": metrics["grad_norm"],
+                  "skipped_steps": self.skipped_total, "tokens_seen": self.tokens_seen}
+        if self.cfg.optim.z_loss > 0:
+            record["z_loss"] = metrics["z_loss"]
+        value = mfu(self.flops_per_token, tokens_per_s, self.peak_tflops, self.engine.world_size)
+        if value is not None:
+            record["mfu"] = value
+        return record
+
+    @staticmethod
+    def _postfix(record: dict) -> dict:
+        postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}",
+                   "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if "mfu" in record:
+            postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+        return postfix
