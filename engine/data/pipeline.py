@@ -1,0 +1,177 @@
+"""The pretraining input pipeline the trainer calls: C4 JSON lines -> tokens -> objective -> batches.
+
+    from engine.data.pipeline import build_pretrain_dataset
+    data = build_pretrain_dataset(["c4/en/c4-train.*.json.gz"], tokenizer, "span_corruption", {},
+                                  inputs_length=512, targets_length=114, batch_size=128, pack=True,
+                                  seed=0, rank=rank, world_size=world_size)
+    for batch in data:             # dict of torch.LongTensor, keys: engine.data.packing.PACKED_KEYS
+        ...                        # (or UNPACKED_KEYS with pack=False)
+        ckpt["data"] = data.state_dict()
+    data.load_state_dict(ckpt["data"])   # the next batch is the one that would have come next
+
+T5.md: documents are tokenized, each followed by EOS, concatenated, and cut into raw chunks of
+`objective.raw_length(inputs_length, targets_length)` tokens (568 for span corruption at 512/114);
+each chunk becomes one (inputs, targets) example. Span corruption fills a 512/114 row exactly, so
+it runs dense and vectorised (one numpy pass per batch); other objectives give examples of varying
+length, packed several per row in order.
+
+One process per data-parallel rank reads its own shard of the documents (engine.data.c4); the state
+(reader position and shuffle buffer, tokens not yet used, examples waiting for a row, the objective's
+random generator) is a JSON-able dict. Iteration is infinite by default (`epochs=None`).
+"""
+from __future__ import annotations
+
+import base64
+import inspect
+import itertools
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from engine.data.c4 import C4Reader
+from engine.data.objectives import Objective, get_objective, span_corruption
+from engine.data.packing import dense_packed_batch, next_fit_rows, packed_batch, unpacked_batch
+
+
+def _pack_ids(a: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(a, dtype="<i4").tobytes()).decode("ascii")
+
+
+def _unpack_ids(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype="<i4").astype(np.int64)
+
+
+class PretrainDataset:
+    """Iterable of pretraining batches with exact resume; see the module docstring."""
+
+    def __init__(self, reader: C4Reader, tokenizer, objective: Objective, inputs_length: int,
+                 targets_length: int, batch_size: int, pack: bool = True, seed: int = 0,
+                 tokenize_batch: int = 128, as_torch: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.reader, self.tokenizer, self.objective = reader, tokenizer, objective
+        self.inputs_length, self.targets_length = inputs_length, targets_length
+        self.batch_size, self.pack, self.tokenize_batch, self.as_torch = batch_size, pack, tokenize_batch, as_torch
+        self.raw_length = objective.raw_length(inputs_length, targets_length)
+        self.dense = objective.fn is span_corruption  # fixed-length examples: the vectorised path
+        self.rng = np.random.default_rng([seed, reader.shard_index, 0x0B1E])
+        self._tokens = np.zeros(0, dtype=np.int64)   # tokenized, not yet cut into chunks
+        self._examples: list[tuple[np.ndarray, np.ndarray]] = []  # waiting for a row
+        self._docs: Iterator[str] | None = None
+        self._exhausted = False
+
+    # ---- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"reader": self.reader.state_dict(), "tokens": _pack_ids(self._tokens),
+                "examples": [[_pack_ids(a), _pack_ids(b)] for a, b in self._examples],
+                "rng": self.rng.bit_generator.state, "exhausted": self._exhausted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reader.load_state_dict(state["reader"])
+        self._tokens = _unpack_ids(state["tokens"])
+        self._examples = [(_unpack_ids(a), _unpack_ids(b)) for a, b in state["examples"]]
+        self.rng.bit_generator.state = state["rng"]
+        self._exhausted = state["exhausted"]
+        self._docs = None  # a fresh document iterator picks up the reader's restored position
+
+    # ---- stages -------------------------------------------------------------------------------------
+    def _fill_tokens(self, need: int) -> bool:
+        """Tokenize documents (each + EOS) until `need` tokens wait; False when the data ran out."""
+        if self._docs is None:
+            self._docs = iter(self.reader)
+        while len(self._tokens) < need and not self._exhausted:
+            docs = []
+            for doc in self._docs:
+                docs.append(doc)
+                if len(docs) == self.tokenize_batch:
+                    break
+            if len(docs) < self.tokenize_batch:
+                self._exhausted = True
+            if docs:
+                ids = self.tokenizer.encode_batch(docs, add_eos=True)
+                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(map(len, ids)))
+                self._tokens = np.concatenate([self._tokens, flat])
+        return len(self._tokens) >= need
+
+    def _take_chunks(self, n: int) -> np.ndarray:
+        chunks = self._tokens[:n * self.raw_length].reshape(n, self.raw_length)
+        self._tokens = self._tokens[n * self.raw_length:]
+        return chunks
+
+    def _to_output(self, batch: dict) -> dict:
+        if not self.as_torch:
+            return batch
+        import torch
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def _dense_batch(self) -> dict | None:
+        b, r = self.batch_size, self.raw_length
+        if not self._fill_tokens(b * r):
+            return None  # a short final batch would change the shapes; the tail is dropped
+        inputs, targets = self.objective.batch(self._take_chunks(b), self.rng)
+        if self.pack:
+            return dense_packed_batch(inputs, targets, self.inputs_length, self.targets_length)
+        return unpacked_batch(list(zip(inputs, targets)), self.inputs_length, self.targets_length)
+
+    def _generic_batch(self) -> dict | None:
+        b = self.batch_size
+        while True:
+            if self.pack:
+                lengths = [(len(i), len(t)) for i, t in self._examples]
+                rows = next_fit_rows(lengths, self.inputs_length, self.targets_length, max_rows=b)
+                if len(rows) == b or (self._exhausted and not len(self._tokens) and self._examples):
+                    rows = rows if len(rows) == b else next_fit_rows(lengths, self.inputs_length,
+                                                                     self.targets_length)[:b]
+                    used = sum(len(r) for r in rows)
+                    batch = packed_batch(self._examples, rows, self.inputs_length, self.targets_length)
+                    self._examples = self._examples[used:]
+                    return batch
+            elif len(self._examples) >= b or (self._exhausted and not len(self._tokens) and self._examples):
+                batch = unpacked_batch(self._examples[:b], self.inputs_length, self.targets_length)
+                self._examples = self._examples[b:]
+                return batch
+            # more examples: a few rows' worth of chunks at a time
+            n = max(1, b // 4)
+            if self._fill_tokens(n * self.raw_length):
+                chunks = list(self._take_chunks(n))
+            elif len(self._tokens) >= 2:
+                chunks = [self._tokens]  # the last, shorter chunk of a finite run
+                self._tokens = self._tokens[:0]
+            else:
+                if not self._examples:
+                    return None
+                self._tokens = self._tokens[:0]
+                continue
+            for c in chunks:
+                self._examples.append(self.objective(c, self.rng))
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            batch = self._dense_batch() if self.dense else self._generic_batch()
+            if batch is None:
+                return
+            yield self._to_output(batch)
+
+
+def build_pretrain_dataset(paths: Sequence[str] | str, tokenizer, objective: str = "span_corruption",
+                           objective_params: dict | None = None, inputs_length: int = 512,
+                           targets_length: int = 114, batch_size: int = 8, pack: bool = True, seed: int = 0,
+                           rank: int = 0, world_size: int = 1, *, shuffle_buffer: int = 1024,
+                           epochs: int | None = None, strict: bool = False, as_torch: bool = True) -> PretrainDataset:
+    """Batches for pretraining rank `rank` of `world_size` (see the module docstring).
+
+    `objective` is a name from engine.data.objectives.OBJECTIVES; sentinel ids and the vocabulary size
+    come from the tokenizer unless `objective_params` sets them.
+    """
+    params = dict(objective_params or {})
+    obj_probe = get_objective(objective, **params)  # validates name and parameters first
+    accepted = inspect.signature(obj_probe.fn).parameters
+    for key, value in (("first_sentinel_id", tokenizer.sentinel_id(0)), ("mask_id", tokenizer.sentinel_id(0)),
+                       ("vocab_size", tokenizer.num_pieces), ("eos_id", tokenizer.eos_id)):
+        if key in accepted:
+            params.setdefault(key, value)
+    obj = get_objective(objective, **params)
+    reader = C4Reader(paths, seed=seed, shuffle_buffer=shuffle_buffer, shard_index=rank, num_shards=world_size,
+                      epochs=epochs, strict=strict)
+    return PretrainDataset(reader, tokenizer, obj, inputs_length, targets_length, batch_size, pack=pack,
+                           seed=seed, as_torch=as_torch)
