@@ -17,12 +17,16 @@ INSTALL_REQUIRES = [
     "sacrebleu>=2.4,<3",
     "rouge-score>=0.1.2,<0.2",
     "matplotlib>=3.7",
+    # C4 cleaning: the language identifier C4 used, and a maintained bad-words list (a user file may replace it)
+    "langdetect>=1.0.9",
+    "better-profanity>=0.7",
 ]
 
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-benchmark>=4",
     "transformers>=4.46,<6",  # the reference implementation in tests, never imported at run time
+    "protobuf>=3.20",  # transformers needs it to read spiece.model into T5Tokenizer
 ]
 
 setup(
