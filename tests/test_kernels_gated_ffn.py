@@ -136,6 +136,27 @@ def test_ffn_autocast_casts_like_linear(device):
     assert_like_torch("y", y, y_ref, y64, dtype)
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["save_h", "recompute"])
+def test_ffn_fp16_with_fp32_wo(recompute, device):
+    """The model's fp16 mode keeps wo in fp32 (T5 overflows fp16 there): output and dwo are fp32."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 32, generator=gen, dtype=torch.float64)
+    wi, wo = _weights(32, 40, True, torch.float64, device, gen)
+    dy = torch.randn(3, 7, 32, generator=gen, dtype=torch.float64)
+    results = {}
+    for name, fn, dt_in, dt_wo in [("ours", ffn, torch.float16, torch.float32),
+                                   ("torch", ffn_ref, torch.float16, torch.float32),
+                                   ("fp64", ffn_ref, torch.float64, torch.float64)]:
+        leaves = [t.to(device=device, dtype=d).requires_grad_() for t, d in ((x, dt_in), (wi, dt_in), (wo, dt_wo))]
+        kw = {"recompute": recompute} if name == "ours" else {}
+        y = fn(*leaves, gated=True, **kw)
+        y.backward(dy.to(device=device, dtype=y.dtype))
+        results[name] = [y] + [t.grad for t in leaves]
+    assert results["ours"][0].dtype == torch.float32 and results["ours"][3].dtype == torch.float32
+    for i, what in enumerate(["y", "dx", "dwi", "dwo"]):
+        assert_like_torch(what, results["ours"][i], results["torch"][i], results["fp64"][i], torch.float16)
+
+
 def test_bad_inputs_raise_one_line(device):
     x = torch.randn(4, 8, device=device)
     wi, wo = torch.randn(12, 8, device=device), torch.randn(8, 6, device=device)
