@@ -141,7 +141,7 @@ def activation_bytes(cfg, micro_batch: int, inputs_length: int, targets_length: 
     cross-attention and the decoder output fed to the head (each a final norm).
     Loss: fp32 log-softmax over the vocabulary (4*V per target token) as models/t5.py casts logits up.
     Checkpointing keeps each block's input, which models/t5.py carries as two tensors (stream, pending
-    residual delta: 2*b*d per token), and recomputes one block at a time, so the largest block comes back
+    residual delta: 2*b*d per token; the first block has no delta yet), and recomputes one block at a time, so the largest block comes back
     as a transient during backward. The other transient: the logits' gradient in fp32 plus its bf16
     copy, (4 + b)*V per target token. The larger of the two is the transient term.
     """
@@ -176,7 +176,8 @@ def activation_bytes(cfg, micro_batch: int, inputs_length: int, targets_length: 
     stacks += 8 * (enc_tokens + dec_tokens) + norm(enc_tokens) + norm(dec_tokens)
     loss = dec_tokens * (4 * V if loss_in_fp32 else b * V)
     if checkpointing:
-        blocks = 2 * b * d * (enc_tokens * cfg.num_layers + dec_tokens * dec_layers)
+        # The first block of a stack has no pending delta yet: one tensor there, two everywhere else.
+        blocks = b * d * (enc_tokens * (2 * cfg.num_layers - 1) + dec_tokens * (2 * dec_layers - 1))
         recompute = max(enc_block, dec_block)
     else:
         blocks = enc_block * cfg.num_layers + dec_block * dec_layers
