@@ -12,7 +12,8 @@ Triton path:
   kernel recomputes `a, b` and writes `dh = [dg * b * act'(a) | dg * act(a)]` and `g` instead.
 - Two memory policies for backward, `recompute`:
   * False (default): the forward also stores the pre-activation h (tokens x 2 d_ff); backward rebuilds g
-    and dh from h with one elementwise pass (GELU recomputed, never stored). Saved: x, h.
+    and dh from h with one elementwise pass (GELU recomputed, never stored). Saved: x, h. (Plain ReLU
+    saves g = relu(h) instead, which determines relu'(h) too.)
   * True: nothing but x is saved; backward re-runs the up GEMM with the gradient epilogue (one extra
     2*d_ff-wide GEMM, ~22% more FFN FLOPs) -- the [tokens, 2*d_ff] intermediate never reaches memory.
   Eager PyTorch saves x, h, gelu(a) and g: tokens x (d_model + 4 d_ff) elements vs d_model + 2 d_ff here.
@@ -241,6 +242,16 @@ def _ffn_up(x: torch.Tensor, wi: torch.Tensor, gated: bool, act_gelu: bool, *, s
     return (h, g) if backward else (g, h)
 
 
+def _up_forward(x, wi, gated, act_gelu, recompute):
+    """(g, what backward needs besides x: h, or None to recompute)."""
+    if not gated and not act_gelu and not recompute:
+        # Plain ReLU: g = relu(h) carries everything backward needs (relu(g) = g, g > 0 iff h > 0), so
+        # save g itself instead of writing h.
+        g, _ = _ffn_up(x, wi, gated, act_gelu, store_h=False)
+        return g, g
+    return _ffn_up(x, wi, gated, act_gelu, store_h=not recompute)
+
+
 def _up_backward(x, wi, h, dg, gated, act_gelu, need_g):
     """dh (and g for dwo) from the saved h, or by re-running the up GEMM when h was not kept."""
     if h is not None:
@@ -268,7 +279,7 @@ class _FFNUpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, wi, gated, act_gelu, recompute):
-        g, h = _ffn_up(x2, wi, gated, act_gelu, store_h=not recompute)
+        g, h = _up_forward(x2, wi, gated, act_gelu, recompute)
         ctx.save_for_backward(x2, wi, h)
         ctx.flags = (gated, act_gelu)
         return g
@@ -285,7 +296,7 @@ class _FFNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, wi, wo, gated, act_gelu, recompute):
-        g, h = _ffn_up(x2, wi, gated, act_gelu, store_h=not recompute)
+        g, h = _up_forward(x2, wi, gated, act_gelu, recompute)
         y = torch.matmul(g.to(wo.dtype), wo.t())
         ctx.save_for_backward(x2, wi, wo, h)
         ctx.flags = (gated, act_gelu)
