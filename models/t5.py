@@ -62,6 +62,13 @@ def _backend(config: T5Config, x: torch.Tensor, module: str, name: str) -> Calla
     return None
 
 
+def _attention_kernel_fits(config: T5Config) -> bool:
+    """Whether the flash kernel takes this head width ("auto" falls back to PyTorch when it does not)."""
+    module = importlib.import_module("kernels.t5_attention")
+    dims = getattr(module, "SUPPORTED_HEAD_DIMS", getattr(module, "_SUPPORTED_HEAD_DIMS", None))
+    return dims is None or config.d_kv in dims
+
+
 # ------------------------------------------------------------------------------ small functions
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int,
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,10 +112,19 @@ class AttentionSpec:
 def build_attention_spec(config: T5Config, q: torch.Tensor, *, table: torch.Tensor | None, q_len: int,
                          kv_len: int, bidirectional: bool = True, causal: bool = False,
                          key_padding_mask: torch.Tensor | None = None, q_segment_ids=None, kv_segment_ids=None,
-                         q_positions=None, kv_positions=None, q_offset: int = 0) -> AttentionSpec:
+                         q_positions=None, kv_positions=None, q_offset: int = 0,
+                         training: bool = False) -> AttentionSpec:
     """One stack's attention bias/mask, in the form the chosen backend wants. `q` gives device/dtype."""
     positions = dict(q_positions=q_positions, kv_positions=kv_positions, q_offset=q_offset)
     kernel = _backend(config, q, "t5_attention", "t5_attention")
+    if kernel is not None and config.kernel_backend == "auto" and not _attention_kernel_fits(config):
+        kernel = None
+    if kernel is not None and training and config.dropout_rate > 0.0:
+        # The flash kernel has no dropout on attention probabilities (contract signature).
+        if config.kernel_backend == "triton":
+            raise NotImplementedError("kernels/t5_attention.py:t5_attention has no attention dropout; train with "
+                                      "dropout_rate=0, or kernel_backend='auto'/'torch'")
+        kernel = None
     if kernel is not None:
         return AttentionSpec(table=table, kernel_kwargs=dict(
             bidirectional=bidirectional, num_buckets=config.relative_attention_num_buckets,
@@ -184,12 +200,9 @@ class T5Attention(nn.Module):
             if past is not None:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         dropout = self.config.dropout_rate if self.training else 0.0
-        if spec.kernel_kwargs is not None and dropout == 0.0:
+        if spec.kernel_kwargs is not None:
             kernel = _triton_kernel("t5_attention", "t5_attention", required=True)
             out = kernel(q, k, v, spec.table, **spec.kernel_kwargs)
-        elif spec.kernel_kwargs is not None:
-            raise NotImplementedError("the Triton attention kernel has no attention-probability dropout; "
-                                      "set dropout_rate=0 or kernel_backend='torch' for training with dropout")
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=spec.bias, dropout_p=dropout, scale=1.0)
             if spec.row_valid is not None:
@@ -413,7 +426,8 @@ class T5ForConditionalGeneration(nn.Module):
         length = input_ids.shape[1]
         spec = build_attention_spec(self.config, embeds, table=self.encoder.bias_table, q_len=length, kv_len=length,
                                     bidirectional=True, key_padding_mask=attention_mask, q_segment_ids=segment_ids,
-                                    kv_segment_ids=segment_ids, q_positions=positions, kv_positions=positions)
+                                    kv_segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
+                                    training=self.training)
         hidden, _ = self.encoder(embeds, spec)
         return hidden
 
@@ -438,10 +452,11 @@ class T5ForConditionalGeneration(nn.Module):
                                          kv_len=past_len + q_len, bidirectional=False, causal=True,
                                          key_padding_mask=decoder_attention_mask, q_segment_ids=decoder_segment_ids,
                                          kv_segment_ids=decoder_segment_ids, q_positions=decoder_positions,
-                                         kv_positions=decoder_positions, q_offset=past_len)
+                                         kv_positions=decoder_positions, q_offset=past_len,
+                                         training=self.training)
         cross_spec = build_attention_spec(cfg, embeds, table=None, q_len=q_len, kv_len=encoder_hidden.shape[1],
                                           key_padding_mask=attention_mask, q_segment_ids=decoder_segment_ids,
-                                          kv_segment_ids=encoder_segment_ids)
+                                          kv_segment_ids=encoder_segment_ids, training=self.training)
         return self.decoder(embeds, self_spec, cross_spec, encoder_hidden, past_key_values, use_cache)
 
     def lm_logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
