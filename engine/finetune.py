@@ -1,0 +1,402 @@
+"""`t5forge finetune`: fine-tune a pretrained T5 on text-to-text tasks, with the pretraining trainer.
+
+    t5forge finetune --config configs/finetune_sst2.toml
+    t5forge finetune --config FILE --finetune.method adapters --finetune.d_adapter 64
+    deepspeed --num_gpus 8 --module engine.finetune --config FILE
+
+The config is a pretraining run config (engine/config.py: [run], [batch], [optim], [schedule],
+[checkpoint], [deepspeed], [model] dropout/kernels) plus a [finetune] section and one [[tasks]] table
+per task:
+
+    [finetune]
+    init = "t5-small-hf/"        # a Hugging Face directory, or one of our checkpoints (run/checkpoints/step_N)
+    method = "full"              # full | adapters | gradual_unfreezing
+    eval_metric = "sst2/accuracy"
+    [[tasks]]
+    name = "sst2"
+    train = "glue_data/SST-2/train.tsv"   # a file or a data directory (searched with the task's layouts)
+    eval = "glue_data/SST-2/dev.tsv"
+
+Every `finetune.eval_every` steps each task's eval examples are decoded (greedy or beam search) and
+scored; the scores go to metrics.jsonl and the best model by `finetune.eval_metric` is written to
+RUN_DIR/best (a Hugging Face directory, or the adapter file with adapters) with its scores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import pathlib
+import sys
+import tomllib
+from dataclasses import dataclass, field
+
+import torch
+
+from engine import config as run_config
+from engine.trainer import Trainer
+from models.adapters import GradualUnfreezer
+
+__all__ = ["finetune_main", "FinetuneTrainer", "MixtureBatches", "evaluate_tasks", "parse_finetune_config"]
+
+METHODS = ("full", "adapters", "gradual_unfreezing")
+
+
+@dataclass
+class FinetuneSection:
+    init: str = ""  # Hugging Face directory (config.json + weights) or our checkpoint (run/checkpoints/step_N)
+    tokenizer: str = ""  # SentencePiece model; "" = spiece.model in init (or its tokenizer/ folder)
+    method: str = "full"  # full | adapters | gradual_unfreezing
+    d_adapter: int = 64  # adapters: inner size of each dense-ReLU-dense adapter
+    unfreeze_every: int = 100  # gradual_unfreezing: steps between unfreezing one more block per stack
+    mixture: str = "proportional"  # proportional | temperature | equal (engine/mixtures.py)
+    mixture_limit: int = 0  # examples-proportional limit K; 0 = none
+    temperature: float = 1.0  # temperature mixing: rates ** (1/T), renormalised
+    max_input_length: int = 512  # encoder tokens per example (longer inputs are cut, EOS kept)
+    max_target_length: int = 128
+    eval_every: int = 100  # steps between evaluations (and at the last step)
+    eval_limit: int = 0  # examples per task per evaluation; 0 = all
+    eval_metric: str = ""  # "task/metric" that picks the best model; "" = the first score reported
+    eval_batch_size: int = 32
+    eval_max_length: int = 0  # tokens generated at evaluation; 0 = max_target_length
+    num_beams: int = 1  # evaluation decoding: 1 = greedy; beams use T5X's length penalty, alpha 0.6
+
+
+@dataclass
+class TaskEntry:
+    name: str = ""  # a registered task (engine/tasks)
+    train: list[str] = field(default_factory=list)  # files or data directories; empty = eval only
+    eval: list[str] = field(default_factory=list)
+    train_split: str = "train"  # split looked up when `train` is a directory
+    eval_split: str = "validation"
+    limit: int = 0  # training examples used; 0 = all
+
+
+def _set_dataclass(obj, table: dict, where: str, prefix: str) -> None:
+    types = run_config._field_types(type(obj))
+    for key, value in table.items():
+        if key not in types:
+            raise ValueError(f"{where}unknown config key '{prefix}{key}' (keys: {', '.join(types)})")
+        if types[key] == list[str] and isinstance(value, str):
+            value = [value]
+        setattr(obj, key, run_config._convert(f"{prefix}{key}", value, types[key], where))
+
+
+def parse_finetune_config(argv: list[str]):
+    """(RunConfig, FinetuneSection, [TaskEntry]) from `--config FILE`s and `--section.key VALUE`s.
+    [finetune] and [[tasks]] are read here; every other section is the pretraining run config's."""
+    from engine.tasks import get_task
+
+    configs, overrides = run_config.parse_overrides(argv)
+    cfg, ft, tasks = run_config.RunConfig(), FinetuneSection(), []
+    cfg.run.dir, cfg.run.demo = "runs/finetune", False
+    cfg.schedule.name, cfg.optim.lr = "constant", 1e-3  # T5 fine-tunes at a constant 1e-3 (Adafactor)
+    for path in configs:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: invalid TOML: {err}") from None
+        where = f"{path}: "
+        _set_dataclass(ft, doc.pop("finetune", {}), where, "finetune.")
+        entries = doc.pop("tasks", [])
+        if entries:
+            tasks = []
+        for number, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+            task = TaskEntry()
+            _set_dataclass(task, entry, where, f"tasks[{number}].")
+            tasks.append(task)
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"{where}top-level key '{section}' must be a [section] table")
+            for key, value in table.items():
+                run_config._set(cfg, f"{section}.{key}", value, where)
+    for key, words in overrides:
+        if key.startswith("finetune."):
+            _set_dataclass(ft, {key.split(".", 1)[1]: words if len(words) > 1 else words[0]}, "", "finetune.")
+        else:
+            run_config._set(cfg, key, words)
+    run_config.validate(cfg)
+    if not ft.init:
+        raise ValueError("config key 'finetune.init': a pretrained model directory is required")
+    if ft.method not in METHODS:
+        raise ValueError(f"config key 'finetune.method': {ft.method!r} is not one of {', '.join(METHODS)}")
+    for key in ("d_adapter", "unfreeze_every", "max_input_length", "max_target_length", "eval_every",
+                "eval_batch_size", "num_beams"):
+        if getattr(ft, key) < 1:
+            raise ValueError(f"config key 'finetune.{key}': must be >= 1, got {getattr(ft, key)}")
+    ft.eval_max_length = ft.eval_max_length or ft.max_target_length
+    if not tasks:
+        raise ValueError("config: no [[tasks]] table (each needs name = ... and train = ...)")
+    for number, task in enumerate(tasks):
+        try:
+            get_task(task.name)
+        except ValueError as err:
+            raise ValueError(f"config key 'tasks[{number}].name': {err}") from None
+    return cfg, ft, tasks
+
+
+def load_init_model(ft: FinetuneSection, cfg):
+    """The starting model and its tokenizer file: a Hugging Face directory, or one of our local-engine
+    checkpoints (model.safetensors + trainer state holding the run config, tokenizer/ next to it)."""
+    from engine import checkpoint as ckpt
+    from models.checkpoint import from_pretrained
+    from models.t5 import T5ForConditionalGeneration
+
+    init = pathlib.Path(ft.init)
+    if not init.is_dir():
+        raise FileNotFoundError(f"config key 'finetune.init': directory not found: {init}")
+    if (init / "checkpoints").is_dir():  # a run directory: its latest checkpoint
+        latest = ckpt.latest_checkpoint(init / "checkpoints")
+        if latest is None:
+            raise FileNotFoundError(f"config key 'finetune.init': {init}/checkpoints has no complete checkpoint")
+        init = latest
+    tokenizer_candidates = [pathlib.Path(ft.tokenizer)] if ft.tokenizer else \
+        [init / "spiece.model", *sorted((init / "tokenizer").glob("*.model"))]
+    tokenizer_file = next((p for p in tokenizer_candidates if p.is_file()), None)
+    if tokenizer_file is None:
+        raise FileNotFoundError(f"config key 'finetune.tokenizer': no tokenizer found "
+                                f"(looked for {', '.join(map(str, tokenizer_candidates))})")
+    overrides = {"kernel_backend": cfg.model.kernel_backend, "gradient_checkpointing": cfg.model.gradient_checkpointing}
+    if cfg.model.dropout_rate >= 0:
+        overrides["dropout_rate"] = cfg.model.dropout_rate
+    if (init / "config.json").is_file():
+        return from_pretrained(init, **overrides), str(tokenizer_file)
+    if (init / "model.safetensors").is_file():
+        from safetensors.torch import load_model
+
+        from engine.train import build_model_config
+        from engine.tokenizer import Tokenizer
+
+        saved = run_config.config_from_dict(ckpt.load_trainer_state(init)["config"])
+        saved.model.kernel_backend = cfg.model.kernel_backend
+        saved.model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        if cfg.model.dropout_rate >= 0:
+            saved.model.dropout_rate = cfg.model.dropout_rate
+        model = T5ForConditionalGeneration(build_model_config(saved, Tokenizer(tokenizer_file).vocab_size))
+        load_model(model, str(init / "model.safetensors"))
+        return model, str(tokenizer_file)
+    raise FileNotFoundError(f"config key 'finetune.init': {init} has neither config.json (Hugging Face) nor "
+                            "model.safetensors (our checkpoint; export DeepSpeed runs with `t5forge export`)")
+
+
+class MixtureBatches:
+    """Micro-batches drawn from a task mixture; resumable (the mixture's state is the data state)."""
+
+    def __init__(self, mixture, micro_batch_size: int, pad_id: int = 0):
+        self.mixture = mixture
+        self.micro_batch_size = micro_batch_size
+        self.pad_id = pad_id
+
+    def __iter__(self):
+        from engine.mixtures import collate
+
+        stream = iter(self.mixture)
+        while True:
+            examples = [example for _, example in itertools.islice(stream, self.micro_batch_size)]
+            yield collate(examples, pad_id=self.pad_id)
+
+    def state_dict(self) -> dict:
+        return self.mixture.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.mixture.load_state_dict(state)
+
+
+@torch.no_grad()
+def evaluate_tasks(model, tokenizer, eval_sets, *, batch_size: int, max_input_length: int, max_length: int,
+                   num_beams: int = 1, device=None) -> dict[str, float]:
+    """{"task/metric": score} for each (task, examples) in `eval_sets`, decoding with our generation."""
+    from models.generation import generate
+
+    device = device or next(model.parameters()).device
+    scores: dict[str, float] = {}
+    for task, examples in eval_sets:
+        outputs: list[str] = []
+        # Sorted by length so a batch pads little; outputs are put back in order.
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].inputs))
+        texts = [examples[i].inputs for i in order]
+        decoded: list[str] = [""] * len(examples)
+        for start in range(0, len(texts), batch_size):
+            ids = tokenizer.encode_batch(texts[start:start + batch_size], add_eos=True)
+            ids = [x if len(x) <= max_input_length else x[: max_input_length - 1] + [x[-1]] for x in ids]
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+            out = generate(model, input_ids, mask, max_length=max_length, num_beams=num_beams)
+            for row, seq in enumerate(out.sequences.tolist()):
+                outputs.append(tokenizer.decode(_until_eos(seq, tokenizer.eos_id), skip_special=True))
+        for position, index in enumerate(order):
+            decoded[index] = outputs[position]
+        for metric, value in task.evaluate(examples, decoded).items():
+            scores[f"{task.name}/{metric}"] = value
+    return scores
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+class FinetuneTrainer(Trainer):
+    """The pretraining Trainer plus what fine-tuning adds around each step: the unfreezing schedule
+    before it, evaluation and best-model keeping after it. The step itself is the Trainer's."""
+
+    def __init__(self, cfg, engine, data, *, ft: FinetuneSection, tokenizer, eval_sets, unfreezer=None,
+                 best_writer=None, **kwargs):
+        super().__init__(cfg, engine, data, **kwargs)
+        self.ft = ft
+        self.tokenizer = tokenizer
+        self.eval_sets = eval_sets
+        self.unfreezer = unfreezer
+        self.best_writer = best_writer
+        self.best_score: float | None = None
+        self.best_step = 0
+        self.eval_history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_score": self.best_score, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.best_score, self.best_step = state.get("best_score"), state.get("best_step", 0)
+
+    def train_step(self) -> dict:
+        if self.unfreezer is not None:
+            self.unfreezer.apply(self.step)
+        metrics = super().train_step()
+        last = self.step == self.cfg.run.max_steps
+        if self.eval_sets and (self.step % self.ft.eval_every == 0 or last):
+            self.evaluate()
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        model = self.engine.module
+        was_training = model.training
+        scores = evaluate_tasks(model, self.tokenizer, self.eval_sets, batch_size=self.ft.eval_batch_size,
+                                max_input_length=self.ft.max_input_length, max_length=self.ft.eval_max_length,
+                                num_beams=self.ft.num_beams, device=self.device)
+        model.train(was_training)
+        metric = self.ft.eval_metric or next(iter(scores))
+        if metric not in scores:
+            raise ValueError(f"config key 'finetune.eval_metric': {metric!r} is not reported; "
+                             f"available: {', '.join(scores)}")
+        record = {"step": self.step, **{f"eval/{k}": v for k, v in scores.items()}}
+        self.eval_history.append(record)
+        self.logger.log(record)
+        if self.best_score is None or scores[metric] > self.best_score:
+            self.best_score, self.best_step = scores[metric], self.step
+            if self.is_main and self.best_writer is not None:
+                self.best_writer(model, {"step": self.step, "metric": metric, "scores": scores})
+        return scores
+
+
+def _best_writer(run_dir: pathlib.Path, method: str, tokenizer_file: str):
+    """Writes RUN_DIR/best: a Hugging Face directory (full / unfreezing) or the adapters alone."""
+    import shutil
+
+    from models.adapters import save_adapters
+    from models.checkpoint import save_pretrained
+
+    def write(model, info: dict) -> None:
+        tmp, best = run_dir / "best.tmp", run_dir / "best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if method == "adapters":
+            save_adapters(model, tmp / "adapters.safetensors")
+        else:
+            save_pretrained(model, tmp)
+        shutil.copy2(tokenizer_file, tmp / "spiece.model")
+        (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.rename(best)  # never a half-written best/
+
+    return write
+
+
+def build_finetune(argv: list[str]):
+    """Everything a fine-tuning run needs, from argv; returns (trainer, summary line)."""
+    from engine.engines import build_engine, choose_engine
+    from engine.mixtures import Mixture, text_task_source
+    from engine.optim import build_optimizer
+    from engine.tasks import get_task
+    from engine.tokenizer import Tokenizer
+    from engine.train import pick_device, seed_everything, set_threads
+    from models.adapters import add_adapters, freeze_for_adapters
+
+    cfg, ft, tasks = parse_finetune_config(argv)
+    device = pick_device(cfg)
+    set_threads(cfg)
+    kind = choose_engine(cfg, device)
+    if kind == "deepspeed" and cfg.deepspeed.zero_stage == 3 and any(t.eval for t in tasks):
+        raise ValueError("config key 'deepspeed.zero_stage': evaluation by generation needs whole parameters; "
+                         "use ZeRO 0-2 for fine-tuning with [[tasks]] eval files")
+    seed_everything(cfg.run.seed)
+    model, tokenizer_file = load_init_model(ft, cfg)
+    tokenizer = Tokenizer(tokenizer_file)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"config key 'finetune.tokenizer': {tokenizer.vocab_size} ids do not fit the model's "
+                         f"vocabulary of {model.config.vocab_size}")
+    unfreezer = None
+    if ft.method == "adapters":
+        add_adapters(model, ft.d_adapter)
+        trainable, total = freeze_for_adapters(model)
+    elif ft.method == "gradual_unfreezing":
+        unfreezer = GradualUnfreezer(model, ft.unfreeze_every, mask_gradients=kind == "deepspeed")
+        unfreezer.apply(0)
+    params = [p for p in model.parameters() if p.requires_grad] if ft.method == "adapters" else model.parameters()
+    optimizer = build_optimizer(params, cfg.optim)
+    engine = build_engine(kind, model, optimizer, cfg, device)
+    seed_everything(cfg.run.seed + 1000 * (engine.rank + 1))
+    sources = [text_task_source(get_task(t.name), t.train, t.train_split, tokenizer, ft.max_input_length,
+                                ft.max_target_length, limit=t.limit or None) for t in tasks if t.train]
+    if not sources:
+        raise ValueError("[[tasks]]: no task has a 'train' file")
+    mixture = Mixture(sources, ft.mixture, ft.mixture_limit or None, ft.temperature, seed=cfg.run.seed + engine.rank)
+    data = MixtureBatches(mixture, cfg.batch.micro_batch_size)
+    eval_sets = [(get_task(t.name), list(get_task(t.name).examples(t.eval, t.eval_split, ft.eval_limit or None)))
+                 for t in tasks if t.eval]
+    flops = model.config.flops_per_token(ft.max_input_length, ft.max_target_length)
+    trainer = FinetuneTrainer(cfg, engine, data, ft=ft, tokenizer=tokenizer, eval_sets=eval_sets, unfreezer=unfreezer,
+                              best_writer=_best_writer(pathlib.Path(cfg.run.dir), ft.method, tokenizer_file),
+                              flops_per_token=flops, tokenizer_file=tokenizer_file, device=device)
+    rates = ", ".join(f"{name} {rate:.2f}" for name, rate in mixture.rates.items())
+    counted = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary = (f"t5forge finetune: {ft.method} from {ft.init} ({model.num_parameters() / 1e6:.1f}M parameters, "
+               f"{counted / 1e6:.2f}M trainable at start), mixture {rates}, {type(engine).__name__}")
+    return trainer, summary
+
+
+def finetune_main(argv: list[str]) -> int:
+    from engine.train import _strip_launcher_args
+    from engine.trainer import NonFiniteLossError
+
+    argv = _strip_launcher_args(list(argv))
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        trainer, summary = build_finetune(argv)
+        resumed = trainer.resume()
+        if trainer.is_main:
+            print(summary + (f", resuming at step {trainer.step}" if resumed else ""), file=sys.stderr)
+        result = trainer.train()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"t5forge finetune: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"t5forge finetune: {err}", file=sys.stderr)
+        return 1
+    if trainer.is_main:
+        first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"),) * 2
+        best = (f"; best {trainer.ft.eval_metric or 'score'} {trainer.best_score:.2f} at step {trainer.best_step} "
+                f"in {trainer.run_dir / 'best'}") if trainer.best_score is not None else ""
+        print(f"t5forge finetune: done at step {result.step} (loss {first:.3f} -> {last:.3f}){best}", file=sys.stderr)
+    trainer.engine.close()
+    return 0
+
+
+if __name__ == "__main__":  # `deepspeed --module engine.finetune --config FILE`
+    sys.exit(finetune_main(sys.argv[1:]))
