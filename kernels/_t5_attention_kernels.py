@@ -23,12 +23,15 @@ _BIG = 1 << 30
 
 
 @triton.jit
-def _visible(qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix,
-             CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
-    """Boolean visibility for broadcastable query-side (qi, qpos, qseg) and key-side operands.
+def _tile_mask_and_index(qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix, D_MAX,
+                         CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
+    """Visibility of a tile and its index into the bias/bucket tables, from broadcastable query-side
+    (qi, qpos, qseg) and key-side operands.
 
-    Callers pass row/column-expanded vectors, so the same code serves the [M, N] forward orientation and
-    the transposed [N, M] orientation of the dk/dv kernel.
+    Callers pass row/column-expanded vectors, so the same code serves the [M, N] orientation and the
+    transposed [N, M] one of the dk/dv kernel. The index is the relative position clamped to
+    [-D_MAX, D_MAX] and shifted to be >= 0 (never a negative index). One helper, not two: under the
+    interpreter every device-function call re-patches triton.language, which dominates the test time.
     """
     vis = (qi < Lq) & (kj < Lk)
     if CAUSAL:
@@ -38,7 +41,8 @@ def _visible(qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix,
         vis = vis & ok
     if HAS_SEG:
         vis = vis & (qseg == kseg) & (kseg != 0)
-    return vis
+    rel = tl.minimum(tl.maximum(kpos - qpos, -D_MAX), D_MAX)
+    return vis, rel + D_MAX
 
 
 @triton.jit
@@ -66,14 +70,6 @@ def _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start
             after = after & (start_n >= prefix)
         empty = empty | after
     return empty
-
-
-@triton.jit
-def _rel_index(qpos, kpos, D_MAX):
-    """Index into the bias/bucket tables: the relative position clamped to [-D_MAX, D_MAX], shifted >= 0."""
-    rel = kpos - qpos
-    rel = tl.minimum(tl.maximum(rel, -D_MAX), D_MAX)
-    return rel + D_MAX
 
 
 @triton.jit
@@ -150,11 +146,11 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
             s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+            vis, idx = _tile_mask_and_index(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None],
+                                            kpos[None, :], qseg[:, None], kseg[None, :], prefix, D_MAX,
+                                            CAUSAL, HAS_PREFIX, HAS_SEG)
             if HAS_BIAS:
-                idx = _rel_index(qpos[:, None], kpos[None, :], D_MAX)
                 s += tl.load(BIAS_LUT + h * stride_lut_h + idx)
-            vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :],
-                           qseg[:, None], kseg[None, :], prefix, CAUSAL, HAS_PREFIX, HAS_SEG)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -285,11 +281,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
             lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=0.0)
             delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Lq, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # [N, M]
+            vis, idx = _tile_mask_and_index(offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :],
+                                            kpos[:, None], qseg[None, :], kseg[:, None], prefix, D_MAX,
+                                            CAUSAL, HAS_PREFIX, HAS_SEG)
             if HAS_BIAS:
-                idx = _rel_index(qpos[None, :], kpos[:, None], D_MAX)
                 st += tl.load(BIAS_LUT + h * stride_lut_h + idx)
-            vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :], kpos[:, None],
-                           qseg[None, :], kseg[:, None], prefix, CAUSAL, HAS_PREFIX, HAS_SEG)
             pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -297,10 +293,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
             dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
             if BIAS_GRAD:
                 bucket = tl.load(BUCKET_LUT + idx)
-                b_lo = tl.min(tl.min(tl.where(vis, bucket, NB_PAD), 1), 0)
-                b_hi = tl.max(tl.max(tl.where(vis, bucket, -1), 1), 0)
+                b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
+                b_hi = tl.max(tl.where(vis, bucket, -1))
                 for bk in range(b_lo, b_hi + 1):
-                    part = tl.sum(tl.sum(tl.where(bucket == bk, dst, 0.0), 1), 0)
+                    part = tl.sum(tl.where(bucket == bk, dst, 0.0))
                     dbias += tl.where(offs_bk == bk, part, 0.0)
 
     dk_ptrs = DK + b64 * stride_dkb + h64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -394,11 +390,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BIAS_LUT, QPOS, KPOS, QSEG, KSEG
                 k = k.to(tl.float32)
                 vt = vt.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            vis, idx = _tile_mask_and_index(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None],
+                                            kpos[None, :], qseg[:, None], kseg[None, :], prefix, D_MAX,
+                                            CAUSAL, HAS_PREFIX, HAS_SEG)
             if HAS_BIAS:
-                idx = _rel_index(qpos[:, None], kpos[None, :], D_MAX)
                 s += tl.load(BIAS_LUT + h * stride_lut_h + idx)
-            vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :],
-                           qseg[:, None], kseg[None, :], prefix, CAUSAL, HAS_PREFIX, HAS_SEG)
             p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
             ds = p * (dp - delta[:, None])

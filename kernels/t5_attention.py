@@ -50,15 +50,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Tile edge under TRITON_INTERPRET=1: small enough that ragged test lengths span several tiles, large
+# enough that the interpreter's per-tile overhead stays low (tests may lower it to 16).
+_INTERPRET_BLOCK = 32
+
+
 def _blocks(head_dim: int, q_len: int) -> _Blocks:
-    """Tile sizes. Under the interpreter small tiles keep ragged lengths multi-tile and the CPU fast.
+    """Tile sizes per kernel.
 
     GPU values follow the Triton flash-attention tutorial's H100 picks for d=64/128 (BLOCK_M 128 x BLOCK_N
     64 forward, 64 x 64 backward since it also holds dk, dv and the bucket partials); not yet tuned here
     (no GPU in the session that wrote this): benchmarks/kernels/bench_attention.py measures them.
     """
     if _interpreting():
-        return _Blocks(16, 16, 16, 16, 16, 16, 1, 1)
+        n = _INTERPRET_BLOCK
+        return _Blocks(n, n, n, n, n, n, 1, 1)
     # A short query block (decoding: Lq = 1) must not pay for 128 rows; tl.dot needs >= 16.
     fwd_m = max(16, min(128, triton.next_power_of_2(q_len)))
     if head_dim <= 64:
