@@ -210,34 +210,15 @@ class MixtureBatches:
 def evaluate_tasks(model, tokenizer, eval_sets, *, batch_size: int, max_input_length: int, max_length: int,
                    num_beams: int = 1, device=None) -> dict[str, float]:
     """{"task/metric": score} for each (task, examples) in `eval_sets`, decoding with our generation."""
-    from models.generation import generate
+    from engine.generate import generate_texts
 
-    device = device or next(model.parameters()).device
     scores: dict[str, float] = {}
     for task, examples in eval_sets:
-        outputs: list[str] = []
-        # Sorted by length so a batch pads little; outputs are put back in order.
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].inputs))
-        texts = [examples[i].inputs for i in order]
-        decoded: list[str] = [""] * len(examples)
-        for start in range(0, len(texts), batch_size):
-            ids = tokenizer.encode_batch(texts[start:start + batch_size], add_eos=True)
-            ids = [x if len(x) <= max_input_length else x[: max_input_length - 1] + [x[-1]] for x in ids]
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-            out = generate(model, input_ids, mask, max_length=max_length, num_beams=num_beams)
-            for row, seq in enumerate(out.sequences.tolist()):
-                outputs.append(tokenizer.decode(_until_eos(seq, tokenizer.eos_id), skip_special=True))
-        for position, index in enumerate(order):
-            decoded[index] = outputs[position]
-        for metric, value in task.evaluate(examples, decoded).items():
+        outputs = generate_texts(model, tokenizer, [e.inputs for e in examples], batch_size=batch_size,
+                                 max_input_length=max_input_length, max_length=max_length, num_beams=num_beams)
+        for metric, value in task.evaluate(examples, outputs).items():
             scores[f"{task.name}/{metric}"] = value
     return scores
-
-
-def _until_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
 class FinetuneTrainer(Trainer):

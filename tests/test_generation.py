@@ -122,3 +122,29 @@ def test_bad_arguments():
         generate(ours, ids, mask, num_beams=0)
     with pytest.raises(ValueError, match="max_length must be at least 1"):
         generate(ours, ids, mask, max_length=0)
+
+
+def test_generate_cli_arguments_file_and_stdin(tmp_path, capsys, monkeypatch):
+    import io
+
+    from conftest import shared_file
+    from engine.generate import generate_main
+
+    tokenizer = shared_file("tokenizers/seqio_test_t5ids_26pieces.model")
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                num_heads=4, kernel_backend="torch"))
+    model.save_pretrained(tmp_path / "m")
+    base = ["--model", str(tmp_path / "m"), "--tokenizer", str(tokenizer), "--max-length", "5"]
+    texts = ["the sea", "snow at the coast is rare", "wind"]
+    assert generate_main(base + texts) == 0
+    from_args = capsys.readouterr().out.splitlines()
+    assert len(from_args) == 3
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    assert generate_main(base + ["--file", str(tmp_path / "in.txt"), "--batch-size", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == from_args  # order kept across length-sorted batches
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts)))
+    assert generate_main(base + ["--num-beams", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert generate_main(base + ["--file", str(tmp_path / "missing.txt")]) == 2
+    assert "--file: not found" in capsys.readouterr().err
