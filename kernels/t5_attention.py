@@ -31,7 +31,7 @@ except ImportError:  # the references below still work without triton
     _k = None
 
 _LOG2E = 1.4426950408889634
-_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -244,8 +244,8 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"t5_attention: q, k, v must share one of float16/bfloat16/float32; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
-    if D not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"t5_attention: head dim {D} unsupported; expected one of {_SUPPORTED_HEAD_DIMS}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"t5_attention: head dim {D} unsupported; expected one of {SUPPORTED_HEAD_DIMS}")
     if q_offset < 0:
         raise ValueError(f"t5_attention: q_offset must be >= 0, got {q_offset}")
     if bias_table is not None:
