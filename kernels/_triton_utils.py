@@ -31,6 +31,21 @@ except ImportError:  # the references still work; kernels raise if called
     tl = types.SimpleNamespace(constexpr=object)
 
 
+@triton.jit
+def cast_to(x, DTYPE: tl.constexpr, RNE_BF16: tl.constexpr):
+    """`x.to(DTYPE)`, rounding to nearest even for bf16 when RNE_BF16 (pass `is_interpreter()`).
+
+    The interpreter converts fp32 -> bf16 by truncation (seen with triton 3.9, `fp_downcast_rounding`
+    ignored), one bf16 ulp off where the GPU rounds to nearest; emulate the rounding there on the bits.
+    """
+    if RNE_BF16:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
 def is_interpreter() -> bool:
     """True when Triton runs kernels on the CPU (must be set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import check_device, is_interpreter, tl, triton
+from ._triton_utils import cast_to, check_device, is_interpreter, tl, triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = ("gelu_tanh", "relu")
@@ -55,7 +55,7 @@ def _act_grad(h, ACT_GELU: tl.constexpr):
 
 @triton.jit
 def _gate_fwd_kernel(H, G, stride_h, stride_g, n_rows, n_cols, GATED: tl.constexpr, ACT_GELU: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # h row = [a | b] (2 * n_cols) when GATED, [a] otherwise; g = act(a) * b  or  act(a).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,13 +64,14 @@ def _gate_fwd_kernel(H, G, stride_h, stride_g, n_rows, n_cols, GATED: tl.constex
     g = _act(tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32), ACT_GELU)
     if GATED:
         g = g * tl.load(h_ptrs + n_cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(G + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
+    g_ptrs = G + rows.to(tl.int64)[:, None] * stride_g + cols[None, :]
+    tl.store(g_ptrs, cast_to(g, G.dtype.element_ty, RNE_BF16), mask=mask)
 
 
 @triton.jit
 def _gate_bwd_kernel(H, DG, DH, G, stride_h, stride_dg, stride_dh, stride_g, n_rows, n_cols,
                      GATED: tl.constexpr, ACT_GELU: tl.constexpr, STORE_G: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Recomputes act(a) from the saved pre-activation instead of storing it in forward.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,14 +84,14 @@ def _gate_bwd_kernel(H, DG, DH, G, stride_h, stride_dg, stride_dh, stride_g, n_r
     act_a = _act(a, ACT_GELU)
     if GATED:
         b = tl.load(h_ptrs + n_cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dh_ptrs, (dg * b * _act_grad(a, ACT_GELU)).to(DH.dtype.element_ty), mask=mask)
-        tl.store(dh_ptrs + n_cols, (dg * act_a).to(DH.dtype.element_ty), mask=mask)
+        tl.store(dh_ptrs, cast_to(dg * b * _act_grad(a, ACT_GELU), DH.dtype.element_ty, RNE_BF16), mask=mask)
+        tl.store(dh_ptrs + n_cols, cast_to(dg * act_a, DH.dtype.element_ty, RNE_BF16), mask=mask)
         g = act_a * b
     else:
-        tl.store(dh_ptrs, (dg * _act_grad(a, ACT_GELU)).to(DH.dtype.element_ty), mask=mask)
+        tl.store(dh_ptrs, cast_to(dg * _act_grad(a, ACT_GELU), DH.dtype.element_ty, RNE_BF16), mask=mask)
         g = act_a
     if STORE_G:
-        tl.store(G + rows64 * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
+        tl.store(G + rows64 * stride_g + cols[None, :], cast_to(g, G.dtype.element_ty, RNE_BF16), mask=mask)
 
 
 def _up_configs():
@@ -107,6 +108,7 @@ def _up_configs():
 def _ffn_up_kernel(X, W, G, H, DG, DH, M, N, K, stride_xm, stride_wn, stride_gm, stride_hm, stride_dgm,
                    stride_dhm, GATED: tl.constexpr, ACT_GELU: tl.constexpr, BACKWARD: tl.constexpr,
                    STORE_G: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   RNE_BF16: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Program -> output tile, in bands of GROUP_M row tiles so that consecutive programs share weight tiles
     # in L2 (the weight is the large operand re-read by every row band).
@@ -155,20 +157,22 @@ def _ffn_up_kernel(X, W, G, H, DG, DH, M, N, K, stride_xm, stride_wn, stride_gm,
     else:
         g = act_a
     if STORE_G:
-        tl.store(G + rm64[:, None] * stride_gm + rn[None, :], g.to(G.dtype.element_ty), mask=mask)
+        tl.store(G + rm64[:, None] * stride_gm + rn[None, :], cast_to(g, G.dtype.element_ty, RNE_BF16), mask=mask)
     if BACKWARD:
         dg = tl.load(DG + rm64[:, None] * stride_dgm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         dh_ptrs = DH + rm64[:, None] * stride_dhm + rn[None, :]
         if GATED:
-            tl.store(dh_ptrs, (dg * acc_b * _act_grad(acc_a, ACT_GELU)).to(DH.dtype.element_ty), mask=mask)
-            tl.store(dh_ptrs + N, (dg * act_a).to(DH.dtype.element_ty), mask=mask)
+            da = dg * acc_b * _act_grad(acc_a, ACT_GELU)
+            tl.store(dh_ptrs, cast_to(da, DH.dtype.element_ty, RNE_BF16), mask=mask)
+            tl.store(dh_ptrs + N, cast_to(dg * act_a, DH.dtype.element_ty, RNE_BF16), mask=mask)
         else:
-            tl.store(dh_ptrs, (dg * _act_grad(acc_a, ACT_GELU)).to(DH.dtype.element_ty), mask=mask)
+            da = dg * _act_grad(acc_a, ACT_GELU)
+            tl.store(dh_ptrs, cast_to(da, DH.dtype.element_ty, RNE_BF16), mask=mask)
     elif STORE_H:
         h_ptrs = H + rm64[:, None] * stride_hm + rn[None, :]
-        tl.store(h_ptrs, acc_a.to(H.dtype.element_ty), mask=mask)
+        tl.store(h_ptrs, cast_to(acc_a, H.dtype.element_ty, RNE_BF16), mask=mask)
         if GATED:
-            tl.store(h_ptrs + N, acc_b.to(H.dtype.element_ty), mask=mask)
+            tl.store(h_ptrs + N, cast_to(acc_b, H.dtype.element_ty, RNE_BF16), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -185,7 +189,7 @@ def _gate_fwd(h: torch.Tensor, gated: bool, act_gelu: bool) -> torch.Tensor:
     if g.numel():
         bm, bn, warps = _gate_blocks(n_cols)
         _gate_fwd_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
-            h, g, h.stride(0), g.stride(0), n_rows, n_cols, GATED=gated, ACT_GELU=act_gelu,
+            h, g, h.stride(0), g.stride(0), n_rows, n_cols, GATED=gated, ACT_GELU=act_gelu, RNE_BF16=is_interpreter(),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return g
 
@@ -201,7 +205,8 @@ def _gate_bwd(h: torch.Tensor, dg: torch.Tensor, gated: bool, act_gelu: bool, st
         g_arg = g if g is not None else dh
         _gate_bwd_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
             h, dg, dh, g_arg, h.stride(0), dg.stride(0), dh.stride(0), g_arg.stride(0), n_rows, n_cols,
-            GATED=gated, ACT_GELU=act_gelu, STORE_G=store_g, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+            GATED=gated, ACT_GELU=act_gelu, STORE_G=store_g, RNE_BF16=is_interpreter(), BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=warps)
     return dh, g
 
 
@@ -238,7 +243,8 @@ def _ffn_up(x: torch.Tensor, wi: torch.Tensor, gated: bool, act_gelu: bool, *, s
         x, wi, g_arg, h_arg, dg_arg, h_arg, m, n, k, x.stride(0), wi.stride(0), g_arg.stride(0),
         h_arg.stride(0), dg_arg.stride(0), h_arg.stride(0), GATED=gated, ACT_GELU=act_gelu,
         BACKWARD=backward, STORE_G=store_g, STORE_H=store_h and not backward,
-        UPCAST=x.dtype == torch.bfloat16 and is_interpreter(), DOT_PRECISION=_dot_precision(x.dtype))
+        UPCAST=x.dtype == torch.bfloat16 and is_interpreter(), DOT_PRECISION=_dot_precision(x.dtype),
+        RNE_BF16=is_interpreter())
     return (h, g) if backward else (g, h)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import check_device, is_interpreter, num_programs_persistent, tl, triton
+from ._triton_utils import cast_to, check_device, is_interpreter, num_programs_persistent, tl, triton
 
 _MAX_WIDTH = 65536  # one row must fit one program's registers (T5 widths are <= 4096)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -25,7 +25,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _rms_norm_fwd_kernel(X, R, W, Y, S, RSTD, stride_x, stride_r, stride_y, stride_s, n_rows, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, HALF_WEIGHT: tl.constexpr,
+                         HAS_RESIDUAL: tl.constexpr, HALF_WEIGHT: tl.constexpr, RNE_BF16: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -37,7 +37,7 @@ def _rms_norm_fwd_kernel(X, R, W, Y, S, RSTD, stride_x, stride_r, stride_y, stri
     if HAS_RESIDUAL:
         r = tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0)
         # Round the sum to the stream's dtype BEFORE normalising, exactly as `rms_norm(x + residual)` does.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        x = cast_to(x.to(tl.float32) + r.to(tl.float32), S.dtype.element_ty, RNE_BF16)
         tl.store(S + rows64 * stride_s + cols[None, :], x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
@@ -45,13 +45,14 @@ def _rms_norm_fwd_kernel(X, R, W, Y, S, RSTD, stride_x, stride_r, stride_y, stri
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = xf * rstd[:, None]
     if HALF_WEIGHT:  # T5 casts the normalised x to the half weight dtype before the multiply
-        y = y.to(W.dtype.element_ty).to(tl.float32)
-    tl.store(Y + rows64 * stride_y + cols[None, :], (y * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+        y = cast_to(y, W.dtype.element_ty, RNE_BF16).to(tl.float32)
+    tl.store(Y + rows64 * stride_y + cols[None, :], cast_to(y * w[None, :], Y.dtype.element_ty, RNE_BF16), mask=mask)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL, stride_dy, stride_x, stride_ds, stride_dx,
                          n_rows, n_cols, HAS_DY: tl.constexpr, HAS_DS: tl.constexpr, HALF_WEIGHT: tl.constexpr,
+                         RNE_BF16: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w;  dw = sum_rows dy * x_hat.
     pid = tl.program_id(0)
@@ -72,7 +73,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL, stride_dy, stride_x
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
             x_hat = x * rstd[:, None]
             if HALF_WEIGHT:  # the weight multiplied the rounded x_hat in forward
-                dw_acc += dy * x_hat.to(W.dtype.element_ty).to(tl.float32)
+                dw_acc += dy * cast_to(x_hat, W.dtype.element_ty, RNE_BF16).to(tl.float32)
             else:
                 dw_acc += dy * x_hat
             g = dy * w[None, :]
@@ -80,7 +81,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL, stride_dy, stride_x
             dx = (g - x_hat * c[:, None]) * rstd[:, None]
         if HAS_DS:  # gradient reaching the residual stream s directly (add_rms_norm)
             dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows64 * stride_dx + cols[None, :], cast_to(dx, DX.dtype.element_ty, RNE_BF16), mask=mask)
     tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
 
@@ -133,7 +134,7 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor 
         _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
             x2, r2, weight, y, s_arg, rstd, x2.stride(0), r2.stride(0), y.stride(0), s_arg.stride(0),
             n_rows, n_cols, eps, HAS_RESIDUAL=residual is not None,
-            HALF_WEIGHT=weight.dtype in (torch.float16, torch.bfloat16),
+            HALF_WEIGHT=weight.dtype in (torch.float16, torch.bfloat16), RNE_BF16=is_interpreter(),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     shape = x.shape
     return y.view(shape), (None if s is None else s.view(shape)), rstd
@@ -156,7 +157,7 @@ def _rms_norm_bwd(dy: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor
     _rms_norm_bwd_kernel[(grid,)](
         dy2, x2, weight, rstd, ds2, dx, partial, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
         n_rows, n_cols, HAS_DY=dy is not None, HAS_DS=ds is not None,
-        HALF_WEIGHT=weight.dtype in (torch.float16, torch.bfloat16),
+        HALF_WEIGHT=weight.dtype in (torch.float16, torch.bfloat16), RNE_BF16=is_interpreter(),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     # One fixed-order reduction over `grid` fp32 rows (grid depends only on the device and the shape).
     dw = partial.sum(0).to(weight.dtype) if dy is not None else None

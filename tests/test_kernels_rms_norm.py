@@ -17,9 +17,10 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_like_torch(name, ours, torch_lowp, ref64, dtype):
-    """ours vs fp64 within 2x PyTorch's own error in `dtype` (plus a floor of a few ulps of the scale)."""
+    """ours vs fp64 within 2x PyTorch's own error in `dtype`, plus a floor of a few fp32 ulps of the scale
+    (fp32 accumulation order differs from PyTorch's; for half dtypes the 2x term dominates)."""
     scale = ref64.abs().max().item() if ref64.numel() else 0.0
-    floor = 8 * torch.finfo(dtype).eps * (scale + 1.0)
+    floor = 16 * torch.finfo(torch.float32).eps * (scale + 1.0)
     err, base = _err(ours, ref64), _err(torch_lowp, ref64)
     assert err <= 2 * base + floor, f"{name}: error {err:.3e} vs torch {dtype} error {base:.3e} (floor {floor:.1e})"
 
@@ -42,7 +43,8 @@ def test_rms_norm_fwd_bwd_vs_fp64(lead, width, dtype, device):
     x, w = _inputs(lead + (width,), dtype, dtype, device, gen)
     dy = torch.randn(lead + (width,), generator=gen, dtype=torch.float64).to(device)
     outs = {}
-    for name, fn, cast in [("ours", rms_norm, dtype), ("torch", rms_norm_ref, dtype), ("fp64", rms_norm_ref, torch.float64)]:
+    for name, fn, cast in [("ours", rms_norm, dtype), ("torch", rms_norm_ref, dtype),
+                           ("fp64", rms_norm_ref, torch.float64)]:
         xl, wl = _leaves(x.to(cast), w.to(cast))
         y = fn(xl, wl)
         y.backward(dy.to(y.dtype))

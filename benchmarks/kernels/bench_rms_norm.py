@@ -186,7 +186,8 @@ def cli(run: Callable, argv: list[str] | None, description: str) -> int:
     records = run(smoke=args.smoke, out_dir=args.out)
     for r in records:
         print(f"{r['kernel']:>14} {r['provider']:>15} {str(r['shape']):>18} {r['pass']:>8} {r['ms'] or 0:9.4f} ms "
-              f"{r['gbps'] or 0:9.1f} GB/s {r.get('pct_copy_bw') or 0:6.1f}% copy {r.get('tflops') or 0:7.1f} TFLOP/s  peak {r['peak_mem_mb']} MB  "
+              f"{r['gbps'] or 0:9.1f} GB/s {r.get('pct_copy_bw') or 0:6.1f}% copy "
+              f"{r.get('tflops') or 0:7.1f} TFLOP/s  peak {r['peak_mem_mb']} MB  "
               f"saved {r['saved_mb']} MB")
     return 0
 
