@@ -102,7 +102,7 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def _check(name: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
-    check_device(name, x, weight, *(() if residual is None else (residual,)))
+    check_device(f"rms_norm.py {name}", x, weight, *(() if residual is None else (residual,)))
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"kernels/rms_norm.py {name}: weight shape {tuple(weight.shape)} does not match the "
                          f"last dim of x {tuple(x.shape)}")
