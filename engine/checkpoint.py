@@ -145,15 +145,20 @@ def _py_state_from_list(state: list):
     return (version, tuple(internal), gauss)
 
 
-def save_rank_state(directory: pathlib.Path, rank: int, state: dict) -> None:
-    torch.save(state, directory / f"rank_{rank:05d}.pt")
+def save_rank_state(directory: pathlib.Path, rank: int, rng: dict, data: dict) -> None:
+    """RNG states as tensors (`rank_R.pt`); the data-loader state as JSON (`rank_R.data.json`: it holds
+    128-bit generator states that JSON keeps exactly)."""
+    torch.save(rng, directory / f"rank_{rank:05d}.pt")
+    (directory / f"rank_{rank:05d}.data.json").write_text(json.dumps(data), encoding="utf-8")
 
 
-def load_rank_state(directory: pathlib.Path, rank: int) -> dict:
+def load_rank_state(directory: pathlib.Path, rank: int) -> tuple[dict, dict]:
     path = directory / f"rank_{rank:05d}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (was the checkpoint written with a different number of ranks?)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    rng = torch.load(path, map_location="cpu", weights_only=True)
+    data = json.loads((directory / f"rank_{rank:05d}.data.json").read_text(encoding="utf-8"))
+    return rng, data
 
 
 def save_trainer_state(directory: pathlib.Path, state: dict) -> None:

@@ -146,6 +146,8 @@ class DeepSpeedEngine:
         self.base_optimizer = optimizer
         self.amp_dtype = autocast_dtype(cfg)
         ds_config = deepspeed_config(cfg, self.world_size)
+        if cfg.deepspeed.zero_stage == 3:
+            _prepare_zero3(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
         self._fp16 = cfg.deepspeed.precision == "fp16"
@@ -197,6 +199,28 @@ class DeepSpeedEngine:
     def close(self) -> None:
         if self._dist.is_initialized():
             self._dist.barrier()
+
+
+def _prepare_zero3(model: torch.nn.Module) -> None:
+    """Tell ZeRO-3 where T5 uses weights outside the owning module's forward, so they are gathered.
+
+    The FFN and attention modules read their weights directly (the fused / Triton kernels take weight
+    tensors, not Linear calls): make them ZeRO-3 leaf modules, gathered whole on entry. The relative
+    bias tables (owned by block 0, used by the model to build the bias once per stack) and a tied
+    embedding used as the head are external parameters of the top-level model.
+    """
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    leaf_types = {type(m) for m in model.modules() if type(m).__name__ in ("T5DenseReluDense", "T5Attention")}
+    if leaf_types:
+        set_z3_leaf_modules(model, sorted(leaf_types, key=lambda t: t.__name__))
+    for stack_name in ("encoder", "decoder"):
+        stack = getattr(model, stack_name, None)
+        if stack is not None and hasattr(stack, "bias_table"):
+            deepspeed.zero.register_external_parameter(model, stack.bias_table)
+    if getattr(model.config, "tie_word_embeddings", False):
+        deepspeed.zero.register_external_parameter(model, model.shared.weight)
 
 
 def build_engine(kind: str, model, optimizer, cfg: RunConfig, device: torch.device):

@@ -75,7 +75,7 @@ def resolve_data(cfg: RunConfig) -> tuple[list[str], str]:
     if not cfg.data.paths:
         from engine.data import builtin
 
-        paths, tokenizer_file = builtin.builtin_corpus()
+        paths, tokenizer_file = builtin.ensure_builtin()  # made once, cached (see engine/data/builtin.py)
         tokenizer = cfg.data.tokenizer or tokenizer_file
         return [str(p) for p in paths], str(tokenizer)
     files: list[str] = []
@@ -112,10 +112,9 @@ def build_data(cfg: RunConfig, files: list[str], tokenizer, rank: int, world_siz
         if cfg.data.objective in ("span_corruption", "denoise"):
             objective_params["mean_noise_span_length"] = cfg.data.mean_noise_span_length
     return build_pretrain_dataset(
-        paths=files, tokenizer=tokenizer, batch_size=cfg.batch.micro_batch_size,
-        inputs_length=cfg.data.input_length, targets_length=target_length(cfg), objective=cfg.data.objective,
-        objective_params=objective_params, pack=cfg.data.pack, shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.run.seed, rank=rank, world_size=world_size, num_workers=cfg.data.num_workers)
+        files, tokenizer, cfg.data.objective, objective_params, inputs_length=cfg.data.input_length,
+        targets_length=target_length(cfg), batch_size=cfg.batch.micro_batch_size, pack=cfg.data.pack,
+        seed=cfg.run.seed, rank=rank, world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer)
 
 
 def build_model_config(cfg: RunConfig, tokenizer_vocab: int):
@@ -160,7 +159,8 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
     if data is None:
         data = build_data(cfg, files, tokenizer, engine.rank, engine.world_size)
     flops = model_config.flops_per_token(cfg.data.input_length, target_length(cfg))
-    trainer = Trainer(cfg, engine, data, flops_per_token=flops, tokenizer_file=tokenizer_file, device=device)
+    trainer = Trainer(cfg, engine, data, flops_per_token=flops, tokenizer_file=tokenizer_file, device=device,
+                      extra_state={"model_config": model_config.to_hf_dict()})
     return trainer, model_config
 
 

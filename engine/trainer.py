@@ -60,13 +60,15 @@ class Trainer:
     tokens_seen: int
 
     def __init__(self, cfg: RunConfig, engine, data, *, flops_per_token: float = 0.0,
-                 tokenizer_file: str | None = None, device: torch.device | None = None):
+                 tokenizer_file: str | None = None, device: torch.device | None = None,
+                 extra_state: dict | None = None):
         self.cfg = cfg
         self.engine = engine
         self.data = data
         self.device = device or torch.device("cpu")
         self.flops_per_token = flops_per_token
         self.tokenizer_file = tokenizer_file
+        self.extra_state = dict(extra_state or {})  # saved with the trainer state (e.g. the model config)
         self.run_dir = pathlib.Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.is_main = engine.rank == 0
@@ -87,7 +89,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"step": self.step, "skipped_total": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row,
-                "tokens_seen": self.tokens_seen, "world_size": self.engine.world_size, "config": self.cfg.to_dict()}
+                "tokens_seen": self.tokens_seen, "world_size": self.engine.world_size, "config": self.cfg.to_dict(),
+                "engine": type(self.engine).__name__, "zero_stage": self.cfg.deepspeed.zero_stage, **self.extra_state}
 
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.engine.world_size:
@@ -106,7 +109,7 @@ class Trainer:
         self.engine.save(self.ckpt_root, tag)
         tmp.mkdir(parents=True, exist_ok=True)
         data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else {}
-        ckpt.save_rank_state(tmp, self.engine.rank, {"rng": ckpt.rng_state(), "data": data_state})
+        ckpt.save_rank_state(tmp, self.engine.rank, ckpt.rng_state(), data_state)
         if self.is_main:
             ckpt.save_trainer_state(tmp, self.state_dict())
             if self.tokenizer_file:
@@ -129,11 +132,11 @@ class Trainer:
             return False
         self.load_state_dict(ckpt.load_trainer_state(path))
         self.engine.load(self.ckpt_root, path.name)
-        rank_state = ckpt.load_rank_state(path, self.engine.rank)
+        rng, data_state = ckpt.load_rank_state(path, self.engine.rank)
         if hasattr(self.data, "load_state_dict"):
-            self.data.load_state_dict(rank_state["data"])
+            self.data.load_state_dict(data_state)
         self._data_iter = None
-        ckpt.set_rng_state(rank_state["rng"])
+        ckpt.set_rng_state(rng)
         self.logger.truncate_after(self.step)
         self._last_saved_step = self.step
         return True

@@ -1,0 +1,107 @@
+"""`t5forge export RUN_DIR OUT_DIR [--step N]`: a run's checkpoint as a Hugging Face T5 directory.
+
+    t5forge export runs/base hf/t5-base-ours
+    python -c "import transformers; transformers.T5ForConditionalGeneration.from_pretrained('hf/t5-base-ours')"
+
+ZeRO-sharded checkpoints (stages 1-3, any number of ranks) are consolidated to fp32 with DeepSpeed's own
+`deepspeed.utils.zero_to_fp32`; local-engine checkpoints hold the whole model already. The output has
+`config.json`, safetensors weights (Hugging Face names: the fused gated-FFN weight is split back into
+`wi_0` / `wi_1`) and the run's SentencePiece model as `spiece.model`.
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+import sys
+
+import torch
+
+from engine import checkpoint as ckpt
+
+
+def find_checkpoint(run_dir: pathlib.Path, step: int | None) -> pathlib.Path:
+    root = run_dir / "checkpoints"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    if step is not None:
+        path = root / ckpt.step_tag(step)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"{path}: no complete checkpoint for step {step}")
+        return path
+    path = ckpt.latest_checkpoint(root)
+    if path is None:
+        raise FileNotFoundError(f"{root}: no checkpoint (no 'latest' file)")
+    return path
+
+
+def consolidated_state_dict(path: pathlib.Path, state: dict) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict (our module's parameter names) of one checkpoint directory."""
+    if (path / "model.safetensors").is_file():  # local engine
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    if any(path.glob("*_optim_states.pt")) and state.get("zero_stage", 0) > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # DeepSpeed's own consolidation of the ZeRO partitions (run's own files; see module docstring).
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    model_states = path / "mp_rank_00_model_states.pt"
+    if model_states.is_file():  # ZeRO 0: DeepSpeed saved the whole module
+        # DeepSpeed's own file format pickles its config objects; this is the run's own checkpoint.
+        return torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    raise FileNotFoundError(f"{path}: no model weights found (model.safetensors or DeepSpeed files)")
+
+
+def export_checkpoint(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
+    from models.checkpoint import save_pretrained
+    from models.config import T5Config
+    from models.t5 import T5ForConditionalGeneration
+
+    path = find_checkpoint(pathlib.Path(run_dir), step)
+    state = ckpt.load_trainer_state(path)
+    if "model_config" not in state:
+        raise ValueError(f"{path / 'trainer_state.json'}: no model_config (not written by t5forge pretrain)")
+    config = T5Config.from_hf_dict(state["model_config"])
+    weights = consolidated_state_dict(path, state)
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(config)
+    expected = model.state_dict()
+    # A tied head shares the embedding: DeepSpeed and safetensors keep only one of the two names.
+    for name, tensor in expected.items():
+        if name not in weights and config.tie_word_embeddings and name == "lm_head.weight":
+            weights[name] = weights["shared.weight"]
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    model.load_state_dict({k: weights[k].float() for k in expected}, strict=True, assign=True)
+    out = pathlib.Path(out_dir)
+    save_pretrained(model, out)
+    for spm in (path / "tokenizer").glob("*.model") if (path / "tokenizer").is_dir() else []:
+        shutil.copy2(spm, out / "spiece.model")
+    return path
+
+
+def export_main(argv: list[str]) -> int:
+    args = list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    step = None
+    if "--step" in args:
+        i = args.index("--step")
+        try:
+            step = int(args[i + 1])
+        except (IndexError, ValueError):
+            print("t5forge export: error: --step takes an integer", file=sys.stderr)
+            return 2
+        del args[i:i + 2]
+    if len(args) != 2:
+        print("t5forge export: error: usage: t5forge export RUN_DIR OUT_DIR [--step N]", file=sys.stderr)
+        return 2
+    try:
+        path = export_checkpoint(args[0], args[1], step)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"t5forge export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"t5forge export: {path} -> {args[1]}")
+    return 0
