@@ -239,7 +239,9 @@ def run_preset(preset: str, provider: str, scfg: ModelSuiteConfig, info: devices
               "dtype": str(scfg.dtype).replace("torch.", ""),
               "kernel_backend": getattr(cfg, "kernel_backend", None) if provider == "t5forge" else "sdpa",
               "optimizer": "AdamW, fp32 master weights, bf16 params" if scfg.dtype != torch.float32 else "AdamW fp32",
-              "num_layers": cfg.num_layers}
+              "num_layers": cfg.num_layers,
+              # The preset's ZeRO config (engine/configs) is not applied yet: one process, no DeepSpeed.
+              "engine": "single process, no DeepSpeed"}
     if provider.endswith("-compile") and on_cpu and not scfg.compile_on_cpu:
         return {**record, "status": "skipped",
                 "reason": "torch.compile on the CPU is off by default (minutes of start-up); --compile-on-cpu"}

@@ -75,6 +75,10 @@ def _fmt(value, spec: str = ".3g", missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
 def _label(rec: dict) -> str:
     if rec.get("status") != "ok":
         return f"{rec.get('status')}: {rec.get('reason', '')}"
@@ -205,8 +209,7 @@ def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
                 f"| {r['preset']} | {r['provider']} | {_label(r)} | "
                 f"{_fmt(r.get('step_s') and r['step_s'] * 1e3, '.1f')} | {_fmt(r.get('seqs_per_s'), '.3g')} | "
                 f"{_fmt(r.get('tokens_per_s'), '.4g')} | {_fmt(r.get('tflops'), '.3g')} | "
-                f"{_fmt(r.get('mfu') and r['mfu'] * 100, '.1f')}% | "
-                f"{_fmt(r.get('mfu_of_ceiling') and r['mfu_of_ceiling'] * 100, '.1f')}% | "
+                f"{_pct(r.get('mfu'))} | {_pct(r.get('mfu_of_ceiling'))} | "
                 f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {ratios[0]} | {ratios[1]} |")
         kinds = {r.get("mem_kind") for r in recs if r.get("mem_kind")}
         lines += ["", "Peak memory: " + "; ".join(sorted(kinds)) if kinds else "", ""]
