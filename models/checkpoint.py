@@ -162,7 +162,10 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | str = 
     tensors = read_weights(directory)
     with torch.device("meta"):
         model = T5ForConditionalGeneration(config)
-    state = convert_hf_state_dict(model, tensors)
+    try:
+        state = convert_hf_state_dict(model, tensors)
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from None
     if dtype != "auto":
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
