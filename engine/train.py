@@ -140,6 +140,10 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
     from engine.trainer import Trainer
     from models.t5 import T5ForConditionalGeneration
 
+    from models.config import PRESETS
+
+    if cfg.model.preset not in PRESETS:  # checked before any data is built
+        raise ValueError(f"config key 'model.preset': unknown preset {cfg.model.preset!r}; one of {', '.join(PRESETS)}")
     device = pick_device(cfg)
     set_threads(cfg)
     kind = choose_engine(cfg, device)
@@ -180,8 +184,9 @@ def greedy_fill(model, tokenizer, input_ids: list[int], max_new_tokens: int = 32
     return out
 
 
-def demo(model, tokenizer_file: str, seed: int, noise_density: float, mean_span: float, file=sys.stdout) -> None:
+def demo(model, tokenizer_file: str, seed: int, noise_density: float, mean_span: float, file=None) -> None:
     """Corrupt a few sentences with span corruption and show what the model fills in."""
+    file = file or sys.stdout
     from engine.data.objectives import span_corruption
     from engine.tokenizer import Tokenizer
 

@@ -251,7 +251,10 @@ class Trainer:
                     self.save()
                     result.stopped_by_signal = True
                     break
-                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.run.max_steps:
+                # No periodic save inside a run of non-finite steps: if it ends the run, `latest` must
+                # stay on the checkpoint taken before the trouble started.
+                due = self.step % cfg.checkpoint.every == 0 and self.skipped_in_a_row == 0
+                if due or self.step == cfg.run.max_steps:
                     self.save()
         finally:
             if bar is not None:
