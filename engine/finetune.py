@@ -44,7 +44,7 @@ METHODS = ("full", "adapters", "gradual_unfreezing")
 
 @dataclass
 class FinetuneSection:
-    init: str = ""  # Hugging Face directory (config.json + weights) or our checkpoint (run/checkpoints/step_N)
+    init: str = ""  # Hugging Face directory, our run dir / checkpoint (run/checkpoints/step_N), or "preset:NAME"
     tokenizer: str = ""  # SentencePiece model; "" = spiece.model in init (or its tokenizer/ folder)
     method: str = "full"  # full | adapters | gradual_unfreezing
     d_adapter: int = 64  # adapters: inner size of each dense-ReLU-dense adapter
@@ -69,7 +69,8 @@ class TaskEntry:
     eval: list[str] = field(default_factory=list)
     train_split: str = "train"  # split looked up when `train` is a directory
     eval_split: str = "validation"
-    limit: int = 0  # training examples used; 0 = all
+    limit: int = 0  # training examples used (the first ones); 0 = all
+    eval_skip: int = 0  # evaluation starts after this many examples (one file split in two for a demo)
 
 
 def _set_dataclass(obj, table: dict, where: str, prefix: str) -> None:
@@ -145,6 +146,21 @@ def load_init_model(ft: FinetuneSection, cfg):
     from models.checkpoint import from_pretrained
     from models.t5 import T5ForConditionalGeneration
 
+    if ft.init.startswith("preset:"):  # from scratch: a preset with random T5 init (demos, ablations)
+        from engine.tokenizer import Tokenizer
+        from models.config import T5Config
+
+        if not ft.tokenizer:
+            raise ValueError("config key 'finetune.tokenizer': required with finetune.init = 'preset:...'")
+        vocab = -(-Tokenizer(ft.tokenizer).vocab_size // 128) * 128
+        overrides = {"kernel_backend": cfg.model.kernel_backend, "gradient_checkpointing": cfg.model.gradient_checkpointing}
+        if cfg.model.dropout_rate >= 0:
+            overrides["dropout_rate"] = cfg.model.dropout_rate
+        try:
+            config = T5Config.from_preset(ft.init[len("preset:"):], vocab_size=vocab, **overrides)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"config key 'finetune.init': {err}") from None
+        return T5ForConditionalGeneration(config), ft.tokenizer
     init = pathlib.Path(ft.init)
     if not init.is_dir():
         raise FileNotFoundError(f"config key 'finetune.init': directory not found: {init}")
@@ -337,7 +353,8 @@ def build_finetune(argv: list[str]):
         raise ValueError("[[tasks]]: no task has a 'train' file")
     mixture = Mixture(sources, ft.mixture, ft.mixture_limit or None, ft.temperature, seed=cfg.run.seed + engine.rank)
     data = MixtureBatches(mixture, cfg.batch.micro_batch_size)
-    eval_sets = [(get_task(t.name), list(get_task(t.name).examples(t.eval, t.eval_split, ft.eval_limit or None)))
+    eval_sets = [(get_task(t.name), list(itertools.islice(get_task(t.name).examples(t.eval, t.eval_split),
+                                                          t.eval_skip, t.eval_skip + ft.eval_limit if ft.eval_limit else None)))
                  for t in tasks if t.eval]
     flops = model.config.flops_per_token(ft.max_input_length, ft.max_target_length)
     trainer = FinetuneTrainer(cfg, engine, data, ft=ft, tokenizer=tokenizer, eval_sets=eval_sets, unfreezer=unfreezer,
