@@ -6,8 +6,8 @@ Pickled `.bin` files are read with `torch.load(weights_only=True)`, which refuse
 
 Names are Hugging Face's. Our gated FFN holds `wi_fused` = cat([wi_0, wi_1]) and this module is the
 adapter: it merges on load and splits on save (torchtitan's state-dict-adapter idea). Aliases that
-Hugging Face checkpoints may carry (`encoder.embed_tokens`, `decoder.embed_tokens`, a tied `lm_head`)
-are accepted and dropped; an untied model loaded from a checkpoint without `lm_head` (transformers >= 5
+Hugging Face checkpoints may carry (`encoder.embed_tokens`, `decoder.embed_tokens`, a tied `lm_head`,
+the unused cross-attention bias table of the released v1.0 files) are accepted and dropped; an untied model loaded from a checkpoint without `lm_head` (transformers >= 5
 saves v1.1 models tied) starts its head as a copy of the embedding, which gives the same logits.
 
     model = from_pretrained("path/to/t5-v1_1-base")          # or T5ForConditionalGeneration.from_pretrained
@@ -32,7 +32,11 @@ BIN_NAME = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 _FUSED = ".DenseReluDense.wi_fused.weight"
-_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+# Tensors some released checkpoints carry that the model does not use: the stacks' copies of the shared
+# embedding, and a cross-attention bias table in the released t5-small..11b files (cross-attention has no
+# position bias; transformers ignores it on load too).
+_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+            "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
 
 
 def _first(keys, n: int = 5) -> str:
