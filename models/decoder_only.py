@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.t5_attention import compute_attention_mask, compute_position_bias
-
 from .config import T5Config
 from .generation import GenerationOutput, run_search
-from .t5 import AttentionSpec, T5Stack, _backend, _triton_kernel
+from .t5 import AttentionSpec, T5Stack, build_attention_spec
 
 SelfCache = tuple[torch.Tensor, torch.Tensor]  # per layer (k, v), each (B, H, L, D)
 
@@ -57,21 +55,11 @@ class DecoderOnlyLM(nn.Module):
         T5ForConditionalGeneration.init_weights(self)
 
     def _spec(self, x, q_len, kv_len, key_padding_mask, prefix_lengths, positions, kv_positions) -> AttentionSpec:
-        cfg = self.config
-        bidirectional = self.prefix_lm
-        kwargs = dict(q_positions=positions, kv_positions=kv_positions)
-        prefix = prefix_lengths if self.prefix_lm else None
-        if _backend(cfg, x, "t5_attention", "t5_attention") is not None:
-            return AttentionSpec(table=self.decoder.bias_table, kernel_kwargs=dict(
-                bidirectional=bidirectional, num_buckets=cfg.relative_attention_num_buckets,
-                max_distance=cfg.relative_attention_max_distance, scale=1.0, key_padding_mask=key_padding_mask,
-                causal=True, prefix_lengths=prefix, **kwargs))
-        bias = compute_position_bias(self.decoder.bias_table, q_len, kv_len, bidirectional=bidirectional,
-                                     num_buckets=cfg.relative_attention_num_buckets,
-                                     max_distance=cfg.relative_attention_max_distance, **kwargs).to(x.dtype)
-        mask = compute_attention_mask(q_len, kv_len, device=x.device, key_padding_mask=key_padding_mask,
-                                      causal=True, prefix_lengths=prefix, **kwargs)
-        return AttentionSpec(bias=bias.masked_fill(~mask, torch.finfo(x.dtype).min))
+        # Causal everywhere; the prefix LM also sees its whole prefix, hence bidirectional buckets.
+        return build_attention_spec(self.config, x, table=self.decoder.bias_table, q_len=q_len, kv_len=kv_len,
+                                    bidirectional=self.prefix_lm, causal=True, key_padding_mask=key_padding_mask,
+                                    prefix_lengths=prefix_lengths if self.prefix_lm else None,
+                                    q_positions=positions, kv_positions=kv_positions, training=self.training)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None,
@@ -91,16 +79,7 @@ class DecoderOnlyLM(nn.Module):
             past_positions = torch.arange(past_len, device=x.device)[None].expand(x.shape[0], -1)
         kv_positions = positions if past_key_values is None else torch.cat([past_positions, positions], 1)
         spec = self._spec(x, q_len, past_len + q_len, attention_mask, prefix_lengths, positions, kv_positions)
-        stream, delta, caches = self.decoder.dropout(x), None, []
-        for i, block in enumerate(self.decoder.block):
-            attn, ff = block.layer[0], block.layer[-1]
-            normed, stream = attn.layer_norm(stream, delta)
-            out, kv = attn.SelfAttention(normed, spec, past=None if past_key_values is None else past_key_values[i])
-            normed, stream = ff.layer_norm(stream, attn.dropout(out))
-            delta = ff.dropout(ff.DenseReluDense(normed))
-            caches.append(kv)
-        hidden, _ = self.decoder.final_layer_norm(stream, delta)
-        hidden = self.decoder.dropout(hidden)
+        hidden, caches = self.decoder(x, spec, past=past_key_values, use_cache=use_cache)
         if self.config.tie_word_embeddings:
             logits = F.linear(hidden * self.config.d_model ** -0.5, self.shared.weight)
         else:
@@ -108,7 +87,7 @@ class DecoderOnlyLM(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return LMOutput(logits, loss, caches if use_cache else None)
+        return LMOutput(logits, loss, caches)
 
 
 def lm_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0, loss_on_inputs: bool = False) -> dict:

@@ -111,9 +111,9 @@ class AttentionSpec:
 
 def build_attention_spec(config: T5Config, q: torch.Tensor, *, table: torch.Tensor | None, q_len: int,
                          kv_len: int, bidirectional: bool = True, causal: bool = False,
-                         key_padding_mask: torch.Tensor | None = None, q_segment_ids=None, kv_segment_ids=None,
-                         q_positions=None, kv_positions=None, q_offset: int = 0,
-                         training: bool = False) -> AttentionSpec:
+                         key_padding_mask: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None,
+                         q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None,
+                         q_offset: int = 0, training: bool = False) -> AttentionSpec:
     """One stack's attention bias/mask, in the form the chosen backend wants. `q` gives device/dtype."""
     positions = dict(q_positions=q_positions, kv_positions=kv_positions, q_offset=q_offset)
     kernel = _backend(config, q, "t5_attention", "t5_attention")
@@ -129,7 +129,8 @@ def build_attention_spec(config: T5Config, q: torch.Tensor, *, table: torch.Tens
         return AttentionSpec(table=table, kernel_kwargs=dict(
             bidirectional=bidirectional, num_buckets=config.relative_attention_num_buckets,
             max_distance=config.relative_attention_max_distance, scale=1.0, key_padding_mask=key_padding_mask,
-            causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, **positions))
+            causal=causal, prefix_lengths=prefix_lengths, q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids, **positions))
     bias = None
     if table is not None:
         bias = compute_position_bias(table, q_len, kv_len, bidirectional=bidirectional,
@@ -137,8 +138,8 @@ def build_attention_spec(config: T5Config, q: torch.Tensor, *, table: torch.Tens
                                      max_distance=config.relative_attention_max_distance, **positions)
         bias = bias.to(q.dtype)
     mask = compute_attention_mask(q_len, kv_len, device=q.device, key_padding_mask=key_padding_mask,
-                                  causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                  **positions)
+                                  causal=causal, prefix_lengths=prefix_lengths, q_segment_ids=q_segment_ids,
+                                  kv_segment_ids=kv_segment_ids, **positions)
     row_valid = None
     if mask is not None:
         # masked_fill (not +min) keeps masked scores finite, so a fully masked row never turns into NaN.
@@ -280,7 +281,7 @@ class T5Block(nn.Module):
         normed, stream = attn.layer_norm(stream, delta)
         out, self_kv = attn.SelfAttention(normed, self_spec, past=None if past is None else past[:2])
         delta = attn.dropout(out)
-        cache = None
+        cache = self_kv  # a decoder-only stack (models/decoder_only.py) caches self-attention only
         if self.is_decoder:
             cross = self.layer[1]
             normed, stream = cross.layer_norm(stream, delta)
@@ -484,6 +485,13 @@ class T5ForConditionalGeneration(nn.Module):
     def reorder_cache(past_key_values: list[LayerCache], index: torch.Tensor) -> list[LayerCache]:
         """Select batch rows of every cached tensor (beam search)."""
         return [tuple(t.index_select(0, index) for t in layer) for layer in past_key_values]
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """Greedy (`num_beams=1`) or beam search over the KV cache; options and the returned
+        `GenerationOutput` (sequences, scores) are documented in `models.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     # ----------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
