@@ -49,6 +49,8 @@ def hf_state_dict(model: T5ForConditionalGeneration) -> dict[str, torch.Tensor]:
     """Our parameters under Hugging Face names: `wi_fused` split into `wi_0` / `wi_1`."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
+        if ".adapter." in name:
+            continue  # adapter layers have no Hugging Face counterpart; models/adapters.py saves them apart
         if name.endswith(_FUSED):
             stem = name[: -len("wi_fused.weight")]
             wi_0, wi_1 = tensor.chunk(2, dim=0)
