@@ -111,3 +111,17 @@ def test_gradual_unfreezing_follows_the_schedule(mask_gradients):
         assert not torch.equal(model.lm_head.weight, start["lm_head.weight"])
     with pytest.raises(ValueError, match="unfreeze_every"):
         GradualUnfreezer(model, every=0)
+
+
+def test_hf_export_of_an_adapted_model_holds_only_the_base_weights(tmp_path):
+    """`save_pretrained` of a model carrying adapters writes the base model (adapters go to their own file),
+    so the export loads in our loader and in Hugging Face without unexpected keys."""
+    base = _model()
+    adapted = _model()
+    add_adapters(adapted, d_adapter=8)
+    adapted.save_pretrained(tmp_path)
+    reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert set(reloaded.state_dict()) == set(base.state_dict())
+    batch = _batch()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, base(**batch).logits)
