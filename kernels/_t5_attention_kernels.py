@@ -11,15 +11,21 @@ Layout and conventions shared by every kernel here:
   corrupts the heap under the interpreter): `BIAS_LUT[h, idx]` (fp32, log2 units) and
   `BUCKET_LUT[idx]` (int32 bucket, for the table gradient). Both come from the reference bucket function,
   so the kernel's buckets are bit-identical to Hugging Face's fp32 log arithmetic.
-- Visibility: row/col in range, causal `k_pos <= q_pos` (or key index < prefix length), same segment
-  and key segment != 0. Masked scores are -inf; a row with no visible key keeps l == 0 and writes zeros.
+- Tiles entirely beyond +-D_MAX have ONE bias value and ONE bucket (the bucket saturates there). With
+  index-ordered positions the key loop is split in three segments, far-before / near-diagonal / far-after,
+  each its own loop so register allocation sees no gather in the far loops: they add a scalar bias and
+  (backward) reduce the tile's dS with one sum. Only the near segment (~(2 * D_MAX + block) / block tiles
+  per row) gathers and reduces by bucket. With explicit positions (packing) every tile takes the gather path.
+- Visibility: row/col in range, causal `k_pos <= q_pos` (or key index < prefix length), and with
+  HAS_SEG == 2 same segment and key segment != 0; HAS_SEG == 1 is key padding alone (key id != 0), a
+  per-key vector that costs no [M, N] compare. Masked scores are -inf; a row with no visible key keeps l == 0 and writes zeros.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-_BIG = 1 << 30
+_BIG = tl.constexpr(1 << 30)  # "no segment / position" sentinel for masked min/max reductions
 
 
 @triton.jit
@@ -39,8 +45,10 @@ def _tile_mask_and_index(qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix, D_MAX,
         if HAS_PREFIX:
             ok = ok | (kj < prefix)
         vis = vis & ok
-    if HAS_SEG:
+    if HAS_SEG == 2:
         vis = vis & (qseg == kseg) & (kseg != 0)
+    elif HAS_SEG == 1:    # key padding only: a [1, N] (or [N, 1]) vector, no query-side compare
+        vis = vis & (kseg != 0)
     rel = tl.minimum(tl.maximum(kpos - qpos, -D_MAX), D_MAX)
     return vis, rel + D_MAX
 
@@ -55,7 +63,9 @@ def _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start
     m_ok = offs_m < Lq
     n_ok = offs_n < Lk
     empty = tl.max(n_ok.to(tl.int32), 0) == 0
-    if HAS_SEG:
+    if HAS_SEG == 1:
+        empty = empty | (tl.max(tl.where(n_ok, kseg, 0), 0) == 0)
+    if HAS_SEG == 2:
         q_lo = tl.min(tl.where(m_ok, qseg, _BIG), 0)
         q_hi = tl.max(tl.where(m_ok, qseg, -1), 0)
         k_real = n_ok & (kseg != 0)
@@ -73,6 +83,75 @@ def _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start
 
 
 @triton.jit
+def _segment_bounds(lo, hi, q_first, q_last, k_first_off, k_last_off, D_MAX, BLOCK: tl.constexpr,
+                    KEYS_INNER: tl.constexpr):
+    """[lo, b1) / [b1, b2) / [b2, hi): the far / near / far segments of the inner loop, block aligned.
+
+    KEYS_INNER (forward, dq): the loop runs over key blocks n for query positions [q_first, q_last]; a key
+    block is far-before when n + BLOCK - 1 - q_first <= -D_MAX and far-after when n - q_last >= D_MAX.
+    Otherwise (dk/dv): the loop runs over query blocks m (position m + q_first .. m + BLOCK - 1 + q_first)
+    for keys [k_first_off, k_last_off]; small m lie far-after (rel >= D_MAX), large m far-before.
+    Divisions only see non-negative numerators (C semantics, MACHINE_NOTES).
+    """
+    if KEYS_INNER:
+        near_lo = tl.maximum(q_first - D_MAX - BLOCK + 2, 0)
+        near_hi = tl.maximum(q_last + D_MAX, 0)
+    else:
+        near_lo = tl.maximum(k_first_off - BLOCK + 2 - q_first - D_MAX, 0)
+        near_hi = tl.maximum(k_last_off - q_first + D_MAX, 0)
+    b1 = tl.minimum(tl.maximum((near_lo + BLOCK - 1) // BLOCK * BLOCK, lo), hi)
+    b2 = tl.minimum(tl.maximum((near_hi + BLOCK - 1) // BLOCK * BLOCK, b1), hi)
+    return b1, b2
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KPOS, KSEG, lut_row,
+               stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
+               BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr):
+    """Online-softmax over key blocks [lo, hi). BIAS_MODE 0: no bias, 1: gathered, 2: `bias_const`."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_nb
+        if HAS_KPOS:
+            kpos = tl.load(KPOS + offs_n, mask=offs_n < Lk, other=0)
+        else:
+            kpos = offs_n
+        kseg = offs_n
+        if HAS_SEG:
+            kseg = tl.load(KSEG + offs_n, mask=offs_n < Lk, other=0)
+        empty = False
+        if HAS_SEG or CAUSAL:
+            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
+                                   CAUSAL, HAS_PREFIX, HAS_SEG)
+        if not empty:
+            kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=offs_n[None, :] < Lk, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=offs_n[:, None] < Lk, other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+            vis, idx = _tile_mask_and_index(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None],
+                                            kpos[None, :], qseg[:, None], kseg[None, :], prefix, D_MAX,
+                                            CAUSAL, HAS_PREFIX, HAS_SEG)
+            if BIAS_MODE == 1:
+                s += tl.load(lut_row + idx)
+            elif BIAS_MODE == 2:
+                s += bias_const
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
@@ -86,16 +165,15 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     h = tl.program_id(1)
     b = tl.program_id(2)
+    INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
     # Causal with index-ordered positions: the last query blocks see the most keys, launch them first.
-    BOUNDED: tl.constexpr = CAUSAL and not HAS_QPOS and not HAS_KPOS
-    if BOUNDED:
+    if CAUSAL and INDEX_POS:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         pid_m = tl.program_id(0)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_nb = tl.arange(0, BLOCK_N)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
 
@@ -111,55 +189,45 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
     else:
         qpos = offs_m + q_offset
     qseg = offs_m
-    if HAS_SEG:
+    if HAS_SEG == 2:
         qseg = tl.load(QSEG + b * stride_qseg_b + offs_m, mask=offs_m < Lq, other=0)
     prefix = 0
     if HAS_PREFIX:
         prefix = tl.load(PREFIX + b)
-
     hi = Lk
-    if BOUNDED:
+    if CAUSAL and INDEX_POS:
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
         if HAS_PREFIX:
             hi = tl.maximum(hi, tl.minimum(prefix, Lk))
+    lut_row = BIAS_LUT + h * stride_lut_h
+    kpos_row = KPOS + b * stride_kpos_b
+    kseg_row = KSEG + b * stride_kseg_b
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_nb
-        if HAS_KPOS:
-            kpos = tl.load(KPOS + b * stride_kpos_b + offs_n, mask=offs_n < Lk, other=0)
-        else:
-            kpos = offs_n
-        kseg = offs_n
-        if HAS_SEG:
-            kseg = tl.load(KSEG + b * stride_kseg_b + offs_n, mask=offs_n < Lk, other=0)
-        empty = start_n >= hi
-        if HAS_SEG or CAUSAL:
-            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
-                                   CAUSAL, HAS_PREFIX, HAS_SEG)
-        if not empty:
-            kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=offs_n[None, :] < Lk, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=offs_n[:, None] < Lk, other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
-            vis, idx = _tile_mask_and_index(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None],
-                                            kpos[None, :], qseg[:, None], kseg[None, :], prefix, D_MAX,
-                                            CAUSAL, HAS_PREFIX, HAS_SEG)
-            if HAS_BIAS:
-                s += tl.load(BIAS_LUT + h * stride_lut_h + idx)
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-            m_i = m_new
+    if not HAS_BIAS:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
+                                   kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
+                                   0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+    elif not INDEX_POS:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
+                                   kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
+                                   1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+    else:
+        b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
+                                 D_MAX, BLOCK_N, True)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
+                                   kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX,
+                                   tl.load(lut_row), 0, b1,
+                                   2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
+                                   kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
+                                   1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
+                                   kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX,
+                                   tl.load(lut_row + 2 * D_MAX), b2, hi,
+                                   2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
 
     has_any = l_i > 0.0
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]
@@ -190,6 +258,68 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 
 
 @triton.jit
+def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base, lse_row, delta_row,
+                QPOS, QSEG, lut_row, BUCKET_LUT, stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
+                bias_const, bucket_const, lo, hi,
+                BIAS_MODE: tl.constexpr, BIAS_GRAD: tl.constexpr, NB_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                HAS_QPOS: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dk, dv and the bias partial over query blocks [lo, hi), transposed [N, M] orientation.
+
+    BIAS_MODE 1 (near tiles): gather the bias, and reduce dS by bucket -- one masked sum per bucket present
+    in the tile. BIAS_MODE 2 (far tiles): one bias value and one bucket for the whole tile, one sum.
+    """
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_bk = tl.arange(0, NB_PAD)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_mb
+        if HAS_QPOS:
+            qpos = tl.load(QPOS + offs_m, mask=offs_m < Lq, other=0)
+        else:
+            qpos = offs_m + q_offset
+        qseg = offs_m
+        if HAS_SEG == 2:
+            qseg = tl.load(QSEG + offs_m, mask=offs_m < Lq, other=0)
+        empty = False
+        if HAS_SEG or CAUSAL:
+            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
+                                   CAUSAL, HAS_PREFIX, HAS_SEG)
+        if not empty:
+            m_ok = offs_m[:, None] < Lq
+            q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=m_ok, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=m_ok, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(lse_row + offs_m, mask=offs_m < Lq, other=0.0)
+            delta = tl.load(delta_row + offs_m, mask=offs_m < Lq, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # [N, M]
+            vis, idx = _tile_mask_and_index(offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :],
+                                            kpos[:, None], qseg[None, :], kseg[:, None], prefix, D_MAX,
+                                            CAUSAL, HAS_PREFIX, HAS_SEG)
+            if BIAS_MODE == 1:
+                st += tl.load(lut_row + idx)
+            elif BIAS_MODE == 2:
+                st += bias_const
+            pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
+            if BIAS_GRAD:
+                if BIAS_MODE == 1:
+                    bucket = tl.load(BUCKET_LUT + idx)
+                    b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
+                    b_hi = tl.max(tl.where(vis, bucket, -1))
+                    for bk in range(b_lo, b_hi + 1):
+                        part = tl.sum(tl.where(bucket == bk, dst, 0.0))
+                        dbias += tl.where(offs_bk == bk, part, 0.0)
+                else:
+                    dbias += tl.where(offs_bk == bucket_const, tl.sum(dst), 0.0)
+    return dk, dv, dbias
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LUT,
                      QPOS, KPOS, QSEG, KSEG, PREFIX,
                      stride_qb, stride_qh, stride_qm, stride_qd,
@@ -208,22 +338,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
                      UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One program per key block: loops over query blocks, accumulates dk, dv and the block's dbias.
 
-    Works in the transposed [N, M] orientation (keys on rows) so dk and dv come from plain dots. The bias
-    gradient is reduced in registers per tile by bucket -- one masked sum per bucket present in the tile
-    (far-off-diagonal tiles hold a single bucket) -- into an [NB_PAD] partial that is written ONCE per
-    program: to its own slot of a partial buffer (deterministic; the host sums in a fixed order) or with
-    NB_PAD atomic adds (fast mode). Never one atomic per score.
+    The bias gradient is reduced in registers into an [NB_PAD] partial written ONCE per program: to its
+    own slot of a partial buffer (deterministic; the host sums in a fixed order) or with NB_PAD atomic
+    adds (fast mode). Never one atomic per score.
     """
     h = tl.program_id(1)
     b = tl.program_id(2)
     pid_n = tl.program_id(0)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_bk = tl.arange(0, NB_PAD)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
+    INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
 
     n_ok = offs_n[:, None] < Lk
     k = tl.load(K + b64 * stride_kb + h64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -236,6 +364,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
     q_base = Q + b64 * stride_qb + h64 * stride_qh + offs_d[None, :] * stride_qd
     do_base = DO + b64 * stride_dob + h64 * stride_doh + offs_d[None, :] * stride_dod
     row_base = (b64 * H + h) * Lq
+    lse_row = LSE + row_base
+    delta_row = DELTA + row_base
 
     if HAS_KPOS:
         kpos = tl.load(KPOS + b * stride_kpos_b + offs_n, mask=offs_n < Lk, other=0)
@@ -249,55 +379,46 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
         prefix = tl.load(PREFIX + b)
 
     lo = 0
-    if CAUSAL and not HAS_QPOS and not HAS_KPOS:
+    if CAUSAL and INDEX_POS:
         # Queries before position start_n see none of these keys (unless the keys lie in the prefix).
         lo = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
         if HAS_PREFIX:
             lo = tl.where(start_n < prefix, 0, lo)
+    lut_row = BIAS_LUT + h * stride_lut_h
+    qpos_row = QPOS + b * stride_qpos_b
+    qseg_row = QSEG + b * stride_qseg_b
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dbias = tl.zeros([NB_PAD], tl.float32)
-    for start_m in range(lo, Lq, BLOCK_M):
-        offs_m = start_m + offs_mb
-        if HAS_QPOS:
-            qpos = tl.load(QPOS + b * stride_qpos_b + offs_m, mask=offs_m < Lq, other=0)
-        else:
-            qpos = offs_m + q_offset
-        qseg = offs_m
-        if HAS_SEG:
-            qseg = tl.load(QSEG + b * stride_qseg_b + offs_m, mask=offs_m < Lq, other=0)
-        empty = start_m >= Lq
-        if HAS_SEG or CAUSAL:
-            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
-                                   CAUSAL, HAS_PREFIX, HAS_SEG)
-        if not empty:
-            m_ok = offs_m[:, None] < Lq
-            q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=m_ok, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=m_ok, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=0.0)
-            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Lq, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # [N, M]
-            vis, idx = _tile_mask_and_index(offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :],
-                                            kpos[:, None], qseg[None, :], kseg[:, None], prefix, D_MAX,
-                                            CAUSAL, HAS_PREFIX, HAS_SEG)
-            if HAS_BIAS:
-                st += tl.load(BIAS_LUT + h * stride_lut_h + idx)
-            pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
-            if BIAS_GRAD:
-                bucket = tl.load(BUCKET_LUT + idx)
-                b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
-                b_hi = tl.max(tl.where(vis, bucket, -1))
-                for bk in range(b_lo, b_hi + 1):
-                    part = tl.sum(tl.where(bucket == bk, dst, 0.0))
-                    dbias += tl.where(offs_bk == bk, part, 0.0)
+    if not HAS_BIAS or not INDEX_POS:
+        dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
+                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, lo, Lq,
+                                    1 if HAS_BIAS else 0, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION)
+    else:
+        # Early query blocks see these keys at rel = k - q >= D_MAX (last table entry), late ones at <= -D_MAX.
+        b1, b2 = _segment_bounds(lo, Lq, q_offset, 0, start_n, start_n + BLOCK_N - 1, D_MAX, BLOCK_M,
+                                 False)
+        last = 2 * D_MAX
+        dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
+                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, tl.load(lut_row + last),
+                                    tl.load(BUCKET_LUT + last), lo, b1,
+                                    2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION)
+        dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
+                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, b1, b2,
+                                    1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION)
+        dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
+                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, tl.load(lut_row),
+                                    tl.load(BUCKET_LUT), b2, Lq,
+                                    2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION)
 
     dk_ptrs = DK + b64 * stride_dkb + h64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b64 * stride_dvb + h64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
@@ -309,6 +430,48 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
             tl.store(DBIAS + slot + offs_bk, dbias)
         else:
             tl.atomic_add(DBIAS + h * NB_PAD + offs_bk, dbias, mask=offs_bk < NUM_BUCKETS)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, KPOS, KSEG, lut_row,
+              stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
+              BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    """dq over key blocks [lo, hi), P recomputed from the stored LSE. BIAS_MODE as in `_fwd_inner`."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_nb
+        if HAS_KPOS:
+            kpos = tl.load(KPOS + offs_n, mask=offs_n < Lk, other=0)
+        else:
+            kpos = offs_n
+        kseg = offs_n
+        if HAS_SEG:
+            kseg = tl.load(KSEG + offs_n, mask=offs_n < Lk, other=0)
+        empty = False
+        if HAS_SEG or CAUSAL:
+            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
+                                   CAUSAL, HAS_PREFIX, HAS_SEG)
+        if not empty:
+            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=offs_n[:, None] < Lk, other=0.0)
+            vt = tl.load(vt_base + offs_n[None, :] * stride_vn, mask=offs_n[None, :] < Lk, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                vt = vt.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            vis, idx = _tile_mask_and_index(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None],
+                                            kpos[None, :], qseg[:, None], kseg[None, :], prefix, D_MAX,
+                                            CAUSAL, HAS_PREFIX, HAS_SEG)
+            if BIAS_MODE == 1:
+                s += tl.load(lut_row + idx)
+            elif BIAS_MODE == 2:
+                s += bias_const
+            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -327,15 +490,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BIAS_LUT, QPOS, KPOS, QSEG, KSEG
     """One program per query block: recomputes P from the stored LSE and accumulates dq (no atomics)."""
     h = tl.program_id(1)
     b = tl.program_id(2)
-    BOUNDED: tl.constexpr = CAUSAL and not HAS_QPOS and not HAS_KPOS
-    if BOUNDED:
+    INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
+    if CAUSAL and INDEX_POS:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         pid_m = tl.program_id(0)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_nb = tl.arange(0, BLOCK_N)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
 
@@ -358,47 +520,37 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BIAS_LUT, QPOS, KPOS, QSEG, KSEG
     else:
         qpos = offs_m + q_offset
     qseg = offs_m
-    if HAS_SEG:
+    if HAS_SEG == 2:
         qseg = tl.load(QSEG + b * stride_qseg_b + offs_m, mask=offs_m < Lq, other=0)
     prefix = 0
     if HAS_PREFIX:
         prefix = tl.load(PREFIX + b)
     hi = Lk
-    if BOUNDED:
+    if CAUSAL and INDEX_POS:
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
         if HAS_PREFIX:
             hi = tl.maximum(hi, tl.minimum(prefix, Lk))
+    lut_row = BIAS_LUT + h * stride_lut_h
+    kpos_row = KPOS + b * stride_kpos_b
+    kseg_row = KSEG + b * stride_kseg_b
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_nb
-        if HAS_KPOS:
-            kpos = tl.load(KPOS + b * stride_kpos_b + offs_n, mask=offs_n < Lk, other=0)
-        else:
-            kpos = offs_n
-        kseg = offs_n
-        if HAS_SEG:
-            kseg = tl.load(KSEG + b * stride_kseg_b + offs_n, mask=offs_n < Lk, other=0)
-        empty = start_n >= hi
-        if HAS_SEG or CAUSAL:
-            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
-                                   CAUSAL, HAS_PREFIX, HAS_SEG)
-        if not empty:
-            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=offs_n[:, None] < Lk, other=0.0)
-            vt = tl.load(vt_base + offs_n[None, :] * stride_vn, mask=offs_n[None, :] < Lk, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                vt = vt.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-            vis, idx = _tile_mask_and_index(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None],
-                                            kpos[None, :], qseg[:, None], kseg[None, :], prefix, D_MAX,
-                                            CAUSAL, HAS_PREFIX, HAS_SEG)
-            if HAS_BIAS:
-                s += tl.load(BIAS_LUT + h * stride_lut_h + idx)
-            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    if not HAS_BIAS or not INDEX_POS:
+        dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
+                       lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
+                       1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+    else:
+        b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
+                                 D_MAX, BLOCK_N, True)
+        dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
+                       lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, tl.load(lut_row), 0, b1,
+                       2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+        dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
+                       lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
+                       1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+        dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
+                       lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, tl.load(lut_row + 2 * D_MAX), b2, hi,
+                       2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
 
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok)

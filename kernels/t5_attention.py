@@ -42,7 +42,9 @@ class _Blocks:
     bwd_n: int    # dk/dv kernel: key block it owns
     dq_m: int
     dq_n: int
-    num_warps: int
+    fwd_warps: int
+    bwd_warps: int
+    dq_warps: int
     num_stages: int
 
 
@@ -55,21 +57,28 @@ def _interpreting() -> bool:
 _INTERPRET_BLOCK = 32
 
 
-def _blocks(head_dim: int, q_len: int) -> _Blocks:
+def _blocks(head_dim: int, q_len: int, gather_everywhere: bool) -> _Blocks:
     """Tile sizes per kernel.
 
-    GPU values follow the Triton flash-attention tutorial's H100 picks for d=64/128 (BLOCK_M 128 x BLOCK_N
-    64 forward, 64 x 64 backward since it also holds dk, dv and the bucket partials); not yet tuned here
-    (no GPU in the session that wrote this): benchmarks/kernels/bench_attention.py measures them.
+    Not timed yet (no GPU in the session that wrote this; benchmarks/kernels/bench_attention.py measures
+    them). Chosen from the sm_90 register report of AOT-compiled kernels (triton 3.9 + its ptxas, see
+    tests/test_kernels_attention_compile.py): tiles whose kernels do not spill for d=64 under every mask
+    kind (padding, causal, prefix, packing), and spill least for d=128. The in-kernel bias gather (a
+    64-bit address per score) is what presses on registers; the far-from-diagonal tiles skip it.
     """
     if _interpreting():
         n = _INTERPRET_BLOCK
-        return _Blocks(n, n, n, n, n, n, 1, 1)
+        return _Blocks(n, n, n, n, n, n, 1, 1, 1, 1)
     # A short query block (decoding: Lq = 1) must not pay for 128 rows; tl.dot needs >= 16.
-    fwd_m = max(16, min(128, triton.next_power_of_2(q_len)))
-    if head_dim <= 64:
-        return _Blocks(fwd_m, 64, 64, 64, 64, 64, 4, 3)
-    return _Blocks(fwd_m, 64, 64, 64, 64, 64, 8, 2)
+    short = max(16, triton.next_power_of_2(q_len))
+    # (BLOCK_M, BLOCK_N, num_warps); d=128 with explicit positions still spills some (~250 B/thread).
+    if head_dim <= 64 or not gather_everywhere:
+        fwd = (min(128, short), 32, 8)
+    else:
+        fwd = (min(64, short), 32, 4)
+    dkdv = (32, 64, 8)
+    dq = (128, 32, 8) if head_dim <= 64 else (32, 32, 4)
+    return _Blocks(fwd[0], fwd[1], dkdv[0], dkdv[1], dq[0], dq[1], fwd[2], dkdv[2], dq[2], num_stages=2)
 
 
 def _bias_tables(bias_table: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -126,7 +135,9 @@ def _launch_common(q, k, meta: _Meta, bias_lut, blocks_m: int, blocks_n: int):
     interp_bf16 = _interpreting() and q.dtype == torch.bfloat16
     flags = dict(HEAD_DIM=q.shape[-1], BLOCK_M=blocks_m, BLOCK_N=blocks_n, HAS_BIAS=bias_lut is not None,
                  HAS_QPOS=meta.q_pos is not None, HAS_KPOS=meta.kv_pos is not None,
-                 HAS_SEG=meta.q_seg is not None, CAUSAL=meta.causal, HAS_PREFIX=meta.prefix is not None,
+                 # 0: no segments/padding, 1: key padding only, 2: segment ids on both sides.
+                 HAS_SEG=0 if meta.kv_seg is None else (1 if meta.q_seg is None else 2),
+                 CAUSAL=meta.causal, HAS_PREFIX=meta.prefix is not None,
                  # The interpreter's bf16 tl.dot is broken (MACHINE_NOTES): upcast tiles to fp32 there.
                  UPCAST=interp_bf16,
                  # fp32 inputs get true fp32 dots (torch's matmul default), not TF32.
@@ -137,7 +148,7 @@ def _launch_common(q, k, meta: _Meta, bias_lut, blocks_m: int, blocks_n: int):
 def _forward(q, k, v, bias_lut, meta: _Meta):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = _blocks(D, Lq)
+    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None)
     # (B, Lq, H, D) storage viewed as (B, H, Lq, D): the model's merge of heads is then a free reshape.
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
@@ -147,14 +158,14 @@ def _forward(q, k, v, bias_lut, meta: _Meta):
         q, k, v, o, lse, bias_lut if bias_lut is not None else lse, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
         H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.max_distance,
-        **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **flags, num_warps=cfg.fwd_warps, num_stages=cfg.num_stages)
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, bias_lut, bucket_lut, meta: _Meta, bias_grad: bool):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = _blocks(D, Lq)
+    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None)
     delta = torch.empty_like(lse)
     _k._bwd_delta_kernel[(triton.cdiv(Lq, cfg.dq_m), H, B)](
         o, do, delta, *o.stride(), *do.stride(), H, Lq, HEAD_DIM=D, BLOCK_M=cfg.dq_m)
@@ -175,14 +186,14 @@ def _backward(do, q, k, v, o, lse, bias_lut, bucket_lut, meta: _Meta, bias_grad:
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
         H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, meta.num_buckets,
         NB_PAD=nb_pad, BIAS_GRAD=bias_grad, DETERMINISTIC=meta.deterministic, **flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
 
     tensors, strides, flags = _launch_common(q, k, meta, bias_lut, cfg.dq_m, cfg.dq_n)
     _k._bwd_dq_kernel[(triton.cdiv(Lq, cfg.dq_m), H, B)](
         q, k, v, do, lse, delta, dq, lut, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
         H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance,
-        **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **flags, num_warps=cfg.dq_warps, num_stages=cfg.num_stages)
 
     dtable = None
     if bias_grad:
@@ -277,10 +288,10 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
         meta.q_seg = _as_rows(q_segment_ids, "q_segment_ids", B, Lq)
         meta.kv_seg = _as_rows(kv_segment_ids, "kv_segment_ids", B, Lk)
     if key_padding_mask is not None:
-        # Padding is the segment rule with one segment: query id 1, key id 1 (real) or 0 (never visible).
+        # Padding is the key side of the segment rule: key id 1 (real) or 0 (never visible); with segments,
+        # padded keys get id 0.
         kpm = _as_rows(key_padding_mask.bool(), "key_padding_mask", B, Lk)
         if meta.kv_seg is None:
-            meta.q_seg = torch.ones((1, Lq), dtype=torch.int32, device=q.device)
             meta.kv_seg = kpm
         else:
             meta.kv_seg = (meta.kv_seg * kpm).contiguous()

@@ -39,10 +39,13 @@ class Case:
 
 
 CASES = [
-    Case("enc-bidi-fp32-d64-det", torch.float32, 64, 2, 2, 130, 130, dict(deterministic=True), bhld_layout=True),
+    # max_distance below the length: whole tiles lie beyond +-max_distance (the kernels' constant-bias loops)
+    Case("enc-bidi-fp32-d64-det-md24", torch.float32, 64, 2, 2, 130, 130, dict(deterministic=True, max_distance=24),
+         bhld_layout=True),
     Case("enc-bidi-pad-fp16-d128", torch.float16, 128, 2, 2, 17, 17, masks="pad_empty"),
-    Case("dec-causal-uni-fp16-d64", torch.float16, 64, 1, 2, 130, 130, dict(causal=True, bidirectional=False),
-         table_dtype=torch.float32),
+    Case("dec-causal-uni-fp16-d64-md20", torch.float16, 64, 1, 2, 130, 130,
+         dict(causal=True, bidirectional=False, max_distance=20), table_dtype=torch.float32),
+    Case("enc-bidi-default-buckets-fp32-d64", torch.float32, 64, 1, 2, 130, 130, masks="pad"),
     Case("prefix-lm-fp32-d128-nb16", torch.float32, 128, 2, 1, 130, 130,
          dict(bidirectional=True, num_buckets=16, max_distance=40), masks="prefix"),
     Case("packed-enc-fp32-d64", torch.float32, 64, 2, 2, 130, 130, masks="packed_pad"),
