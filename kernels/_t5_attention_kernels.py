@@ -17,8 +17,8 @@ Layout and conventions shared by every kernel here:
   (backward) reduce the tile's dS with one sum. Only the near segment (~(2 * D_MAX + block) / block tiles
   per row) gathers and reduces by bucket. With explicit positions (packing) every tile takes the gather path.
 - Visibility: row/col in range, causal `k_pos <= q_pos` (or key index < prefix length), and with
-  HAS_SEG == 2 same segment and key segment != 0; HAS_SEG == 1 is key padding alone (key id != 0), a
-  per-key vector that costs no [M, N] compare. Masked scores are -inf; a row with no visible key keeps l == 0 and writes zeros.
+  HAS_SEG == 2 same segment and key segment != 0; HAS_SEG == 1 is key padding alone (key id != 0),
+  a per-key vector that costs no [M, N] compare.
 """
 from __future__ import annotations
 
@@ -83,6 +83,29 @@ def _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start
 
 
 @triton.jit
+def _dropout_scale(seed_bh, qi, kj, Lk, dropout_p):
+    """Attention-dropout multiplier per (query, key): 1 / (1 - p) where kept, 0 where dropped.
+
+    Counter-based (Philox via tl.rand): the stream of (batch, head) is `seed_bh`, the counter the score's
+    flat index `q * Lk + k`, so forward, dk/dv and dq regenerate the same mask in any tile orientation
+    without storing it.
+    """
+    r = tl.rand(seed_bh, qi * Lk + kj)
+    return tl.where(r >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, seed, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The multipliers the attention kernels use, materialised (B*H, Lq, Lk) fp32: for tests only."""
+    bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    z = _dropout_scale(seed + bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+    ptrs = OUT + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :]
+    tl.store(ptrs, z, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+
+
+@triton.jit
 def _segment_bounds(lo, hi, q_first, q_last, k_first_off, k_last_off, D_MAX, BLOCK: tl.constexpr,
                     KEYS_INNER: tl.constexpr):
     """[lo, b1) / [b1, b2) / [b2, hi): the far / near / far segments of the inner loop, block aligned.
@@ -109,7 +132,8 @@ def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KP
                stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
                BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr):
+               INPUT_PRECISION: tl.constexpr,
+               seed_bh, dropout_p, DROPOUT: tl.constexpr):
     """Online-softmax over key blocks [lo, hi). BIAS_MODE 0: no bias, 1: gathered, 2: `bias_const`."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -146,7 +170,11 @@ def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KP
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            if DROPOUT:   # l_i keeps the undropped sum: dropout acts on the normalised probabilities
+                pv = p * _dropout_scale(seed_bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+            else:
+                pv = p
+            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=INPUT_PRECISION)
             m_i = m_new
     return acc, m_i, l_i
 
@@ -158,13 +186,14 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ob, stride_oh, stride_om, stride_od,
                 stride_lut_h, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
-                H, Lq, Lk, q_offset, qk_scale, D_MAX,
+                H, Lq, Lk, q_offset, qk_scale, D_MAX, seed, dropout_p,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
                 HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     h = tl.program_id(1)
     b = tl.program_id(2)
+    seed_bh = seed + b * H + h   # one dropout stream per (batch, head)
     INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
     # Causal with index-ordered positions: the last query blocks see the most keys, launch them first.
     if CAUSAL and INDEX_POS:
@@ -209,25 +238,30 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
     if not HAS_BIAS:
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
                                    kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
-                                   0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                                   0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
     elif not INDEX_POS:
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
                                    kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
-                                   1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                                   1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
     else:
         b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
                                    kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX,
                                    tl.load(lut_row), 0, b1,
-                                   2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                                   2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
                                    kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
-                                   1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                                   1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
                                    kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX,
                                    tl.load(lut_row + 2 * D_MAX), b2, hi,
-                                   2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                                   2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
 
     has_any = l_i > 0.0
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]
@@ -263,7 +297,8 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
                 bias_const, bucket_const, lo, hi,
                 BIAS_MODE: tl.constexpr, BIAS_GRAD: tl.constexpr, NB_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 HAS_QPOS: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                seed_bh, dropout_p, DROPOUT: tl.constexpr):
     """dk, dv and the bias partial over query blocks [lo, hi), transposed [N, M] orientation.
 
     BIAS_MODE 1 (near tiles): gather the bias, and reduce dS by bucket -- one masked sum per bucket present
@@ -302,8 +337,13 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
             elif BIAS_MODE == 2:
                 st += bias_const
             pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            if DROPOUT:   # dv = (P o Z)^T dO, dP = (dO V^T) o Z; delta = rowsum(dO o O) still holds
+                zt = _dropout_scale(seed_bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
+                dv += tl.dot((pt * zt).to(do.dtype), do, input_precision=INPUT_PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION) * zt
+            else:
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
             if BIAS_GRAD:
@@ -329,13 +369,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                      stride_lut_h, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
-                     H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, NUM_BUCKETS,
+                     H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, NUM_BUCKETS, seed, dropout_p,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      NB_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                      DETERMINISTIC: tl.constexpr,
                      HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per key block: loops over query blocks, accumulates dk, dv and the block's dbias.
 
     The bias gradient is reduced in registers into an [NB_PAD] partial written ONCE per program: to its
@@ -344,6 +384,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
     """
     h = tl.program_id(1)
     b = tl.program_id(2)
+    seed_bh = seed + b * H + h   # one dropout stream per (batch, head)
     pid_n = tl.program_id(0)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -396,7 +437,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
                                     lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, lo, Lq,
                                     1 if HAS_BIAS else 0, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
     else:
         # Early query blocks see these keys at rel = k - q >= D_MAX (last table entry), late ones at <= -D_MAX.
         b1, b2 = _segment_bounds(lo, Lq, q_offset, 0, start_n, start_n + BLOCK_N - 1, D_MAX, BLOCK_M,
@@ -407,18 +449,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, tl.load(lut_row + last),
                                     tl.load(BUCKET_LUT + last), lo, b1,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, b1, b2,
                                     1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, tl.load(lut_row),
                                     tl.load(BUCKET_LUT), b2, Lq,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
 
     dk_ptrs = DK + b64 * stride_dkb + h64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b64 * stride_dvb + h64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
@@ -437,7 +482,8 @@ def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base
               stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
               BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+              INPUT_PRECISION: tl.constexpr,
+              seed_bh, dropout_p, DROPOUT: tl.constexpr):
     """dq over key blocks [lo, hi), P recomputed from the stored LSE. BIAS_MODE as in `_fwd_inner`."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -469,6 +515,8 @@ def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base
                 s += bias_const
             p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+            if DROPOUT:
+                dp = dp * _dropout_scale(seed_bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
     return dq
@@ -482,14 +530,15 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BIAS_LUT, QPOS, KPOS, QSEG, KSEG
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                    stride_lut_h, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
-                   H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX,
+                   H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, seed, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
                    HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                   UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                   UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per query block: recomputes P from the stored LSE and accumulates dq (no atomics)."""
     h = tl.program_id(1)
     b = tl.program_id(2)
+    seed_bh = seed + b * H + h   # one dropout stream per (batch, head)
     INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
     if CAUSAL and INDEX_POS:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -538,19 +587,23 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BIAS_LUT, QPOS, KPOS, QSEG, KSEG
     if not HAS_BIAS or not INDEX_POS:
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
                        lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
-                       1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                       1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
     else:
         b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
                        lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, tl.load(lut_row), 0, b1,
-                       2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                       2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
                        lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
-                       1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                       1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
                        lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, tl.load(lut_row + 2 * D_MAX), b2, hi,
-                       2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION)
+                       2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
+                       seed_bh, dropout_p, DROPOUT)
 
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok)

@@ -104,6 +104,8 @@ class _Meta:
     q_offset: int
     causal: bool
     deterministic: bool
+    dropout_p: float = 0.0   # > 0 only when training with attention dropout
+    seed: int = 0            # base of the per-(batch, head) Philox streams of the dropout mask
     q_pos: torch.Tensor | None = None
     kv_pos: torch.Tensor | None = None
     q_seg: torch.Tensor | None = None
@@ -141,7 +143,8 @@ def _launch_common(q, k, meta: _Meta, bias_lut, blocks_m: int, blocks_n: int):
                  # The interpreter's bf16 tl.dot is broken (MACHINE_NOTES): upcast tiles to fp32 there.
                  UPCAST=interp_bf16,
                  # fp32 inputs get true fp32 dots (torch's matmul default), not TF32.
-                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 or interp_bf16 else "tf32")
+                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 or interp_bf16 else "tf32",
+                 DROPOUT=meta.dropout_p > 0.0)
     return tensors, strides, flags
 
 
@@ -157,7 +160,7 @@ def _forward(q, k, v, bias_lut, meta: _Meta):
     _k._fwd_kernel[grid](
         q, k, v, o, lse, bias_lut if bias_lut is not None else lse, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
-        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.max_distance,
+        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.max_distance, meta.seed, meta.dropout_p,
         **flags, num_warps=cfg.fwd_warps, num_stages=cfg.num_stages)
     return o, lse
 
@@ -185,6 +188,7 @@ def _backward(do, q, k, v, o, lse, bias_lut, bucket_lut, meta: _Meta, bias_grad:
         q, k, v, do, lse, delta, dk, dv, dbias, lut, buckets, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
         H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, meta.num_buckets,
+        meta.seed, meta.dropout_p,
         NB_PAD=nb_pad, BIAS_GRAD=bias_grad, DETERMINISTIC=meta.deterministic, **flags,
         num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
 
@@ -192,7 +196,7 @@ def _backward(do, q, k, v, o, lse, bias_lut, bucket_lut, meta: _Meta, bias_grad:
     _k._bwd_dq_kernel[(triton.cdiv(Lq, cfg.dq_m), H, B)](
         q, k, v, do, lse, delta, dq, lut, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
-        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance,
+        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, meta.seed, meta.dropout_p,
         **flags, num_warps=cfg.dq_warps, num_stages=cfg.num_stages)
 
     dtable = None
@@ -201,6 +205,21 @@ def _backward(do, q, k, v, o, lse, bias_lut, bucket_lut, meta: _Meta, bias_grad:
             dbias = dbias.sum(dim=(0, 2))
         dtable = dbias[:, :meta.num_buckets].t()                      # (num_buckets, H)
     return dq, dk, dv, dtable
+
+
+def _draw_dropout_seed(streams: int) -> int:
+    """Seed of one call's dropout mask, from torch's CPU generator: reproducible under torch.manual_seed,
+    replayed by activation checkpointing (it restores the RNG state), and no device sync."""
+    return int(torch.randint(0, 2**31 - 1 - streams, (1,)).item())
+
+
+def _dropout_scales(batch: int, heads: int, q_len: int, kv_len: int, seed: int, dropout_p: float,
+                    device) -> torch.Tensor:
+    """The (B, H, Lq, Lk) dropout multipliers (0 or 1/(1-p)) the kernels apply for `seed`: for tests."""
+    out = torch.empty((batch * heads, q_len, kv_len), dtype=torch.float32, device=device)
+    grid = (triton.cdiv(q_len, 32), triton.cdiv(kv_len, 32), batch * heads)
+    _k._dropout_mask_kernel[grid](out, seed, q_len, kv_len, dropout_p, BLOCK_M=32, BLOCK_N=32)
+    return out.view(batch, heads, q_len, kv_len)
 
 
 class _T5AttentionFn(torch.autograd.Function):
@@ -229,14 +248,15 @@ class _T5AttentionFn(torch.autograd.Function):
 def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32, max_distance=128,
                  scale=1.0, key_padding_mask=None, causal=False, prefix_lengths=None,
                  q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None,
-                 q_offset=0, deterministic=False):
+                 q_offset=0, deterministic=False, dropout_p=0.0, training=False):
     """Flash attention with T5's relative position bias computed in-kernel; differentiable in q, k, v and
     `bias_table` (num_buckets, H). q: (B, H, Lq, D), k, v: (B, H, Lk, D), any strides; returns (B, H, Lq, D).
 
     Semantics are those of `t5_attention_ref` (see the contract in kernels/t5_attention.py's references).
     `deterministic=True` reduces the bias-table gradient through per-program partial buffers summed in a
     fixed order (bit-exact across runs); otherwise each program adds its partial with num_buckets atomics.
-    dq, dk, dv never use atomics.
+    dq, dk, dv never use atomics. `dropout_p` (applied when `training`, as Hugging Face T5 drops attention
+    probabilities) draws its mask in-kernel from a seed taken from torch's CPU generator.
     """
     if triton is None:
         raise RuntimeError("t5_attention: triton is not installed; use kernel_backend='torch' "
@@ -257,6 +277,8 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
                          f"{k.dtype}, {v.dtype}")
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"t5_attention: head dim {D} unsupported; expected one of {SUPPORTED_HEAD_DIMS}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"t5_attention: dropout_p must be in [0, 1), got {dropout_p}")
     if q_offset < 0:
         raise ValueError(f"t5_attention: q_offset must be >= 0, got {q_offset}")
     if bias_table is not None:
@@ -273,11 +295,17 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
                                 max_distance=max_distance, scale=scale, key_padding_mask=key_padding_mask,
                                 causal=causal, prefix_lengths=prefix_lengths, q_segment_ids=q_segment_ids,
                                 kv_segment_ids=kv_segment_ids, q_positions=q_positions,
-                                kv_positions=kv_positions, q_offset=q_offset)
+                                kv_positions=kv_positions, q_offset=q_offset, dropout_p=dropout_p,
+                                training=training)
 
     meta = _Meta(bidirectional=bool(bidirectional), num_buckets=int(num_buckets), max_distance=int(max_distance),
                  scale=float(scale), q_offset=int(q_offset), causal=bool(causal) or prefix_lengths is not None,
                  deterministic=bool(deterministic))
+    if training and dropout_p > 0.0:
+        if Lq * Lk >= 2**31:
+            raise ValueError(f"t5_attention: attention dropout needs Lq * Lk < 2**31 (its Philox counter), got "
+                             f"{Lq} x {Lk}")
+        meta.dropout_p, meta.seed = float(dropout_p), _draw_dropout_seed(B * H)
     if q_positions is not None:
         meta.q_pos = _as_rows(q_positions, "q_positions", B, Lq)
     if kv_positions is not None:
@@ -399,7 +427,7 @@ def attention_ref_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
 def t5_attention_ref(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32, max_distance=128,
                      scale=1.0, key_padding_mask=None, causal=False, prefix_lengths=None,
                      q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None,
-                     q_offset=0, deterministic=False):
+                     q_offset=0, deterministic=False, dropout_p=0.0, training=False):
     """Reference for the flash kernel: same arguments, materialised bias and mask. (B, H, L, D) layout."""
     del deterministic  # the reference is always deterministic
     q_len, kv_len = q.shape[-2], k.shape[-2]
@@ -413,4 +441,4 @@ def t5_attention_ref(q, k, v, bias_table=None, *, bidirectional=True, num_bucket
                                   causal=causal, prefix_lengths=prefix_lengths, q_segment_ids=q_segment_ids,
                                   kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                                   kv_positions=kv_positions, q_offset=q_offset)
-    return attention_ref_with_bias(q, k, v, bias, mask, scale)
+    return attention_ref_with_bias(q, k, v, bias, mask, scale, dropout_p, training)

@@ -235,3 +235,35 @@ def test_bad_inputs_raise_one_line_errors(bad, match, device):
     kw = {key: val.to(device) if torch.is_tensor(val) else val for key, val in bad.get("kw", {}).items()}
     with pytest.raises(ValueError, match=match):
         t5_attention(q, k, k, table, **kw)
+
+
+def test_attention_dropout_matches_reference_with_the_same_mask(device):
+    """In-kernel dropout: forward and every gradient equal softmax(...) * Z @ v with the kernel's own mask Z
+    (regenerated from the call's seed), Z keeps ~(1 - p) of the scores, and eval mode drops nothing."""
+    case = Case("dropout", torch.float32, 64, 2, 2, 70, 70, dict(max_distance=24), masks="pad")
+    q, k, v, table, do, masks = _make(case, device, seed=7)
+    kwargs = {**case.kwargs, **masks}
+    p = 0.3
+    torch.manual_seed(123)
+    got = _run(t5_attention, _leaves(q, k, v, table, torch.float32, torch.float32, device), do,
+               {**kwargs, "dropout_p": p, "training": True})
+    torch.manual_seed(123)
+    seed = attn._draw_dropout_seed(2 * 2)
+    scales = attn._dropout_scales(2, 2, 70, 70, seed, p, device).double()
+    kept = (scales > 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 0.02, kept
+    assert torch.allclose(scales[scales > 0], torch.tensor(1 / (1 - p), dtype=torch.float64, device=device))
+
+    def dropped_ref(q, k, v, table, **kw):
+        bias = attn.compute_position_bias(table, 70, 70, bidirectional=True, max_distance=24)
+        mask = attn.compute_attention_mask(70, 70, device=q.device, key_padding_mask=kw["key_padding_mask"])
+        scores = (q @ k.transpose(-1, -2) + bias).masked_fill(~mask, float("-inf"))
+        return (torch.softmax(scores, -1) * scales) @ v
+
+    ref = _run(dropped_ref, _leaves(q, k, v, table, torch.float64, torch.float64, device), do, kwargs)
+    for name, g, r in zip(["out", "dq", "dk", "dv", "dtable"], got, ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    evaluated = t5_attention(*_leaves(q, k, v, table, torch.float32, torch.float32, device), **kwargs,
+                             dropout_p=p, training=False)
+    plain = t5_attention(*_leaves(q, k, v, table, torch.float32, torch.float32, device), **kwargs)
+    assert torch.equal(evaluated, plain)

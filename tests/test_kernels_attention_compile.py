@@ -58,8 +58,10 @@ VARIANTS = [  # (name, dtype, head_dim, flags)
     ("packed-dec", "fp16", 64, dict(CAUSAL=True, HAS_SEG=2, HAS_QPOS=True, HAS_KPOS=True)),
     ("packed-enc-d128", "bf16", 128, dict(HAS_SEG=2, HAS_QPOS=True, HAS_KPOS=True)),
     ("cross-fp32", "fp32", 64, dict(HAS_BIAS=False, HAS_SEG=2)),
+    ("enc-pad-dropout", "bf16", 64, dict(HAS_SEG=1, DROPOUT=True)),
 ]
-base = dict(HAS_BIAS=True, HAS_QPOS=False, HAS_KPOS=False, HAS_SEG=0, CAUSAL=False, HAS_PREFIX=False, UPCAST=False)
+base = dict(HAS_BIAS=True, HAS_QPOS=False, HAS_KPOS=False, HAS_SEG=0, CAUSAL=False, HAS_PREFIX=False, UPCAST=False,
+            DROPOUT=False)
 for name, dtype, d, flags in VARIANTS:
     flags = dict(base, **flags, HEAD_DIM=d, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     cfg = _blocks(d, 4096, flags["HAS_QPOS"])
@@ -69,8 +71,8 @@ for name, dtype, d, flags in VARIANTS:
             ("dq", K._bwd_dq_kernel, dict(flags, BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n), cfg.dq_warps)]
     for kname, fn, consts, warps in runs:
         kernel = compile_one(fn, dtype, consts, warps, cfg.num_stages)
-        print(json.dumps(dict(variant=name, kernel=kname, dtype=dtype, head_dim=d, stack=stack_bytes(kernel))),
-              flush=True)
+        print(json.dumps(dict(variant=name, kernel=kname, dtype=dtype, head_dim=d, stack=stack_bytes(kernel),
+                              dropout=flags["DROPOUT"])), flush=True)
 kernel = compile_one(K._bwd_delta_kernel, "bf16", dict(HEAD_DIM=64, BLOCK_M=64), 4, 1)
 print(json.dumps(dict(variant="delta", kernel="delta", dtype="bf16", head_dim=64, stack=stack_bytes(kernel))))
 '''
@@ -90,8 +92,9 @@ def test_kernels_compile_for_sm90_without_spills_at_d64():  # ~15 s
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 16, proc.stdout
+    assert len(rows) == 19, proc.stdout
     print("\n".join(f"{r['variant']:>22} {r['kernel']:>5} d={r['head_dim']} stack {r['stack']} B" for r in rows))
-    # fp32 (exact fp32 dots, not a training path on the GPU) is allowed to spill.
-    spilled = [r for r in rows if r["head_dim"] == 64 and r["dtype"] != "fp32" and r["stack"] != 0]
+    # fp32 (exact fp32 dots, not a training path on the GPU) and dropout (Philox state) may spill.
+    spilled = [r for r in rows if r["head_dim"] == 64 and r["dtype"] != "fp32" and not r.get("dropout")
+               and r["stack"] != 0]
     assert not spilled, f"register spills at head dim 64 (retune kernels/t5_attention.py:_blocks): {spilled}"
