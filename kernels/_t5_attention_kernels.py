@@ -352,10 +352,12 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
                     b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
                     b_hi = tl.max(tl.where(vis, bucket, -1))
                     for bk in range(b_lo, b_hi + 1):
-                        part = tl.sum(tl.where(bucket == bk, dst, 0.0))
-                        dbias += tl.where(offs_bk == bk, part, 0.0)
+                        # Reduce along the query axis only (within a warp for the dot's layout) into a
+                        # per-key-row partial; the cross-warp reduction happens once per program.
+                        part = tl.sum(tl.where(bucket == bk, dst, 0.0), 1)                      # [N]
+                        dbias += tl.where(offs_bk[None, :] == bk, part[:, None], 0.0)
                 else:
-                    dbias += tl.where(offs_bk == bucket_const, tl.sum(dst), 0.0)
+                    dbias += tl.where(offs_bk[None, :] == bucket_const, tl.sum(dst, 1)[:, None], 0.0)
     return dk, dv, dbias
 
 
@@ -378,7 +380,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
                      UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per key block: loops over query blocks, accumulates dk, dv and the block's dbias.
 
-    The bias gradient is reduced in registers into an [NB_PAD] partial written ONCE per program: to its
+    The bias gradient is reduced in registers into a [BLOCK_N, NB_PAD] partial, summed over its rows once
+    and written ONCE per program: to its
     own slot of a partial buffer (deterministic; the host sums in a fixed order) or with NB_PAD atomic
     adds (fast mode). Never one atomic per score.
     """
@@ -431,7 +434,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dbias = tl.zeros([NB_PAD], tl.float32)
+    dbias = tl.zeros([BLOCK_N, NB_PAD], tl.float32)   # per key row, per bucket; summed over rows at the end
     if not HAS_BIAS or not INDEX_POS:
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
@@ -470,6 +473,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_ok)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok)
     if BIAS_GRAD:
+        dbias = tl.sum(dbias, 0)
         if DETERMINISTIC:
             slot = ((b64 * H + h) * tl.num_programs(0) + pid_n) * NB_PAD
             tl.store(DBIAS + slot + offs_bk, dbias)
