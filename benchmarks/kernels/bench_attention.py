@@ -9,7 +9,8 @@ ceiling, which T5 cannot use), forward / backward / full, TFLOP/s and peak memor
 Issue-4 targets (one H100, bf16, full pass): >= 2x SDPA+bias, >= 1.2x Flex, >= 60% of no-bias flash,
 memory linear in L. FLOPs counted the FlashAttention way for every provider alike: forward 4*B*H*Lq*Lk*D,
 backward 2.5x that, halved for causal. Modes: "enc" (bidirectional buckets, no mask, the encoder) and
-"dec" (unidirectional buckets + causal, decoder self-attention; d=64 only). Each shape also records the
+"dec" (unidirectional buckets + causal, decoder self-attention; d=64 only). The CPU smoke run leaves
+FlexAttention out (no CPU backward) and times the interpreter, so its numbers mean nothing. Each shape also records the
 max |ours - SDPA+bias| of the forward output ("max_err_vs_sdpa") as a compiled correctness spot check.
 Results go to `<out>/t5_attention_<device>_<date>.json`.
 """
@@ -65,7 +66,7 @@ def _providers(smoke: bool, device: torch.device, causal: bool) -> dict[str, Cal
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         flex_attention = None
-    if flex_attention is not None:
+    if flex_attention is not None and device.type == "cuda":   # Flex has no backward on the CPU
         flex = flex_attention if smoke else torch.compile(flex_attention, dynamic=False)
         rel = torch.arange(-MAX_DISTANCE, MAX_DISTANCE + 1, device=device)
         bucket_lut = relative_position_bucket(rel, bidirectional, NUM_BUCKETS, MAX_DISTANCE)
