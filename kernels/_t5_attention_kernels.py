@@ -4,12 +4,11 @@ Layout and conventions shared by every kernel here:
 - grid = (blocks along the length the program owns, H, B); the batch and head come from axes 1 and 2, so
   no axis ever exceeds CUDA's 65535 limit on y/z for realistic H and B.
 - Scores live in the log2 domain: `s2 = (q.k) * scale * log2(e) + bias * log2(e)`, so the softmax uses
-  `exp2` (one MUFU op). The host pre-multiplies the bias lookup table by log2(e); LSE is stored in log2
-  units. `ds` (the gradient of the natural-log score) is what dq, dk and dbias need.
-- The bias is a gather from two tiny host-built tables indexed by the clamped relative position
-  `clamp(k_pos - q_pos, -D_MAX, D_MAX) + D_MAX` (never negative; see MACHINE_NOTES: a negative index
-  corrupts the heap under the interpreter): `BIAS_LUT[h, idx]` (fp32, log2 units) and
-  `BUCKET_LUT[idx]` (int32 bucket, for the table gradient). Both come from the reference bucket function,
+  `exp2` (one MUFU op); LSE is stored in log2 units. `ds` (the gradient of the natural-log score) is what dq, dk and dbias need.
+- The bias is `TABLE[BUCKET_LUT[idx], h]`: the learned (num_buckets, H) table read directly (no per-call
+  host work), through a tiny cached int32 table of buckets indexed by the clamped relative position
+  `idx = clamp(k_pos - q_pos, -D_MAX, D_MAX) + D_MAX` (never negative; see MACHINE_NOTES: a negative
+  index corrupts the heap under the interpreter). BUCKET_LUT comes from the reference bucket function,
   so the kernel's buckets are bit-identical to Hugging Face's fp32 log arithmetic.
 - Tiles entirely beyond +-D_MAX have ONE bias value and ONE bucket (the bucket saturates there). With
   index-ordered positions the key loop is split in three segments, far-before / near-diagonal / far-after,
@@ -26,6 +25,7 @@ import triton
 import triton.language as tl
 
 _BIG = tl.constexpr(1 << 30)  # "no segment / position" sentinel for masked min/max reductions
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -83,6 +83,12 @@ def _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start
 
 
 @triton.jit
+def _bias_at(tab_h, stride_tb, BUCKET_LUT, idx):
+    """The head's bias (log2 units, fp32) at table index `idx` (a tile or a scalar)."""
+    return tl.load(tab_h + tl.load(BUCKET_LUT + idx) * stride_tb).to(tl.float32) * _LOG2E
+
+
+@triton.jit
 def _dropout_scale(seed_bh, qi, kj, Lk, dropout_p):
     """Attention-dropout multiplier per (query, key): 1 / (1 - p) where kept, 0 where dropped.
 
@@ -128,7 +134,8 @@ def _segment_bounds(lo, hi, q_first, q_last, k_first_off, k_last_off, D_MAX, BLO
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KPOS, KSEG, lut_row,
+def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KPOS, KSEG, lut_row, stride_tb,
+               BUCKET_LUT,
                stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
                BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
@@ -160,7 +167,7 @@ def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KP
                                             kpos[None, :], qseg[:, None], kseg[None, :], prefix, D_MAX,
                                             CAUSAL, HAS_PREFIX, HAS_SEG)
             if BIAS_MODE == 1:
-                s += tl.load(lut_row + idx)
+                s += tl.load(lut_row + tl.load(BUCKET_LUT + idx) * stride_tb).to(tl.float32) * _LOG2E
             elif BIAS_MODE == 2:
                 s += bias_const
             s = tl.where(vis, s, float("-inf"))
@@ -180,12 +187,12 @@ def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KP
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
+def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ob, stride_oh, stride_om, stride_od,
-                stride_lut_h, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
+                stride_tb, stride_th, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
                 H, Lq, Lk, q_offset, qk_scale, D_MAX, seed, dropout_p,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
@@ -228,7 +235,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
         if HAS_PREFIX:
             hi = tl.maximum(hi, tl.minimum(prefix, Lk))
-    lut_row = BIAS_LUT + h * stride_lut_h
+    lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
     kpos_row = KPOS + b * stride_kpos_b
     kseg_row = KSEG + b * stride_kseg_b
 
@@ -237,29 +244,29 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not HAS_BIAS:
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
-                                   kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
+                                   kseg_row, lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
                                    0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
     elif not INDEX_POS:
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
-                                   kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
+                                   kseg_row, lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
                                    1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
     else:
         b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
-                                   kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX,
-                                   tl.load(lut_row), 0, b1,
+                                   kseg_row, lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX,
+                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), 0, b1,
                                    2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
-                                   kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
+                                   kseg_row, lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
                                    1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
-                                   kseg_row, lut_row, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX,
-                                   tl.load(lut_row + 2 * D_MAX), b2, hi,
+                                   kseg_row, lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX,
+                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi,
                                    2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
 
@@ -293,7 +300,7 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 
 @triton.jit
 def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base, lse_row, delta_row,
-                QPOS, QSEG, lut_row, BUCKET_LUT, stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
+                QPOS, QSEG, lut_row, stride_tb, BUCKET_LUT, stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
                 bias_const, bucket_const, lo, hi,
                 BIAS_MODE: tl.constexpr, BIAS_GRAD: tl.constexpr, NB_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 HAS_QPOS: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
@@ -333,7 +340,8 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
                                             kpos[:, None], qseg[None, :], kseg[:, None], prefix, D_MAX,
                                             CAUSAL, HAS_PREFIX, HAS_SEG)
             if BIAS_MODE == 1:
-                st += tl.load(lut_row + idx)
+                bucket = tl.load(BUCKET_LUT + idx)
+                st += tl.load(lut_row + bucket * stride_tb).to(tl.float32) * _LOG2E
             elif BIAS_MODE == 2:
                 st += bias_const
             pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
@@ -348,7 +356,6 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
             dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
             if BIAS_GRAD:
                 if BIAS_MODE == 1:
-                    bucket = tl.load(BUCKET_LUT + idx)
                     b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
                     b_hi = tl.max(tl.where(vis, bucket, -1))
                     for bk in range(b_lo, b_hi + 1):
@@ -362,7 +369,7 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LUT,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
                      QPOS, KPOS, QSEG, KSEG, PREFIX,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
@@ -370,7 +377,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
                      stride_dob, stride_doh, stride_dom, stride_dod,
                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                     stride_lut_h, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
+                     stride_tb, stride_th, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
                      H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, NUM_BUCKETS, seed, dropout_p,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      NB_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
@@ -428,7 +435,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
         lo = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
         if HAS_PREFIX:
             lo = tl.where(start_n < prefix, 0, lo)
-    lut_row = BIAS_LUT + h * stride_lut_h
+    lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
     qpos_row = QPOS + b * stride_qpos_b
     qseg_row = QSEG + b * stride_qseg_b
 
@@ -437,7 +444,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
     dbias = tl.zeros([BLOCK_N, NB_PAD], tl.float32)   # per key row, per bucket; summed over rows at the end
     if not HAS_BIAS or not INDEX_POS:
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
+                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, lo, Lq,
                                     1 if HAS_BIAS else 0, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
                                     HAS_PREFIX, UPCAST, INPUT_PRECISION,
@@ -448,21 +455,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
                                  False)
         last = 2 * D_MAX
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
-                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, tl.load(lut_row + last),
+                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, _bias_at(lut_row, stride_tb, BUCKET_LUT, last),
                                     tl.load(BUCKET_LUT + last), lo, b1,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
                                     HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
+                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, b1, b2,
                                     1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
                                     HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, BUCKET_LUT, stride_qm,
-                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, tl.load(lut_row),
+                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, _bias_at(lut_row, stride_tb, BUCKET_LUT, 0),
                                     tl.load(BUCKET_LUT), b2, Lq,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
                                     HAS_PREFIX, UPCAST, INPUT_PRECISION,
@@ -482,7 +489,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, BIAS_LUT, BUCKET_LU
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, KPOS, KSEG, lut_row,
+def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, KPOS, KSEG, lut_row, stride_tb,
+              BUCKET_LUT,
               stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
               BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
@@ -514,7 +522,7 @@ def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base
                                             kpos[None, :], qseg[:, None], kseg[None, :], prefix, D_MAX,
                                             CAUSAL, HAS_PREFIX, HAS_SEG)
             if BIAS_MODE == 1:
-                s += tl.load(lut_row + idx)
+                s += tl.load(lut_row + tl.load(BUCKET_LUT + idx) * stride_tb).to(tl.float32) * _LOG2E
             elif BIAS_MODE == 2:
                 s += bias_const
             p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
@@ -527,13 +535,13 @@ def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BIAS_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                   stride_lut_h, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
+                   stride_tb, stride_th, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
                    H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, seed, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
@@ -583,29 +591,29 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BIAS_LUT, QPOS, KPOS, QSEG, KSEG
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
         if HAS_PREFIX:
             hi = tl.maximum(hi, tl.minimum(prefix, Lk))
-    lut_row = BIAS_LUT + h * stride_lut_h
+    lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
     kpos_row = KPOS + b * stride_kpos_b
     kseg_row = KSEG + b * stride_kseg_b
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not HAS_BIAS or not INDEX_POS:
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
+                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
                        1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
     else:
         b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, tl.load(lut_row), 0, b1,
+                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), 0, b1,
                        2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
+                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
                        1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, tl.load(lut_row + 2 * D_MAX), b2, hi,
+                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, _bias_at(lut_row, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi,
                        2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
 

@@ -81,17 +81,24 @@ def _blocks(head_dim: int, q_len: int, gather_everywhere: bool) -> _Blocks:
     return _Blocks(fwd[0], fwd[1], dkdv[0], dkdv[1], dq[0], dq[1], fwd[2], dkdv[2], dq[2], num_stages=2)
 
 
-def _bias_tables(bias_table: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
-    """Per-head bias (log2 units) and bucket id for every relative position in [-D, D], D = max_distance.
+_BUCKET_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _bucket_table(bidirectional: bool, num_buckets: int, max_distance: int, device) -> torch.Tensor:
+    """int32 bucket of every relative position in [-D, D], D = max_distance (cached per configuration).
 
     Beyond +-max_distance the bucket saturates (the log bucket reaches the last bucket of its half), so
     clamping the relative position to [-D, D] is exact. Built with the reference bucket function so the
-    kernel matches Hugging Face's fp32 log arithmetic bit for bit at bucket boundaries.
+    kernel matches Hugging Face's fp32 log arithmetic bit for bit at bucket boundaries. The learned table
+    itself is read by the kernels directly: nothing is derived from its values on the host.
     """
-    rel = torch.arange(-max_distance, max_distance + 1, device=bias_table.device)
-    buckets = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)   # (2D+1,)
-    bias_lut = (bias_table.detach().float()[buckets].t() * _LOG2E).contiguous()        # (H, 2D+1)
-    return bias_lut, buckets.to(torch.int32).contiguous()
+    key = (bool(bidirectional), int(num_buckets), int(max_distance), torch.device(device))
+    buckets = _BUCKET_CACHE.get(key)
+    if buckets is None:
+        rel = torch.arange(-max_distance, max_distance + 1, device=device)
+        buckets = relative_position_bucket(rel, bidirectional, num_buckets, max_distance).to(torch.int32)
+        _BUCKET_CACHE[key] = buckets = buckets.contiguous()                          # (2D+1,)
+    return buckets
 
 
 @dataclass
@@ -126,16 +133,17 @@ def _as_rows(t: torch.Tensor, name: str, batch: int, length: int) -> torch.Tenso
     return t.to(torch.int32).contiguous()
 
 
-def _launch_common(q, k, meta: _Meta, bias_lut, blocks_m: int, blocks_n: int):
+def _launch_common(q, k, meta: _Meta, table, blocks_m: int, blocks_n: int):
     """Arguments shared by every kernel (after the tensors), and the constexpr flags."""
     dummy = q.new_empty(1, dtype=torch.int32)
     tensors = [meta.q_pos if meta.q_pos is not None else dummy, meta.kv_pos if meta.kv_pos is not None else dummy,
                meta.q_seg if meta.q_seg is not None else dummy, meta.kv_seg if meta.kv_seg is not None else dummy,
                meta.prefix if meta.prefix is not None else dummy]
-    strides = [bias_lut.stride(0) if bias_lut is not None else 0, _b_stride(meta.q_pos), _b_stride(meta.kv_pos),
+    strides = [table.stride(0) if table is not None else 0, table.stride(1) if table is not None else 0,
+               _b_stride(meta.q_pos), _b_stride(meta.kv_pos),
                _b_stride(meta.q_seg), _b_stride(meta.kv_seg)]
     interp_bf16 = _interpreting() and q.dtype == torch.bfloat16
-    flags = dict(HEAD_DIM=q.shape[-1], BLOCK_M=blocks_m, BLOCK_N=blocks_n, HAS_BIAS=bias_lut is not None,
+    flags = dict(HEAD_DIM=q.shape[-1], BLOCK_M=blocks_m, BLOCK_N=blocks_n, HAS_BIAS=table is not None,
                  HAS_QPOS=meta.q_pos is not None, HAS_KPOS=meta.kv_pos is not None,
                  # 0: no segments/padding, 1: key padding only, 2: segment ids on both sides.
                  HAS_SEG=0 if meta.kv_seg is None else (1 if meta.q_seg is None else 2),
@@ -148,24 +156,24 @@ def _launch_common(q, k, meta: _Meta, bias_lut, blocks_m: int, blocks_n: int):
     return tensors, strides, flags
 
 
-def _forward(q, k, v, bias_lut, meta: _Meta):
+def _forward(q, k, v, table, buckets, meta: _Meta):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None)
     # (B, Lq, H, D) storage viewed as (B, H, Lq, D): the model's merge of heads is then a free reshape.
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    tensors, strides, flags = _launch_common(q, k, meta, bias_lut, cfg.fwd_m, cfg.fwd_n)
+    tensors, strides, flags = _launch_common(q, k, meta, table, cfg.fwd_m, cfg.fwd_n)
     grid = (triton.cdiv(Lq, cfg.fwd_m), H, B)
     _k._fwd_kernel[grid](
-        q, k, v, o, lse, bias_lut if bias_lut is not None else lse, *tensors,
+        q, k, v, o, lse, table if table is not None else lse, buckets if buckets is not None else lse, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
         H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.max_distance, meta.seed, meta.dropout_p,
         **flags, num_warps=cfg.fwd_warps, num_stages=cfg.num_stages)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, bias_lut, bucket_lut, meta: _Meta, bias_grad: bool):
+def _backward(do, q, k, v, o, lse, table, buckets, meta: _Meta, bias_grad: bool):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None)
@@ -181,20 +189,20 @@ def _backward(do, q, k, v, o, lse, bias_lut, bucket_lut, meta: _Meta, bias_grad:
         dbias = torch.empty((B, H, n_kv_blocks, nb_pad), dtype=torch.float32, device=q.device)
     else:
         dbias = torch.zeros((H, nb_pad), dtype=torch.float32, device=q.device)
-    lut = bias_lut if bias_lut is not None else lse
-    buckets = bucket_lut if bucket_lut is not None else lse
-    tensors, strides, flags = _launch_common(q, k, meta, bias_lut, cfg.bwd_m, cfg.bwd_n)
+    tab = table if table is not None else lse           # never read without HAS_BIAS
+    bkt = buckets if buckets is not None else lse
+    tensors, strides, flags = _launch_common(q, k, meta, table, cfg.bwd_m, cfg.bwd_n)
     _k._bwd_dkdv_kernel[(n_kv_blocks, H, B)](
-        q, k, v, do, lse, delta, dk, dv, dbias, lut, buckets, *tensors,
+        q, k, v, do, lse, delta, dk, dv, dbias, tab, bkt, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
         H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, meta.num_buckets,
         meta.seed, meta.dropout_p,
         NB_PAD=nb_pad, BIAS_GRAD=bias_grad, DETERMINISTIC=meta.deterministic, **flags,
         num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
 
-    tensors, strides, flags = _launch_common(q, k, meta, bias_lut, cfg.dq_m, cfg.dq_n)
+    tensors, strides, flags = _launch_common(q, k, meta, table, cfg.dq_m, cfg.dq_n)
     _k._bwd_dq_kernel[(triton.cdiv(Lq, cfg.dq_m), H, B)](
-        q, k, v, do, lse, delta, dq, lut, *tensors,
+        q, k, v, do, lse, delta, dq, tab, bkt, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
         H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, meta.seed, meta.dropout_p,
         **flags, num_warps=cfg.dq_warps, num_stages=cfg.num_stages)
@@ -225,23 +233,21 @@ def _dropout_scales(batch: int, heads: int, q_len: int, kv_len: int, seed: int, 
 class _T5AttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias_table, meta: _Meta):
-        bias_lut = bucket_lut = None
+        buckets = None
         if bias_table is not None:
-            bias_lut, bucket_lut = _bias_tables(bias_table, meta.bidirectional, meta.num_buckets,
-                                                meta.max_distance)
-        o, lse = _forward(q, k, v, bias_lut, meta)
-        ctx.save_for_backward(q, k, v, o, lse, bias_lut, bucket_lut)
+            buckets = _bucket_table(meta.bidirectional, meta.num_buckets, meta.max_distance, q.device)
+        o, lse = _forward(q, k, v, bias_table, buckets, meta)
+        ctx.save_for_backward(q, k, v, o, lse, bias_table, buckets)
         ctx.meta = meta
-        ctx.table_dtype = None if bias_table is None else bias_table.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, bias_lut, bucket_lut = ctx.saved_tensors
-        bias_grad = bias_lut is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dtable = _backward(do, q, k, v, o, lse, bias_lut, bucket_lut, ctx.meta, bias_grad)
+        q, k, v, o, lse, table, buckets = ctx.saved_tensors
+        bias_grad = table is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dtable = _backward(do, q, k, v, o, lse, table, buckets, ctx.meta, bias_grad)
         if dtable is not None:
-            dtable = dtable.to(ctx.table_dtype)
+            dtable = dtable.to(table.dtype)
         return dq, dk, dv, dtable, None
 
 
@@ -275,6 +281,11 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"t5_attention: q, k, v must share one of float16/bfloat16/float32; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
+    others = [t for t in (k, v, bias_table, key_padding_mask, prefix_lengths, q_segment_ids, kv_segment_ids,
+                          q_positions, kv_positions) if t is not None]
+    if any(t.device != q.device for t in others):
+        raise ValueError(f"t5_attention: every tensor must be on q's device {q.device}; got "
+                         f"{sorted({str(t.device) for t in others})}")
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"t5_attention: head dim {D} unsupported; expected one of {SUPPORTED_HEAD_DIMS}")
     if not 0.0 <= dropout_p < 1.0:

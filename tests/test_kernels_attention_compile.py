@@ -25,7 +25,7 @@ from kernels import _t5_attention_kernels as K
 from kernels.t5_attention import _blocks
 
 ACT = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-F32 = {"LSE", "DELTA", "BIAS_LUT", "DBIAS"}
+F32 = {"LSE", "DELTA", "TABLE", "DBIAS"}   # the learned table: fp32 master weights
 I32P = {"BUCKET_LUT", "QPOS", "KPOS", "QSEG", "KSEG", "PREFIX"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
