@@ -21,7 +21,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 @dataclass
 class RunSection:
     dir: str = "runs/tiny"  # checkpoints, metrics.jsonl, TensorBoard; rerunning on it resumes
-    max_steps: int = 300  # optimizer steps (skipped non-finite steps count too: they consume data)
+    max_steps: int = 500  # optimizer steps (skipped non-finite steps count too: they consume data)
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl records (and progress-bar refreshes)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
@@ -48,7 +48,7 @@ class DataSection:
     paths: list[str] = field(default_factory=list)  # C4-style JSON lines (globs ok); empty = built-in corpus
     tokenizer: str = ""  # SentencePiece model; "" = built-in tokenizer (built-in corpus) or required
     objective: str = "span_corruption"  # any objective of engine/data/objectives.py
-    input_length: int = 64  # encoder tokens per row (512 in the paper)
+    input_length: int = 128  # encoder tokens per row (512 in the paper)
     target_length: int = 0  # 0 = derived from the objective (114 for 512 with span corruption)
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
@@ -87,7 +87,7 @@ class ScheduleSection:
 
 @dataclass
 class CheckpointSection:
-    every: int = 100  # steps between checkpoints; the last step always saves
+    every: int = 250  # steps between checkpoints; the last step always saves
     keep_last: int = 3  # older checkpoints are deleted after a new one is complete
     resume: bool = True  # resume from run.dir/checkpoints/latest when it exists
 

@@ -22,10 +22,13 @@ import torch
 
 from engine.config import RunConfig, load_run_config
 
+# Sentences in the style of the built-in corpus (docstrings) with one span replaced by a sentinel, and
+# the words that were there.
 DEMO_SENTENCES = (
-    "Return a new list containing all items from the iterable in ascending order.",
-    "If the file does not exist, an exception is raised and nothing is written.",
-    "This module provides classes for reading and writing compressed data.",
+    ("Return a new <extra_id_0> containing all items from the iterable in ascending order.", "list"),
+    ("If the file does not <extra_id_0>, an exception is raised.", "exist"),
+    ("This module provides <extra_id_0> for reading and writing compressed data.", "classes"),
+    ("The default value is <extra_id_0>, which means no limit.", "None"),
 )
 
 
@@ -169,7 +172,11 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
 
 
 def greedy_fill(model, tokenizer, input_ids: list[int], max_new_tokens: int = 32) -> list[int]:
-    """Greedy decoding by re-running the decoder on the prefix (small demo inputs: no cache needed)."""
+    """Greedy decoding by re-running the decoder on the prefix (small demo inputs: no cache needed).
+
+    Stops at EOS or at a sentinel the input does not contain: every span has been filled by then.
+    """
+    sentinels = {i for i in input_ids if i >= tokenizer.vocab_size - tokenizer.num_sentinels}
     device = next(model.parameters()).device
     enc = torch.tensor([input_ids], device=device)
     out: list[int] = []
@@ -178,32 +185,26 @@ def greedy_fill(model, tokenizer, input_ids: list[int], max_new_tokens: int = 32
             dec = torch.tensor([[0] + out], device=device)
             logits = model(input_ids=enc, attention_mask=torch.ones_like(enc), decoder_input_ids=dec).logits
             nxt = int(logits[0, -1, : tokenizer.vocab_size].argmax())
-            if nxt == tokenizer.eos_id:
+            if nxt == tokenizer.eos_id or (nxt >= tokenizer.vocab_size - tokenizer.num_sentinels
+                                           and nxt not in sentinels):
                 break
             out.append(nxt)
     return out
 
 
-def demo(model, tokenizer_file: str, seed: int, noise_density: float, mean_span: float, file=None) -> None:
-    """Corrupt a few sentences with span corruption and show what the model fills in."""
-    file = file or sys.stdout
-    from engine.data.objectives import span_corruption
+def demo(model, tokenizer_file: str, file=None) -> None:
+    """Show what the model fills in for a few sentences with a missing span."""
     from engine.tokenizer import Tokenizer
 
+    file = file or sys.stdout
     tokenizer = Tokenizer(tokenizer_file)
-    rng = np.random.default_rng(seed)
     was_training = model.training
     model.eval()
-    print("\nWhat the model fills in (greedy):", file=file)
-    for sentence in DEMO_SENTENCES:
-        tokens = np.asarray(tokenizer.encode(sentence), dtype=np.int64)
-        inputs, targets = span_corruption(tokens, rng, noise_density=max(noise_density, 0.15),
-                                          mean_noise_span_length=mean_span,
-                                          first_sentinel_id=tokenizer.sentinel_id(0), eos_id=tokenizer.eos_id)
-        predicted = greedy_fill(model, tokenizer, inputs.tolist())
-        print(f"  input:     {tokenizer.decode(inputs.tolist()[:-1])}", file=file)
-        print(f"  expected:  {tokenizer.decode(targets.tolist()[:-1])}", file=file)
-        print(f"  predicted: {tokenizer.decode(predicted)}", file=file)
+    print("\nWhat the model fills in (greedy decoding):", file=file)
+    for sentence, answer in DEMO_SENTENCES:
+        predicted = greedy_fill(model, tokenizer, tokenizer.encode(sentence, add_eos=True))
+        filled = tokenizer.decode(predicted, skip_special=True).strip()
+        print(f"  {sentence}\n      model: {filled!r:<24} original: {answer!r}", file=file)
     model.train(was_training)
 
 
@@ -232,14 +233,16 @@ def pretrain_main(argv: list[str]) -> int:
         print(f"t5forge pretrain: {err}", file=sys.stderr)
         return 1
     if trainer.is_main:
-        first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"),) * 2
         how = "stopped by signal, checkpoint saved" if result.stopped_by_signal else "done"
-        print(f"t5forge pretrain: {how} at step {result.step} (loss {first:.3f} -> {last:.3f} in this run, "
-              f"{result.skipped_steps} skipped steps); checkpoint in {trainer.ckpt_root}", file=sys.stderr)
+        if result.losses:
+            change = f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} in this run"
+        else:
+            change = f"already at run.max_steps = {cfg.run.max_steps}; raise it to train further"
+        print(f"t5forge pretrain: {how} at step {result.step} ({change}, {result.skipped_steps} skipped steps); "
+              f"checkpoint in {trainer.ckpt_root}", file=sys.stderr)
         if (cfg.run.demo and not result.stopped_by_signal and trainer.tokenizer_file
                 and cfg.deepspeed.zero_stage < 3 and cfg.data.objective == "span_corruption"):
-            demo(trainer.engine.module, trainer.tokenizer_file, cfg.run.seed, cfg.data.noise_density,
-                 cfg.data.mean_noise_span_length)
+            demo(trainer.engine.module, trainer.tokenizer_file)
     trainer.engine.close()
     return 0
 
