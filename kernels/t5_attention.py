@@ -6,10 +6,11 @@ position). The encoder buckets both directions, decoder self-attention only the 
 cross-attention has no bias at all.
 
 Fast path `t5_attention` (kernels in kernels/_t5_attention_kernels.py): flash attention (tiled, online
-softmax in fp32, LSE stored, backward recomputes P) with the bias gathered INSIDE the kernel from a
-`(H, 2 * max_distance + 1)` lookup table built from the bucket function, and the gradient of the bias
-table reduced per tile by bucket (no L x L tensor, no atomic per score). Masks: key padding, causal,
-prefix-LM, packed segments with per-segment positions; a row with no visible key gives zeros.
+softmax in fp32, LSE stored, backward recomputes P) with the bias read INSIDE the kernel from the learned
+`(num_buckets, H)` table through a cached `(2 * max_distance + 1)` relative-position -> bucket table, and
+the gradient of the bias table reduced per tile by bucket (no L x L tensor, no atomic per score). Masks:
+key padding, causal, prefix-LM, packed segments with per-segment positions; a row with no visible key
+gives zeros. Optional in-kernel attention dropout. Decoding: a query block against a KV cache (q_offset).
 
 The reference materialises the `[B|1, H, Lq, Lk]` bias and a boolean visibility mask. The model's
 "torch" backend builds both ONCE per stack and reuses them in every layer (`attention_ref_with_bias`).

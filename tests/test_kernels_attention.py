@@ -167,16 +167,17 @@ def test_deterministic_mode_is_bit_exact(device):
 
 def test_decode_with_offset_matches_full_rows(device):
     """Incremental decoding: the last query rows against the whole cache equal those rows of the full pass."""
-    case = Case("dec", torch.float32, 64, 2, 2, 40, 40, dict(causal=True, bidirectional=False))
+    # max_distance 20 < length: the early cache blocks lie entirely beyond it (constant-bias key loop).
+    case = Case("dec", torch.float32, 64, 2, 2, 70, 70, dict(causal=True, bidirectional=False, max_distance=20))
     q, k, v, table, _, masks = _make(case, device, seed=5)
     q, k, v, table = (t.to(device, torch.float32) for t in (q, k, v, table))
     full = t5_attention(q, k, v, table, **case.kwargs)
-    for start in (39, 33):   # a single step, and a block of 7 new rows
+    for start in (69, 60):   # a single step, and a block of 10 new rows
         part = t5_attention(q[:, :, start:], k, v, table, **case.kwargs, q_offset=start)
         torch.testing.assert_close(part, full[:, :, start:], rtol=1e-5, atol=1e-6)
         # The same step with a cache padded past the current length (unused slots masked).
-        kpm = torch.ones(2, 48, dtype=torch.bool, device=device)
-        kpm[:, 40:] = False
+        kpm = torch.ones(2, 78, dtype=torch.bool, device=device)
+        kpm[:, 70:] = False
         kp = torch.cat([k, torch.randn_like(k[:, :, :8])], 2)
         vp = torch.cat([v, torch.randn_like(v[:, :, :8])], 2)
         padded = t5_attention(q[:, :, start:], kp, vp, table, **case.kwargs, q_offset=start, key_padding_mask=kpm)
