@@ -179,8 +179,9 @@ def _backward(do, q, k, v, o, lse, table, buckets, meta: _Meta, bias_grad: bool)
     Lk = k.shape[2]
     cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None)
     delta = torch.empty_like(lse)
-    _k._bwd_delta_kernel[(triton.cdiv(Lq, cfg.dq_m), H, B)](
-        o, do, delta, *o.stride(), *do.stride(), H, Lq, HEAD_DIM=D, BLOCK_M=cfg.dq_m)
+    delta_m = min(cfg.dq_m, 64)   # memory-bound row sums: small tiles, no register pressure
+    _k._bwd_delta_kernel[(triton.cdiv(Lq, delta_m), H, B)](
+        o, do, delta, *o.stride(), *do.stride(), H, Lq, HEAD_DIM=D, BLOCK_M=delta_m)
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     nb_pad = triton.next_power_of_2(meta.num_buckets)
