@@ -74,7 +74,7 @@ def _blocks(head_dim: int, q_len: int, gather_everywhere: bool) -> _Blocks:
     short = max(16, triton.next_power_of_2(q_len))
     # (BLOCK_M, BLOCK_N, num_warps); d=128 with explicit positions still spills some (~250 B/thread).
     if head_dim <= 64 or not gather_everywhere:
-        fwd = (min(128, short), 32, 8)
+        fwd = (min(128, short), 32, 8 if short >= 64 else 4)   # decode steps: one 16-row tile, 4 warps
     else:
         fwd = (min(64, short), 32, 4)
     dkdv = (32, 64, 8)
