@@ -5,6 +5,12 @@
         --data.tokenizer spiece.model --run.dir runs/base
     deepspeed --num_gpus 8 --module engine.train --config engine/configs/t5-v1_1-base.toml ...
     deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 --module engine.train --config ...
+        # hosts: one line per node, "node1 slots=8"; run.dir on a filesystem every node sees
+    deepspeed --num_gpus 2 --module engine.train --deepspeed.zero_stage 2     # 2 CPU ranks (gloo)
+
+The deepspeed launcher appends --local_rank=N, which is accepted and ignored (LOCAL_RANK is read from
+the environment). Without a launcher and without a GPU, the run uses a local engine (no DeepSpeed
+start-up, same Trainer); `--run.engine deepspeed` forces DeepSpeed on one process.
 
 Running the same command on an existing `run.dir` resumes from its latest checkpoint. SIGTERM / SIGINT
 save a checkpoint and exit (exit code 0). Config keys: engine/config.py.
@@ -78,7 +84,15 @@ def resolve_data(cfg: RunConfig) -> tuple[list[str], str]:
     if not cfg.data.paths:
         from engine.data import builtin
 
-        paths, tokenizer_file = builtin.ensure_builtin()  # made once, cached (see engine/data/builtin.py)
+        import fcntl
+
+        # Made once and cached (engine/data/builtin.py). Ranks of one machine start together under a
+        # launcher: a file lock lets the first build it while the others wait and then reuse it.
+        cache = pathlib.Path(builtin.cache_dir())
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            paths, tokenizer_file = builtin.ensure_builtin()
         tokenizer = cfg.data.tokenizer or tokenizer_file
         return [str(p) for p in paths], str(tokenizer)
     files: list[str] = []
