@@ -65,8 +65,7 @@ def _backend(config: T5Config, x: torch.Tensor, module: str, name: str) -> Calla
 def _attention_kernel_fits(config: T5Config) -> bool:
     """Whether the flash kernel takes this head width ("auto" falls back to PyTorch when it does not)."""
     module = importlib.import_module("kernels.t5_attention")
-    dims = getattr(module, "SUPPORTED_HEAD_DIMS", getattr(module, "_SUPPORTED_HEAD_DIMS", None))
-    return dims is None or config.d_kv in dims
+    return config.d_kv in module.SUPPORTED_HEAD_DIMS
 
 
 # ------------------------------------------------------------------------------ small functions
@@ -118,12 +117,6 @@ def build_attention_spec(config: T5Config, q: torch.Tensor, *, table: torch.Tens
     positions = dict(q_positions=q_positions, kv_positions=kv_positions, q_offset=q_offset)
     kernel = _backend(config, q, "t5_attention", "t5_attention")
     if kernel is not None and config.kernel_backend == "auto" and not _attention_kernel_fits(config):
-        kernel = None
-    if kernel is not None and training and config.dropout_rate > 0.0:
-        # The flash kernel has no dropout on attention probabilities (contract signature).
-        if config.kernel_backend == "triton":
-            raise NotImplementedError("kernels/t5_attention.py:t5_attention has no attention dropout; train with "
-                                      "dropout_rate=0, or kernel_backend='auto'/'torch'")
         kernel = None
     if kernel is not None:
         return AttentionSpec(table=table, kernel_kwargs=dict(
@@ -203,7 +196,8 @@ class T5Attention(nn.Module):
         dropout = self.config.dropout_rate if self.training else 0.0
         if spec.kernel_kwargs is not None:
             kernel = _triton_kernel("t5_attention", "t5_attention", required=True)
-            out = kernel(q, k, v, spec.table, **spec.kernel_kwargs)
+            # Attention dropout runs inside the kernel (mask regenerated in backward from a per-call seed).
+            out = kernel(q, k, v, spec.table, dropout_p=dropout, training=self.training, **spec.kernel_kwargs)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=spec.bias, dropout_p=dropout, scale=1.0)
             if spec.row_valid is not None:

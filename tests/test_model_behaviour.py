@@ -137,6 +137,28 @@ def test_activation_checkpointing_gives_same_loss_and_grads_with_dropout():
     assert T5ForConditionalGeneration(cfg.replace(gradient_checkpointing=True)).decoder.gradient_checkpointing
 
 
+def test_triton_attention_dropout_replays_under_activation_checkpointing():
+    """With kernel_backend='triton' the attention dropout runs inside the flash kernel; its seed comes
+    from torch's RNG, so a checkpointed block recomputes the same masks and the gradients are equal."""
+    cfg = small_config(d_kv=16, dropout_rate=0.2, kernel_backend="triton")
+    plain, ckpt = model(cfg), model(cfg)
+    ckpt.gradient_checkpointing_enable()
+    batch = dict(input_ids=torch.randint(2, 61, (2, 9)), labels=torch.randint(2, 61, (2, 6)))
+    losses = []
+    for m in (plain, ckpt):
+        m.train()
+        torch.manual_seed(5)
+        loss = m(**batch).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), n
+    plain.eval()
+    with torch.no_grad():
+        assert not torch.equal(plain(**batch).loss, losses[0])  # the dropout was really applied in training
+
+
 def test_dropout_is_active_in_train_mode_only():
     m = model(small_config(dropout_rate=0.3))
     batch = dict(input_ids=torch.randint(2, 61, (2, 8)), decoder_input_ids=torch.randint(2, 61, (2, 5)))
