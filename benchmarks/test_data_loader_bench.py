@@ -1,11 +1,17 @@
 """Loader throughput: C4 JSON lines -> packed 512/114 span-corruption batches with the real T5 vocabulary.
 
-    pytest benchmarks/test_data_loader_bench.py --benchmark-enable -s
+    pytest benchmarks/test_data_loader_bench.py --benchmark-enable --benchmark-autosave -s
 
 Reports rows per second per CPU core (SentencePiece pinned to one thread, the whole pipeline in one
 process) and the loader's time over tokenization alone on the same documents in the same run.
 Targets (issue 5): >= 3,000 rows/s per core, <= 1.5x tokenization alone. The default run is one
-pass over the 2,000-document C4 validation sample (a few seconds), as CI runs it.
+pass over the 2,000-document C4 validation sample (a few seconds), as CI runs it. With
+`--benchmark-autosave` the figures (extra_info: rows_per_s_per_core, loader_over_tokenize) are saved
+under benchmarks/results/pytest-benchmark/ (pytest.ini sets the storage).
+
+Where the loader's time goes besides SentencePiece (2-core shared machine, one pass, ~0.25 s of
+tokenization): gzip inflate ~0.018 s and JSON ~0.010 s (the reader, ~0.037 s in all), span
+corruption ~0.02 s, list -> numpy ids ~0.013 s, packing and tensors ~0.004 s.
 """
 import gzip
 import json

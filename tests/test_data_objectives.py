@@ -65,7 +65,8 @@ def test_noise_density_and_mean_span_length_on_average():
 
 
 @pytest.mark.parametrize("n,density,mean", [(568, 0.15, 3.0), (141, 0.15, 3.0), (100, 0.5, 1.0),
-                                            (37, 0.3, 8.0), (5, 0.15, 3.0), (2, 0.15, 3.0)])
+                                            (37, 0.3, 8.0), (5, 0.15, 3.0), (2, 0.15, 3.0), (3, 0.15, 3.0),
+                                            (1137, 0.15, 3.0), (50, 0.9, 1.0), (60, 0.05, 20.0)])
 def test_batched_path_equals_single_examples(n, density, mean):
     tokens = np.random.default_rng(3).integers(3, 32000, (17, n))
     rng = np.random.default_rng(9)
@@ -78,6 +79,29 @@ def test_batched_path_equals_single_examples(n, density, mean):
         np.testing.assert_array_equal(inputs[i], inp)
         np.testing.assert_array_equal(targets[i], tgt)
 
+
+
+class _CoarseRng:
+    """Random keys on a grid of 8 values: many ties, which the batched path's partition must break
+    by position exactly as the single path's stable argsort does."""
+
+    def __init__(self, seed):
+        self.g = np.random.default_rng(seed)
+
+    def random(self, shape):
+        return np.floor(self.g.random(shape) * 8) / 8
+
+
+@pytest.mark.parametrize("n", [568, 141, 20])
+def test_batched_path_equals_single_examples_with_tied_keys(n):
+    tokens = np.random.default_rng(8).integers(3, 32000, (9, n))
+    rng = _CoarseRng(4)
+    single = [span_corruption(row, rng) for row in tokens]
+    inputs, targets = span_corruption_batch(tokens, _CoarseRng(4))
+    for i, (inp, tgt) in enumerate(single):
+        np.testing.assert_array_equal(inputs[i], inp)
+        np.testing.assert_array_equal(targets[i], tgt)
+        assert _merge(inp, tgt) == tokens[i].tolist()
 
 def _check_fits(obj, inputs_length, targets_length, trials=30):
     raw = obj.raw_length(inputs_length, targets_length)
