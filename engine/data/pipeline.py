@@ -15,13 +15,15 @@ each chunk becomes one (inputs, targets) example. Span corruption fills a 512/11
 it runs dense and vectorised (one numpy pass per batch); other objectives give examples of varying
 length, packed several per row in order.
 
-One process per data-parallel rank reads its own shard of the documents (engine.data.c4); the state
+One process per data-parallel rank reads its own shard of the documents (engine.data.c4), or with
+`num_workers` > 0 that many DataLoader workers per rank, each its own shard (engine.data.workers); the state
 (reader position and shuffle buffer, tokens not yet used, examples waiting for a row, the objective's
 random generator) is a JSON-able dict. Iteration is infinite by default (`epochs=None`).
 """
 from __future__ import annotations
 
 import base64
+import dataclasses
 import inspect
 import itertools
 from typing import Iterator, Sequence
@@ -67,6 +69,9 @@ class PretrainDataset:
                 "rng": self.rng.bit_generator.state, "exhausted": self._exhausted}
 
     def load_state_dict(self, state: dict) -> None:
+        if "workers" in state:
+            raise ValueError(f"data state was saved with num_workers={state.get('num_workers')}; the batch order "
+                             "depends on it, so resume with the same num_workers (not 0)")
         self.reader.load_state_dict(state["reader"])
         self._tokens = _unpack_ids(state["tokens"])
         self._examples = [(_unpack_ids(a), _unpack_ids(b)) for a, b in state["examples"]]
@@ -157,12 +162,17 @@ def build_pretrain_dataset(paths: Sequence[str] | str, tokenizer, objective: str
                            objective_params: dict | None = None, inputs_length: int = 512,
                            targets_length: int = 114, batch_size: int = 8, pack: bool = True, seed: int = 0,
                            rank: int = 0, world_size: int = 1, *, shuffle_buffer: int = 1024,
-                           epochs: int | None = None, strict: bool = False, as_torch: bool = True) -> PretrainDataset:
+                           epochs: int | None = None, strict: bool = False, as_torch: bool = True,
+                           num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False):
     """Batches for pretraining rank `rank` of `world_size` (see the module docstring).
 
     `objective` is a name from engine.data.objectives.OBJECTIVES; sentinel ids and the vocabulary size
-    come from the tokenizer unless `objective_params` sets them.
+    come from the tokenizer unless `objective_params` sets them. `num_workers` > 0 runs the pipeline in
+    that many DataLoader worker processes per rank (engine.data.workers: a MultiWorkerPretrainDataset
+    with the same iteration and state API; its batch order depends on num_workers).
     """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     params = dict(objective_params or {})
     obj_probe = get_objective(objective, **params)  # validates name and parameters first
     accepted = inspect.signature(obj_probe.fn).parameters
@@ -171,7 +181,39 @@ def build_pretrain_dataset(paths: Sequence[str] | str, tokenizer, objective: str
         if key in accepted:
             params.setdefault(key, value)
     obj = get_objective(objective, **params)
-    reader = C4Reader(paths, seed=seed, shuffle_buffer=shuffle_buffer, shard_index=rank, num_shards=world_size,
-                      epochs=epochs, strict=strict)
-    return PretrainDataset(reader, tokenizer, obj, inputs_length, targets_length, batch_size, pack=pack,
-                           seed=seed, as_torch=as_torch)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+    build = _Builder(paths, tokenizer, obj, inputs_length, targets_length, batch_size, pack, seed, rank,
+                     world_size, max(num_workers, 1), shuffle_buffer, epochs, strict, as_torch)
+    if num_workers == 0:
+        return build(0)
+    from engine.data.workers import MultiWorkerPretrainDataset
+    return MultiWorkerPretrainDataset(build, num_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory)
+
+
+@dataclasses.dataclass
+class _Builder:
+    """The PretrainDataset of one loader worker of one rank: reader shard rank * workers + worker of
+    world_size * workers (a plain dataclass, so it pickles into worker processes)."""
+    paths: Sequence[str] | str
+    tokenizer: object
+    objective: Objective
+    inputs_length: int
+    targets_length: int
+    batch_size: int
+    pack: bool
+    seed: int
+    rank: int
+    world_size: int
+    workers: int
+    shuffle_buffer: int
+    epochs: int | None
+    strict: bool
+    as_torch: bool
+
+    def __call__(self, worker: int) -> PretrainDataset:
+        reader = C4Reader(self.paths, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+                          shard_index=self.rank * self.workers + worker, num_shards=self.world_size * self.workers,
+                          epochs=self.epochs, strict=self.strict)
+        return PretrainDataset(reader, self.tokenizer, self.objective, self.inputs_length, self.targets_length,
+                               self.batch_size, pack=self.pack, seed=self.seed, as_torch=self.as_torch)
