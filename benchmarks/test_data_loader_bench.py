@@ -4,8 +4,8 @@
 
 Reports rows per second per CPU core (SentencePiece pinned to one thread, the whole pipeline in one
 process) and the loader's time over tokenization alone on the same documents in the same run.
-Targets (issue 5): >= 3,000 rows/s per core, <= 1.5x tokenization alone. The default run is one
-pass over the 2,000-document C4 validation sample (a few seconds), as CI runs it. With
+Targets (issue 5): >= 3,000 rows/s per core, <= 1.5x tokenization alone. Each of 5 rounds is one
+pass over the 2,000-document C4 validation sample (all 5: a few seconds), as CI runs it. With
 `--benchmark-autosave` the figures (extra_info: rows_per_s_per_core, loader_over_tokenize) are saved
 under benchmarks/results/pytest-benchmark/ (pytest.ini sets the storage).
 
@@ -56,15 +56,18 @@ def _loader(tok, path):
 def test_loader_rows_per_second_per_core(benchmark, tok, c4_path):
     import torch  # noqa: F401  (imported up front so its import time is not counted)
     _loader(tok, c4_path)  # warm-up: page cache, allocator
-    results = {}
+    results = {"loader_s": float("inf"), "tokenize_s": float("inf")}
 
     def run():
+        # both measured in every round; the fastest of each is kept: on shared cores, other jobs only
+        # ever add time, so the minimum is the figure least disturbed by them
         tok_s = _tokenize_only(tok, c4_path)
         rows, load_s = _loader(tok, c4_path)
-        results.update(rows=rows, loader_s=load_s, tokenize_s=tok_s)
+        results.update(rows=rows, loader_s=min(results["loader_s"], load_s),
+                       tokenize_s=min(results["tokenize_s"], tok_s))
         return rows
 
-    rows = benchmark.pedantic(run, rounds=2, iterations=1)
+    rows = benchmark.pedantic(run, rounds=5, iterations=1)
     rate = results["rows"] / results["loader_s"]
     ratio = results["loader_s"] / results["tokenize_s"]
     benchmark.extra_info.update(rows=rows, rows_per_s_per_core=round(rate), loader_over_tokenize=round(ratio, 3),
