@@ -79,10 +79,28 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
 
+def _offloaded(rec: dict) -> bool:
+    return rec.get("offload") not in (None, "none")
+
+
 def _label(rec: dict) -> str:
     if rec.get("status") != "ok":
         return f"{rec.get('status')}: {rec.get('reason', '')}"
-    return "extrapolated" if rec.get("method") == "extrapolated" else "measured"
+    if rec.get("method") == "extrapolated":
+        return "extrapolated"
+    return "measured, CPU offload" if _offloaded(rec) else "measured"
+
+
+def engine_label(rec: dict) -> str:
+    """How a record trained: DeepSpeed with its ZeRO stage and offload, or plain torch; old files as written."""
+    if rec.get("engine") == "deepspeed":
+        text = f"DeepSpeed ZeRO-{rec.get('zero_stage')}"
+        if _offloaded(rec):
+            text += f" + offload {rec['offload']}"
+        return f"{text}, {rec.get('optimizer')}, {rec.get('precision')}"
+    if rec.get("engine") == "torch":
+        return f"torch, {rec.get('optimizer', 'adamw').split(' ')[0]}"
+    return str(rec.get("engine", "-"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,7 +130,7 @@ def _plot_model(results: dict, out_dir: pathlib.Path, name: str) -> list[pathlib
                     continue
                 xs.append(i + (j - (len(providers) - 1) / 2) * width)
                 ys.append(r[metric] * (100 if metric == "mfu" else 1))
-                hatches.append("//" if r.get("method") == "extrapolated" else "")
+                hatches.append("//" if r.get("method") == "extrapolated" else (".." if _offloaded(r) else ""))
             bars = ax.bar(xs, ys, width, label=prov)
             for bar, hatch in zip(bars, hatches):
                 bar.set_hatch(hatch)
@@ -120,7 +138,7 @@ def _plot_model(results: dict, out_dir: pathlib.Path, name: str) -> list[pathlib
         ax.set_ylabel(ylabel)
         if metric == "seqs_per_s":
             ax.set_yscale("log")
-        ax.set_title(f"{ylabel} per preset, {results['device']['name']} (hatched: extrapolated)", fontsize=9)
+        ax.set_title(f"{ylabel} per preset, {results['device']['name']} (//: extrapolated, ..: CPU offload)", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{name}-model-{fname}.png"
@@ -187,16 +205,26 @@ def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
               ""]
     recs = model_rows(results)
     if recs:
-        lines += ["## Model suite: one training step (forward, backward, AdamW)", "",
+        lines += ["## Model suite: one training step (forward, backward, optimizer)", "",
                   f"Batch {cfg.get('batch_size')} x inputs {cfg.get('inputs_length')} / targets "
                   f"{cfg.get('targets_length')}, {cfg.get('dtype')}; the same random batch for every provider; "
                   f"median of {cfg.get('steps')} steps after {cfg.get('warmup')} warm-up. Tokens count inputs + "
                   "targets. MFU = model FLOPs (models/config.py `flops_per_sequence`) / time / peak; "
-                  "'of ceiling' uses the measured matmul instead. *extrapolated* rows were measured at reduced "
-                  "depth (same width) and extrapolated per layer: not a measurement of the full model.", "",
-                  "| preset | provider | how | ms/step | seq/s | tokens/s | TFLOP/s | MFU | of ceiling | "
+                  "'of ceiling' uses the measured matmul instead.", "",
+                  "- `t5forge`: the engine as a user trains with it: the preset's ready config "
+                  "(`engine/configs/<preset>.toml`: ZeRO stage, precision regime, optimizer, activation "
+                  "checkpointing) with the micro-batch set to the batch above and grad_accum 1, the DeepSpeed "
+                  "JSON from `engine/deepspeed_config.py`, `deepspeed.initialize` on one rank. A preset whose own "
+                  "config does not fit the device runs ZeRO-3 with optimizer and parameters offloaded to the CPU "
+                  "when `t5forge plan`'s estimates say the host memory allows (*measured, CPU offload*).",
+                  "- `t5forge-torch`, `hf-sdpa`, `hf-sdpa-compile`: plain torch, one set-up for all three (bf16 "
+                  "parameters, fused AdamW over fp32 master weights): `t5forge-torch` : `hf-sdpa` compares the "
+                  "model code alone; `t5forge` : `hf-sdpa` adds the engine and the preset's optimizer.",
+                  "- *extrapolated*: measured at reduced depth (same width, 1 and 2 layers per stack) and "
+                  "extrapolated per layer: not a measurement of the full model.", "",
+                  "| preset | provider | engine | how | ms/step | seq/s | tokens/s | TFLOP/s | MFU | of ceiling | "
                   "peak mem MB | vs hf-sdpa | vs hf-compile |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         by = {(r["preset"], r["provider"]): r for r in recs}
         for r in recs:
             ok = r.get("status") == "ok"
@@ -206,17 +234,25 @@ def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
                 good = ok and r["provider"] != base and b and b.get("status") == "ok"
                 ratios.append(f"{b['step_s'] / r['step_s']:.2f}x" if good else "-")
             lines.append(
-                f"| {r['preset']} | {r['provider']} | {_label(r)} | "
+                f"| {r['preset']} | {r['provider']} | {engine_label(r)} | {_label(r)} | "
                 f"{_fmt(r.get('step_s') and r['step_s'] * 1e3, '.1f')} | {_fmt(r.get('seqs_per_s'), '.3g')} | "
                 f"{_fmt(r.get('tokens_per_s'), '.4g')} | {_fmt(r.get('tflops'), '.3g')} | "
                 f"{_pct(r.get('mfu'))} | {_pct(r.get('mfu_of_ceiling'))} | "
                 f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {ratios[0]} | {ratios[1]} |")
+        planned = [r for r in recs if r.get("engine") == "deepspeed" and r.get("plan")]
+        if planned:
+            lines += ["", "Engine set-up and memory plan of each `t5forge` record (model states: DeepSpeed's "
+                      "estimators for one GPU; activations: the plan's formula):", ""]
+            for r in planned:
+                skipped = f"; {r['steps_skipped']} timed step(s) skipped (non-finite)" if r.get("steps_skipped") else ""
+                ckpt = ", activation checkpointing" if r.get("gradient_checkpointing") else ""
+                lines.append(f"- {r['preset']}: {r.get('run_config')}{ckpt}. Plan: {r['plan']}{skipped}")
         kinds = {r.get("mem_kind") for r in recs if r.get("mem_kind")}
         lines += ["", "Peak memory: " + "; ".join(sorted(kinds)) if kinds else "", ""]
         acts = [r for r in recs if r.get("saved_activation_mb") is not None]
         if acts:
-            lines += ["Activation memory (bytes saved for backward in one step), measured vs `t5forge plan`'s "
-                      "formula:", "", "| preset | profile | measured MB | predicted MB | ratio |",
+            lines += ["Activation memory (bytes saved for backward in one step by `t5forge-torch`, whose bf16 "
+                      "parameters are not counted), measured vs `t5forge plan`'s formula:", "", "| preset | profile | measured MB | predicted MB | ratio |",
                       "|---|---|---:|---:|---:|"]
             for r in acts:
                 lines.append(f"| {r['preset']} | {r.get('activation_profile')} | {r['saved_activation_mb']:.1f} | "
@@ -283,6 +319,7 @@ def comparison_rows(a: dict, b: dict) -> list[tuple[str, str, float | None, floa
                 va, vb = ra.get(m), rb.get(m)
                 if va is not None or vb is not None:
                     tag = " (extrapolated)" if "extrapolated" in (ra.get("method"), rb.get("method")) else ""
+                    tag += " (CPU offload)" if _offloaded(ra) or _offloaded(rb) else ""
                     rows.append((k + tag, m, va, vb))
     return rows
 

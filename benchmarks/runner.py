@@ -4,6 +4,10 @@
     t5forge bench model --presets t5-v1_1-base,t5-v1_1-large --batch-size 16
     t5forge bench all --smoke                 # tiny shapes, seconds: what CI runs
     t5forge bench model --device cpu --presets t5-small --batch-size 2 --steps 3 --out benchmarks/results/cpu
+    t5forge bench model --presets t5-11b --offload never     # depth-reduced extrapolation, no CPU offload
+
+The model suite's `t5forge` provider trains through DeepSpeed on one rank with each preset's ready config
+(engine/configs/<preset>.toml) and --batch-size as its micro-batch; see benchmarks/model_suite.py.
 
 Kernel benchmarks are modules `benchmarks/kernels/bench_*.py`, each exposing
 `run(smoke: bool, out_dir) -> list[dict]` records ({"kernel", "provider", "shape", "pass", "ms",
@@ -102,6 +106,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, help="timed steps (default 5; --smoke 2)")
     ap.add_argument("--warmup", type=int, help="untimed steps first (default 2; --smoke 1)")
     ap.add_argument("--memory-limit-gb", type=float, help="plan against this much device memory instead")
+    ap.add_argument("--host-memory-limit-gb", type=float,
+                    help="plan CPU offload against this much host memory instead of what is available")
+    ap.add_argument("--offload", choices=model_suite.OFFLOAD_CHOICES, default="auto",
+                    help="t5forge provider: ZeRO-3 + CPU offload of optimizer and parameters; auto = only for "
+                         "presets whose own config does not fit the GPU and whose states fit the host (default)")
     ap.add_argument("--compile-on-cpu", action="store_true", help="also run the torch.compile baseline on CPU")
     return ap.parse_args(argv)
 
@@ -125,7 +134,8 @@ def suite_config(args: argparse.Namespace) -> model_suite.ModelSuiteConfig:
         presets=presets, providers=providers, batch_size=pick(args.batch_size, 2, 8),
         inputs_length=pick(args.inputs_length, 32, 512), targets_length=pick(args.targets_length, 8, 114),
         dtype=DTYPES[args.dtype], warmup=pick(args.warmup, 1, 2), steps=pick(args.steps, 2, 5),
-        memory_limit_gb=args.memory_limit_gb, compile_on_cpu=args.compile_on_cpu)
+        memory_limit_gb=args.memory_limit_gb, host_memory_limit_gb=args.host_memory_limit_gb,
+        compile_on_cpu=args.compile_on_cpu, offload=args.offload)
     for name in ("batch_size", "inputs_length", "targets_length", "steps"):
         if getattr(scfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -150,7 +160,8 @@ def run_bench(argv: list[str], log=print) -> dict[str, pathlib.Path]:
         "peak": {"tflops": peak, "source": source},
         "config": {"batch_size": scfg.batch_size, "inputs_length": scfg.inputs_length,
                    "targets_length": scfg.targets_length, "dtype": args.dtype, "steps": scfg.steps,
-                   "warmup": scfg.warmup, "presets": list(scfg.presets), "providers": list(scfg.providers)},
+                   "warmup": scfg.warmup, "presets": list(scfg.presets), "providers": list(scfg.providers),
+                   "offload": scfg.offload, "memory_fraction": scfg.memory_fraction},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.suite in ("kernels", "all"):

@@ -1,5 +1,7 @@
 """Runner, report and compare: a CPU smoke run produces the JSON, the Markdown report and the plots."""
 import json
+import math
+import os
 import sys
 import types
 
@@ -53,37 +55,110 @@ def test_kernel_runner_reports_missing_and_broken_modules(monkeypatch, tmp_path)
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
-    """One smoke run of the model suite on the CPU, ours and the Hugging Face baseline."""
+    """One smoke run of the model suite on the CPU: the engine, ours in plain torch, the HF baselines."""
     out = tmp_path_factory.mktemp("bench")
+    env_before = dict(os.environ)
     paths = runner.run_bench(["model", "--smoke", "--device", "cpu", "--out", str(out),
-                              "--providers", "t5forge,hf-sdpa,hf-sdpa-compile"], log=lambda *_: None)
-    return out, paths
+                              "--providers", "t5forge,t5forge-torch,hf-sdpa,hf-sdpa-compile"], log=lambda *_: None)
+    return out, paths, env_before
 
 
 def test_cpu_run_writes_results_report_and_plots(cpu_run):
-    out, paths = cpu_run
+    out, paths, _ = cpu_run
     data = report.load_results(paths["json"])
     assert data["device"]["kind"] == "cpu" and data["versions"]["torch"]
     recs = {r["provider"]: r for r in data["model"]["records"]}
-    for prov in ("t5forge", "hf-sdpa"):
+    for prov in ("t5forge", "t5forge-torch", "hf-sdpa"):
         r = recs[prov]
         assert r["status"] == "ok" and r["method"] == "measured", r
         assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(2 * 40 / r["step_s"])
-        assert 0 < r["mfu"] < 2 and r["params"] > 0
-    assert recs["t5forge"]["params"] == recs["hf-sdpa"]["params"]  # same model, two implementations
+        assert 0 < r["mfu"] < 2 and r["params"] > 0 and math.isfinite(r["loss"])
+    # The same model in three implementations / set-ups.
+    assert recs["t5forge"]["params"] == recs["t5forge-torch"]["params"] == recs["hf-sdpa"]["params"]
     assert recs["hf-sdpa-compile"]["status"] == "skipped"
-    r = recs["t5forge"]
+    r = recs["t5forge-torch"]
+    assert r["engine"] == "torch" and r["zero_stage"] is None
     assert r["predicted_activation_mb"] == pytest.approx(r["saved_activation_mb"], rel=0.05)
     md = paths["markdown"].read_text()
-    assert "CPU run" in md and "| tiny | t5forge | measured |" in md and "skipped" in md
+    assert "CPU run" in md and "| tiny | t5forge-torch | torch, adamw | measured |" in md and "skipped" in md
     pngs = [p for k, p in paths.items() if k not in ("json", "markdown")]
     assert len(pngs) == 2
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_engine_provider_runs_the_presets_ready_config_through_deepspeed(cpu_run):
+    """tiny.toml: ZeRO 0, Adafactor; the suite overrides micro-batch, accumulation and precision only."""
+    _, paths, env_before = cpu_run
+    data = report.load_results(paths["json"])
+    r = next(r for r in data["model"]["records"] if r["provider"] == "t5forge")
+    assert r["engine"] == "deepspeed" and r["zero_stage"] == 0 and r["offload"] == "none"
+    assert r["optimizer"] == "adafactor" and r["precision"] == "bf16 autocast, fp32 weights"
+    assert r["steps_skipped"] == 0 and r["run_config"].startswith("engine/configs/tiny.toml")
+    ds = r["deepspeed_config"]
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 1
+    assert ds["train_batch_size"] == 2 and ds["zero_optimization"]["stage"] == 0
+    assert "ZeRO-0 (DDP): device" in r["plan"]
+    md = paths["markdown"].read_text()
+    assert "| tiny | t5forge | DeepSpeed ZeRO-0, adafactor, bf16 autocast, fp32 weights | measured |" in md
+    assert "- tiny: engine/configs/tiny.toml; micro_batch_size 2" in md
+    # The one-rank world leaves no launcher variables behind (engine.engines.launched_distributed reads them).
+    assert {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")} == \
+        {k: env_before.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+
+
+def test_zero3_cpu_offload_run(tmp_path):
+    paths = runner.run_bench(["model", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--providers", "t5forge",
+                              "--offload", "always", "--steps", "1", "--warmup", "0"], log=lambda *_: None)
+    r = report.load_results(paths["json"])["model"]["records"][0]
+    assert r["status"] == "ok" and r["method"] == "measured", r
+    assert r["zero_stage"] == 3 and r["offload"] == "optimizer+params" and math.isfinite(r["loss"])
+    assert r["precision"] == "bf16 weights, fp32 master"
+    zero = r["deepspeed_config"]["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert "| tiny | t5forge | DeepSpeed ZeRO-3 + offload optimizer+params, adafactor" in paths["markdown"].read_text()
+    assert "measured, CPU offload" in paths["markdown"].read_text()
+
+
+def _gpu(memory_gb: float) -> devices.DeviceInfo:
+    return devices.DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", "h100", int(memory_gb * 2**30), 0, 16, 16,
+                              devices.lookup_peak("NVIDIA H100 80GB HBM3"))
+
+
+@pytest.mark.parametrize("preset,gpu_gb,host_gb,offload,method", [
+    ("t5-small", 80, 128, "auto", "measured"),
+    # 11B under ZeRO-3 (one rank): ~200 GiB of states; offloaded, DeepSpeed's estimate is ~300 GiB of host.
+    ("t5-11b", 80, 128, "auto", "extrapolated"),
+    ("t5-11b", 80, 1024, "auto", "offload"),
+    ("t5-11b", 80, 1024, "never", "extrapolated"),
+    ("t5-small", 80, 128, "always", "offload"),
+    ("t5-v1_1-xl", 24, 512, "auto", "offload"),
+])
+def test_engine_plan_chooses_own_config_offload_or_extrapolation(preset, gpu_gb, host_gb, offload, method):
+    scfg = model_suite.ModelSuiteConfig(batch_size=8, host_memory_limit_gb=host_gb, offload=offload)
+    run_cfg = model_suite.engine_run_config(preset, scfg, on_cpu=False)
+    got = model_suite.plan_engine_run(model_suite.engine_model_config(preset, run_cfg), run_cfg, scfg, _gpu(gpu_gb))
+    assert got["method"] == method, got["plan"]
+    if method == "extrapolated":
+        assert "does not fit" in got["plan"]
+
+
+def test_cpu_device_never_offloads_automatically():
+    scfg = model_suite.ModelSuiteConfig(batch_size=8, memory_limit_gb=0.001, host_memory_limit_gb=4096)
+    run_cfg = model_suite.engine_run_config("t5-small", scfg, on_cpu=True)
+    cpu = devices.detect_device("cpu")
+    got = model_suite.plan_engine_run(model_suite.engine_model_config("t5-small", run_cfg), run_cfg, scfg, cpu)
+    assert got["method"] == "extrapolated" and "no offload on a CPU device" in got["plan"]
+
+
+def test_baseline_follows_the_ready_configs_checkpointing():
+    cfg = model_suite.load_config("tiny", depth=1, on_cpu=True, checkpointing=True)
+    hf = model_suite.build_model("hf-sdpa", cfg, __import__("torch").device("cpu"), __import__("torch").float32)
+    assert getattr(hf, "is_activation_checkpointing", None) or hf.is_gradient_checkpointing
+
+
 def test_compare_two_results(cpu_run, tmp_path, capsys):
-    _, paths = cpu_run
+    _, paths, _ = cpu_run
     a = report.load_results(paths["json"])
     b = json.loads(json.dumps(a))
     for r in b["model"]["records"]:
@@ -103,14 +178,21 @@ def test_compare_two_results(cpu_run, tmp_path, capsys):
 
 def test_extrapolated_presets_are_labelled(tmp_path):
     paths = runner.run_bench(["model", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--providers",
-                              "t5forge", "--memory-limit-gb", "0.001", "--steps", "1"], log=lambda *_: None)
-    rec = report.load_results(paths["json"])["model"]["records"][0]
-    assert rec["method"] == "extrapolated" and rec["layers_measured"] == [1, 2]
-    assert [p["depth"] for p in rec["measured_points"]] == [1, 2]
-    assert "| tiny | t5forge | extrapolated |" in paths["markdown"].read_text()
+                              "t5forge,t5forge-torch", "--memory-limit-gb", "0.001", "--steps", "1", "--warmup", "0"],
+                             log=lambda *_: None)
+    recs = {r["provider"]: r for r in report.load_results(paths["json"])["model"]["records"]}
+    for rec in recs.values():
+        assert rec["status"] == "ok" and rec["method"] == "extrapolated" and rec["layers_measured"] == [1, 2], rec
+        assert [p["depth"] for p in rec["measured_points"]] == [1, 2] and rec["loss"] is None
+    # The engine's depth-reduced runs still train under the preset's ZeRO config.
+    assert recs["t5forge"]["zero_stage"] == 0 and recs["t5forge"]["deepspeed_config"]["zero_optimization"]["stage"] == 0
+    md = paths["markdown"].read_text()
+    assert "| tiny | t5forge | DeepSpeed ZeRO-0" in md and "| tiny | t5forge-torch | torch, adamw | extrapolated |" in md
 
 
 def test_bench_cli_rejects_bad_input(capsys):
     assert runner.bench_main(["model", "--smoke", "--presets", "t5-huge"]) == 2
     assert "t5-huge" in capsys.readouterr().err
     assert runner.bench_main(["model", "--smoke", "--providers", "megatron"]) == 2
+    with pytest.raises(SystemExit):
+        runner.parse_args(["model", "--offload", "sometimes"])
