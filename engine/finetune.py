@@ -2,7 +2,11 @@
 
     t5forge finetune --config configs/finetune_sst2.toml
     t5forge finetune --config FILE --finetune.method adapters --finetune.d_adapter 64
-    deepspeed --num_gpus 8 --module engine.finetune --config FILE
+    deepspeed --num_gpus 8 --module engine.finetune --config FILE --deepspeed.zero_stage 2
+    deepspeed --num_gpus 2 --module engine.finetune --config FILE --run.device cpu   # 2 CPU ranks (gloo)
+
+Under the deepspeed launcher it runs like `engine.train` (see its docstring): --local_rank is ignored,
+every rank reads the config, the global batch is micro_batch_size x grad_accum x ranks.
 
 The config is a pretraining run config (engine/config.py: [run], [batch], [optim], [schedule],
 [checkpoint], [deepspeed], [model] dropout/kernels) plus a [finetune] section and one [[tasks]] table
@@ -19,7 +23,10 @@ per task:
 
 Every `finetune.eval_every` steps each task's eval examples are decoded (greedy or beam search) and
 scored; the scores go to metrics.jsonl and the best model by `finetune.eval_metric` is written to
-RUN_DIR/best (a Hugging Face directory, or the adapter file with adapters) with its scores.
+RUN_DIR/best (a Hugging Face directory, or the adapter file with adapters) with its scores. With several
+ranks each decodes a share of the eval set and the outputs are gathered before scoring; under ZeRO-3
+the model is gathered into a whole copy on every rank for the evaluation (one model's memory).
+Tasks of your own: `task_modules = ["my_tasks.py"]` in [finetune] imports a file that registers them.
 """
 from __future__ import annotations
 
@@ -60,6 +67,7 @@ class FinetuneSection:
     eval_batch_size: int = 32
     eval_max_length: int = 0  # tokens generated at evaluation; 0 = max_target_length
     num_beams: int = 1  # evaluation decoding: 1 = greedy; beams use T5X's length penalty, alpha 0.6
+    task_modules: list[str] = field(default_factory=list)  # modules / .py files that register_task() your tasks
 
 
 @dataclass
@@ -91,7 +99,8 @@ def parse_finetune_config(argv: list[str]):
     configs, overrides = run_config.parse_overrides(argv)
     cfg, ft, tasks = run_config.RunConfig(), FinetuneSection(), []
     cfg.run.dir, cfg.run.demo = "runs/finetune", False
-    cfg.schedule.name, cfg.optim.lr = "constant", 1e-3  # T5 fine-tunes at a constant 1e-3 (Adafactor)
+    # T5 fine-tunes at a constant 1e-3 (Adafactor), no warm-up: the pretrained model needs none.
+    cfg.schedule.name, cfg.schedule.warmup_steps, cfg.optim.lr = "constant", 0, 1e-3
     for path in configs:
         path = pathlib.Path(path)
         if not path.is_file():
@@ -131,12 +140,42 @@ def parse_finetune_config(argv: list[str]):
     ft.eval_max_length = ft.eval_max_length or ft.max_target_length
     if not tasks:
         raise ValueError("config: no [[tasks]] table (each needs name = ... and train = ...)")
+    for module in ft.task_modules:
+        import_task_module(module)
     for number, task in enumerate(tasks):
         try:
             get_task(task.name)
         except ValueError as err:
             raise ValueError(f"config key 'tasks[{number}].name': {err}") from None
     return cfg, ft, tasks
+
+
+def import_task_module(name: str) -> None:
+    """Import a module (dotted name) or a .py file whose import registers tasks (engine/tasks/registry.py).
+    Every rank imports it, so tasks of one's own work under the deepspeed launcher too."""
+    import importlib
+    import importlib.util
+
+    if name.endswith(".py"):
+        path = pathlib.Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"config key 'finetune.task_modules': file not found: {path}")
+        module_name = f"t5forge_tasks_{path.stem}"
+        if module_name in sys.modules:
+            return
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+        return
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"config key 'finetune.task_modules': cannot import {name!r} ({err})") from None
 
 
 def load_init_model(ft: FinetuneSection, cfg):
@@ -199,20 +238,26 @@ def load_init_model(ft: FinetuneSection, cfg):
 
 
 class MixtureBatches:
-    """Micro-batches drawn from a task mixture; resumable (the mixture's state is the data state)."""
+    """Micro-batches drawn from a task mixture; resumable (the mixture's state is the data state).
 
-    def __init__(self, mixture, micro_batch_size: int, pad_id: int = 0):
+    Every rank runs the same seeded mixture and keeps its own slice of each run of `micro_batch_size *
+    world_size` examples, so which examples a step trains on does not depend on how the global batch
+    is split: W ranks see what one rank sees with W accumulation steps of the same micro-batch."""
+
+    def __init__(self, mixture, micro_batch_size: int, pad_id: int = 0, rank: int = 0, world_size: int = 1):
         self.mixture = mixture
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
         from engine.mixtures import collate
 
         stream = iter(self.mixture)
+        start = self.rank * self.micro_batch_size
         while True:
-            examples = [example for _, example in itertools.islice(stream, self.micro_batch_size)]
-            yield collate(examples, pad_id=self.pad_id)
+            examples = [example for _, example in itertools.islice(stream, self.micro_batch_size * self.world_size)]
+            yield collate(examples[start:start + self.micro_batch_size], pad_id=self.pad_id)
 
     def state_dict(self) -> dict:
         return self.mixture.state_dict()
@@ -222,29 +267,85 @@ class MixtureBatches:
             self.mixture.load_state_dict(state)
 
 
+def _all_gather_objects(obj, world_size: int) -> list:
+    """`obj` of every rank, in rank order (a list of one locally)."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 @torch.no_grad()
 def evaluate_tasks(model, tokenizer, eval_sets, *, batch_size: int, max_input_length: int, max_length: int,
-                   num_beams: int = 1, device=None) -> dict[str, float]:
-    """{"task/metric": score} for each (task, examples) in `eval_sets`, decoding with our generation."""
+                   num_beams: int = 1, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """{"task/metric": score} for each (task, examples) in `eval_sets`, decoding with our generation.
+
+    With several ranks each decodes every world_size-th example (strided, so every rank gets a similar
+    mix of lengths), the output texts are gathered, and every rank scores the whole set: all ranks
+    return the same scores, so they agree on the best step without another collective."""
     from engine.generate import generate_texts
 
     scores: dict[str, float] = {}
     for task, examples in eval_sets:
-        outputs = generate_texts(model, tokenizer, [e.inputs for e in examples], batch_size=batch_size,
-                                 max_input_length=max_input_length, max_length=max_length, num_beams=num_beams)
+        mine = generate_texts(model, tokenizer, [e.inputs for e in examples[rank::world_size]],
+                              batch_size=batch_size, max_input_length=max_input_length, max_length=max_length,
+                              num_beams=num_beams)
+        outputs = [""] * len(examples)
+        for owner, texts in enumerate(_all_gather_objects(mine, world_size)):
+            outputs[owner::world_size] = texts
         for metric, value in task.evaluate(examples, outputs).items():
             scores[f"{task.name}/{metric}"] = value
     return scores
 
 
+def is_zero3_partitioned(model: torch.nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 holds only a shard of each parameter on this rank."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def gathered_copy(model: torch.nn.Module, build) -> torch.nn.Module:
+    """A plain, whole copy of a ZeRO-3 partitioned model on every rank (collective: all ranks call it).
+
+    Generation calls `encode` / `decode_step`, not the module's forward, so ZeRO-3's forward hooks
+    would not gather the top-level parameters (embedding, head); a hook-free copy decodes as fast as
+    an unsharded model. Parameters are gathered one at a time: the peak is the copy plus one whole
+    parameter, the same memory an unsharded model needs, for the length of the evaluation only.
+    `build()` makes the same architecture (adapters included); it is built on the meta device, so no
+    memory or init time is spent on weights that are overwritten.
+    """
+    import deepspeed
+
+    with torch.device("meta"):
+        copy = build()
+    gathered: dict[int, torch.Tensor] = {}
+    state = {}
+    for name in copy.state_dict():
+        param = model.get_parameter(name)
+        if id(param) not in gathered:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                gathered[id(param)] = param.data.detach().clone()
+        state[name] = gathered[id(param)]
+    copy.load_state_dict(state, strict=True, assign=True)
+    return copy.eval()
+
+
 class FinetuneTrainer(Trainer):
     """The pretraining Trainer plus what fine-tuning adds around each step: the unfreezing schedule
-    before it, evaluation and best-model keeping after it. The step itself is the Trainer's."""
+    before it, evaluation and best-model keeping after it. The step itself is the Trainer's.
+
+    Evaluation is split across the ranks (see `evaluate_tasks`); under ZeRO-3 it runs on a gathered
+    copy of the model (`gathered_copy`, made with `build_model`), which rank 0 also saves as the best."""
+
+    progress_label = "finetune"
 
     def __init__(self, cfg, engine, data, *, ft: FinetuneSection, tokenizer, eval_sets, unfreezer=None,
-                 best_writer=None, **kwargs):
+                 best_writer=None, build_model=None, **kwargs):
         super().__init__(cfg, engine, data, **kwargs)
         self.ft = ft
+        self.build_model = build_model  # a fresh model of the trained architecture (ZeRO-3 evaluation)
         self.tokenizer = tokenizer
         self.eval_sets = eval_sets
         self.unfreezer = unfreezer
@@ -269,13 +370,22 @@ class FinetuneTrainer(Trainer):
             self.evaluate()
         return metrics
 
+    def _eval_model(self) -> torch.nn.Module:
+        module = self.engine.module
+        if not is_zero3_partitioned(module):
+            return module
+        if self.build_model is None:
+            raise ValueError("config key 'deepspeed.zero_stage': evaluating a ZeRO-3 model needs "
+                             "FinetuneTrainer(build_model=...) to gather it into")
+        return gathered_copy(module, self.build_model)
+
     def evaluate(self) -> dict[str, float]:
-        model = self.engine.module
-        was_training = model.training
+        """Decode and score the eval sets on every rank's share; keep the best model (rank 0 writes)."""
+        model = self._eval_model()
         scores = evaluate_tasks(model, self.tokenizer, self.eval_sets, batch_size=self.ft.eval_batch_size,
                                 max_input_length=self.ft.max_input_length, max_length=self.ft.eval_max_length,
-                                num_beams=self.ft.num_beams, device=self.device)
-        model.train(was_training)
+                                num_beams=self.ft.num_beams, rank=self.engine.rank,
+                                world_size=self.engine.world_size)
         metric = self.ft.eval_metric or next(iter(scores))
         if metric not in scores:
             raise ValueError(f"config key 'finetune.eval_metric': {metric!r} is not reported; "
@@ -287,6 +397,9 @@ class FinetuneTrainer(Trainer):
             self.best_score, self.best_step = scores[metric], self.step
             if self.is_main and self.best_writer is not None:
                 self.best_writer(model, {"step": self.step, "metric": metric, "scores": scores})
+        # The others wait here rather than in the next step's collectives, so a failed write is
+        # reported while every rank is still at this step.
+        self.engine.barrier()
         return scores
 
 
@@ -327,9 +440,6 @@ def build_finetune(argv: list[str]):
     device = pick_device(cfg)
     set_threads(cfg)
     kind = choose_engine(cfg, device)
-    if kind == "deepspeed" and cfg.deepspeed.zero_stage == 3 and any(t.eval for t in tasks):
-        raise ValueError("config key 'deepspeed.zero_stage': evaluation by generation needs whole parameters; "
-                         "use ZeRO 0-2 for fine-tuning with [[tasks]] eval files")
     seed_everything(cfg.run.seed)
     model, tokenizer_file = load_init_model(ft, cfg)
     tokenizer = Tokenizer(tokenizer_file)
@@ -351,17 +461,27 @@ def build_finetune(argv: list[str]):
                                 ft.max_target_length, limit=t.limit or None) for t in tasks if t.train]
     if not sources:
         raise ValueError("[[tasks]]: no task has a 'train' file")
-    mixture = Mixture(sources, ft.mixture, ft.mixture_limit or None, ft.temperature, seed=cfg.run.seed + engine.rank)
-    data = MixtureBatches(mixture, cfg.batch.micro_batch_size)
+    # One mixture stream for all ranks (same seed), each rank keeping its slice: see MixtureBatches.
+    mixture = Mixture(sources, ft.mixture, ft.mixture_limit or None, ft.temperature, seed=cfg.run.seed)
+    data = MixtureBatches(mixture, cfg.batch.micro_batch_size, rank=engine.rank, world_size=engine.world_size)
     eval_sets = [(get_task(t.name), list(itertools.islice(get_task(t.name).examples(t.eval, t.eval_split),
                                                           t.eval_skip, t.eval_skip + ft.eval_limit if ft.eval_limit else None)))
                  for t in tasks if t.eval]
     flops = model.config.flops_per_token(ft.max_input_length, ft.max_target_length)
+    model_type, model_config = type(model), model.config
+
+    def build_model():  # the trained architecture, for ZeRO-3 evaluation (FinetuneTrainer)
+        fresh = model_type(model_config)
+        if ft.method == "adapters":
+            add_adapters(fresh, ft.d_adapter)
+        return fresh
+
     trainer = FinetuneTrainer(cfg, engine, data, ft=ft, tokenizer=tokenizer, eval_sets=eval_sets, unfreezer=unfreezer,
                               best_writer=_best_writer(pathlib.Path(cfg.run.dir), ft.method, tokenizer_file),
-                              flops_per_token=flops, tokenizer_file=tokenizer_file, device=device)
+                              build_model=build_model, flops_per_token=flops, tokenizer_file=tokenizer_file,
+                              device=device)
     rates = ", ".join(f"{name} {rate:.2f}" for name, rate in mixture.rates.items())
-    counted = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counted = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)  # ZeRO-3: whole size
     summary = (f"t5forge finetune: {ft.method} from {ft.init} ({model.num_parameters() / 1e6:.1f}M parameters, "
                f"{counted / 1e6:.2f}M trainable at start), mixture {rates}, {type(engine).__name__}")
     return trainer, summary

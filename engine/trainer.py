@@ -52,6 +52,7 @@ def count_tokens(batch: dict) -> int:
 
 
 class Trainer:
+    progress_label = "pretrain"  # the tqdm bar's description; subclasses name their own run
     cfg: RunConfig
     engine: object  # engine.engines.LocalEngine | DeepSpeedEngine
     step: int  # optimizer steps done (skipped ones included: they consumed data)
@@ -220,7 +221,7 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.run.max_steps, initial=self.step, desc="pretrain", unit="step",
+        return tqdm(total=self.cfg.run.max_steps, initial=self.step, desc=self.progress_label, unit="step",
                     dynamic_ncols=True, file=sys.stderr)
 
     def train(self) -> TrainResult:
