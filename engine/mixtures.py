@@ -10,7 +10,11 @@ tasks with a fixed rate.
 Methods: "proportional" (rate_m = min(e_m, K) / sum_n min(e_n, K); no K = plain proportional),
 "temperature" (the proportional rates, each raised to 1/T and renormalised) and "equal". Every source
 repeats when exhausted (the paper trains on mixtures for many epochs of the small tasks), and the
-unsupervised span-corruption task can be one of the sources (multi-task pretraining).
+unsupervised span-corruption task (or any objective of engine/data/objectives.py) can be one of the
+sources, on documents read like pretraining data (multi-task pretraining):
+
+    c4 = span_corruption_source("c4_span_corruption", lambda: C4Reader(files, epochs=1), tokenizer,
+                                size=10**9, input_length=512)
 """
 from __future__ import annotations
 
@@ -75,23 +79,25 @@ class Mixture:
         self.seed = seed
         self._rng = random.Random(seed)
         self._consumed = dict.fromkeys(names, 0)  # examples drawn from each source so far
+        # Examples drawn in each source's current pass: what a resume skips in a fresh pass. Counted,
+        # not derived from `size`, which is only the mixing-rate count (and a guess for big corpora).
+        self._position = dict.fromkeys(names, 0)
         self._iterators: dict[str, Iterator[TokenExample]] = {}
 
     def _next_from(self, source: MixtureSource) -> TokenExample:
         iterator = self._iterators.get(source.name)
-        if iterator is None:
-            # Resuming: skip what was already drawn in the current pass over this source.
-            iterator = iter(source.factory())
-            already = self._consumed[source.name] % max(int(source.size), 1)
-            iterator = itertools.islice(iterator, already, None)
+        if iterator is None:  # first draw, or resuming: skip what the current pass already gave
+            iterator = itertools.islice(iter(source.factory()), self._position[source.name], None)
             self._iterators[source.name] = iterator
         for _ in range(2):
             try:
                 example = next(iterator)
                 self._consumed[source.name] += 1
+                self._position[source.name] += 1
                 return example
             except StopIteration:
                 iterator = self._iterators[source.name] = iter(source.factory())
+                self._position[source.name] = 0
         raise ValueError(f"mixture source {source.name!r} yields no examples")
 
     def __iter__(self) -> Iterator[tuple[str, TokenExample]]:
@@ -101,11 +107,15 @@ class Mixture:
             yield source.name, self._next_from(source)
 
     def state_dict(self) -> dict:
-        return {"rng": self._rng.getstate(), "consumed": dict(self._consumed)}
+        return {"rng": self._rng.getstate(), "consumed": dict(self._consumed), "position": dict(self._position)}
 
     def load_state_dict(self, state: dict) -> None:
         self._rng.setstate(_as_tuple(state["rng"]))
         self._consumed = {name: int(state["consumed"].get(name, 0)) for name in self._consumed}
+        sizes = {s.name: max(int(s.size), 1) for s in self.sources}
+        # States written before passes were counted: the position follows from the source's size.
+        position = state.get("position") or {name: count % sizes[name] for name, count in self._consumed.items()}
+        self._position = {name: int(position.get(name, 0)) for name in self._consumed}
         self._iterators = {}
 
 
@@ -143,32 +153,66 @@ def _truncate(ids: list[int], length: int) -> list[int]:
     return ids if len(ids) <= length else ids[: length - 1] + [ids[-1]]
 
 
-def span_corruption_source(name: str, documents: Callable[[], Iterable[str]], tokenizer, size: float,
-                           input_length: int = 512, noise_density: float = 0.15,
-                           mean_noise_span_length: float = 3.0, seed: int = 0) -> MixtureSource:
-    """The unsupervised objective as a mixture source: documents tokenized, joined with EOS, cut into
-    raw chunks whose corrupted inputs are exactly `input_length` long (engine/data/objectives.py)."""
+def objective_source(name: str, documents: Callable[[], Iterable[str]], tokenizer, size: float, *,
+                     objective: str = "span_corruption", inputs_length: int = 512, targets_length: int | None = None,
+                     seed: int = 0, tokenize_batch: int = 64, **params) -> MixtureSource:
+    """An unsupervised objective (engine/data/objectives.py) as a mixture source, with the examples the
+    pretraining pipeline makes (engine/data/pipeline.py): documents tokenized, each followed by EOS,
+    concatenated, cut into raw chunks of `objective.raw_length(inputs_length, targets_length)` tokens,
+    one (inputs, targets) example per chunk. Span corruption then fills `inputs_length` exactly.
+
+    `documents()` returns a fresh iterable of texts per pass (e.g. `lambda: C4Reader(files, epochs=1)`).
+    The generator is re-seeded each pass, so every pass is the same examples: a resumed mixture (which
+    replays the pass up to where it was) regenerates exactly what it skipped. `size` is the number of
+    examples the mixing rate counts (T5 caps the unsupervised task with the limit K).
+    `params` are the objective's (noise_density, mean_noise_span_length, ...); sentinel, mask and EOS ids
+    come from the tokenizer unless given.
+    """
+    import inspect
+
     import numpy as np
 
     from engine.data import objectives
 
-    raw_length, _ = objectives.compute_span_corruption_lengths(input_length, noise_density, mean_noise_span_length)
-    sentinel = tokenizer.sentinel_id(0)
+    accepted = inspect.signature(objectives.get_objective(objective, **params).fn).parameters  # validates
+    for key, value in (("first_sentinel_id", tokenizer.sentinel_id(0)), ("mask_id", tokenizer.sentinel_id(0)),
+                       ("vocab_size", tokenizer.num_pieces), ("eos_id", tokenizer.eos_id)):
+        if key in accepted:
+            params.setdefault(key, value)
+    obj = objectives.get_objective(objective, **params)
+    if targets_length is None:  # span corruption: what its inputs length implies; others: as long as inputs
+        targets_length = inputs_length
+        if obj.fn is objectives.span_corruption:
+            _, targets_length = objectives.compute_span_corruption_lengths(
+                inputs_length, obj.params.get("noise_density", 0.15), obj.params.get("mean_noise_span_length", 3.0))
+    raw_length = obj.raw_length(inputs_length, targets_length)
 
     def factory() -> Iterator[TokenExample]:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng([seed, 0x3A7E])
+        texts = iter(documents())
         buffer: list[int] = []
-        for text in documents():
-            buffer.extend(tokenizer.encode(text, add_eos=True))
-            while len(buffer) >= raw_length:
-                chunk, buffer[:] = buffer[:raw_length], buffer[raw_length:]
-                inputs, targets = objectives.span_corruption(
-                    np.asarray(chunk), rng, noise_density=noise_density,
-                    mean_noise_span_length=mean_noise_span_length, first_sentinel_id=sentinel,
-                    eos_id=tokenizer.eos_id)
+        while True:
+            block = list(itertools.islice(texts, tokenize_batch))
+            for ids in tokenizer.encode_batch(block, add_eos=True):
+                buffer.extend(ids)
+            whole = len(buffer) // raw_length
+            for i in range(whole):
+                inputs, targets = obj(np.asarray(buffer[i * raw_length:(i + 1) * raw_length]), rng)
                 yield {"inputs": [int(t) for t in inputs], "targets": [int(t) for t in targets]}
+            del buffer[:whole * raw_length]
+            if len(block) < tokenize_batch:
+                return  # the pass ends; a tail shorter than one chunk is dropped, as the pipeline does
 
     return MixtureSource(name, factory, size)
+
+
+def span_corruption_source(name: str, documents: Callable[[], Iterable[str]], tokenizer, size: float,
+                           input_length: int = 512, noise_density: float = 0.15,
+                           mean_noise_span_length: float = 3.0, seed: int = 0) -> MixtureSource:
+    """T5's unsupervised task as a mixture source (multi-task pretraining); see `objective_source`."""
+    return objective_source(name, documents, tokenizer, size, objective="span_corruption",
+                            inputs_length=input_length, seed=seed, noise_density=noise_density,
+                            mean_noise_span_length=mean_noise_span_length)
 
 
 def collate(examples: Sequence[TokenExample], pad_id: int = 0, decoder_start_id: int = 0,

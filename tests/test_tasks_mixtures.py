@@ -1,6 +1,7 @@
 """Mixing rates (T5 paper, section 3.5.2), the sampled stream, resume, and batch collation."""
-import itertools
 import collections
+import itertools
+import random
 
 import pytest
 import torch
@@ -65,3 +66,64 @@ def test_text_source_and_collate():
     assert batch["attention_mask"][3].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
     first_len = len(examples[0]["targets"])
     assert (batch["labels"][0, first_len:] == -100).all() and batch["decoder_attention_mask"][0].sum() == first_len
+
+
+def _merge_span_corruption(inputs, targets, sentinels):
+    """The original chunk from a span-corrupted pair: each sentinel in the inputs replaced by the tokens
+    that follow the same sentinel in the targets."""
+    spans, current = {}, None
+    for t in targets[:-1]:
+        if t in sentinels:
+            current = spans.setdefault(t, [])
+        else:
+            current.append(t)
+    return [x for t in inputs[:-1] for x in (spans[t] if t in sentinels else [t])]
+
+
+def test_span_corruption_source_in_a_mixture():
+    from engine.data.objectives import compute_span_corruption_lengths
+    from engine.mixtures import objective_source, span_corruption_source
+    from engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(shared_file("tokenizers/seqio_test_t5ids_26pieces.model"))
+    words = "the sea and sand heat then wind over snow ice rain sol".split()  # spelled with the 26 pieces
+    rng = random.Random(0)
+    documents = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 15))) for _ in range(20)]
+    stream = [t for d in documents for t in tokenizer.encode(d, add_eos=True)]
+    raw, target_length = compute_span_corruption_lengths(48)
+    chunks = [stream[k * raw:(k + 1) * raw] for k in range(len(stream) // raw)]  # one pass; the tail is dropped
+
+    def sources():  # documents tokenized 5 at a time: chunks cross the tokenizer's batches
+        return [_counting_source("task", 40),
+                objective_source("c4_span", lambda: iter(documents), tokenizer, size=40, inputs_length=48,
+                                 tokenize_batch=5)]
+
+    mixture = Mixture(sources(), "equal", seed=1)
+    drawn = list(itertools.islice(mixture, 120))
+    corrupted = [example for name, example in drawn if name == "c4_span"]
+    assert 40 < len(corrupted) < 80 and len(corrupted) > len(chunks)  # mixed in, and repeated after a pass
+    sentinels = {tokenizer.sentinel_id(i) for i in range(tokenizer.num_sentinels)}
+    for k, example in enumerate(corrupted):
+        inputs, targets = example["inputs"], example["targets"]
+        assert len(inputs) == 48 and len(targets) == target_length  # fills the input length exactly
+        assert inputs[-1] == targets[-1] == tokenizer.eos_id
+        in_sentinels = [t for t in inputs if t in sentinels]
+        # Unique sentinels counting down from <extra_id_0>, in the same order on both sides.
+        assert in_sentinels == [tokenizer.sentinel_id(i) for i in range(len(in_sentinels))]
+        assert [t for t in targets if t in sentinels] == in_sentinels and targets[0] == in_sentinels[0]
+        noise = len(targets) - len(in_sentinels) - 1
+        assert noise == round(raw * 0.15)
+        # Merged back, the pair is the k-th raw chunk of the document stream (documents + EOS, in order).
+        assert _merge_span_corruption(inputs, targets, sentinels) == chunks[k % len(chunks)]
+    plain = span_corruption_source("c4_span", lambda: iter(documents), tokenizer, size=40, input_length=48)
+    assert list(itertools.islice(plain.factory(), 3)) == corrupted[:3]
+    # Resume: a fresh mixture loaded with the state continues with the same examples (each pass of the
+    # documents is the same examples; the mixture counts where in the pass it is, whatever `size` says).
+    mixture = Mixture(sources(), "equal", seed=1)
+    live = iter(mixture)
+    list(itertools.islice(live, 53))
+    state = mixture.state_dict()
+    assert state["position"]["c4_span"] < state["consumed"]["c4_span"]  # resuming inside a later pass
+    resumed = Mixture(sources(), "equal", seed=1)
+    resumed.load_state_dict(state)
+    assert list(itertools.islice(iter(resumed), 30)) == list(itertools.islice(live, 30))
