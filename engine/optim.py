@@ -2,35 +2,170 @@
 
 Both take the learning rate from their param groups (the trainer writes the schedule's value there
 before each step), keep their state in fp32 whatever the parameter dtype, and skip the whole update
-when any gradient is NaN or infinite (`last_step_skipped`), so a bad batch never reaches the weights
-even where DeepSpeed does not check for overflow (ZeRO 0 in fp32).
+when any gradient is NaN or infinite (`last_step_skipped`, `skipped_steps`), so a bad batch never
+reaches the weights even where DeepSpeed does not check for overflow (ZeRO 0 in fp32).
 
-Under DeepSpeed ZeRO >= 1 an optimizer sees flat fp32 partitions, not the model's tensors: Adafactor then
-keeps an unfactored second moment per partition and both scale by the partition's RMS instead of each
-parameter's. With ZeRO 0 (the ready configs up to 3B parameters) every statistic is per parameter.
+Per-parameter statistics under ZeRO. With DeepSpeed ZeRO >= 1 the optimizer is handed flat fp32
+partitions, not the model's tensors: a partition holds slices of many parameters and a parameter may be
+split across ranks. Adafactor's factored second moment (row and column means of g^2), its
+parameter-scale RMS and its update-clipping RMS, and AdamW's parameter-RMS scaling are statistics of the
+WHOLE parameter, so the engine tells the optimizer what each partition holds (`set_partition_layout`,
+filled from DeepSpeed's own bookkeeping in engine/engines.py). Each rank then computes its slices'
+partial sums (sum of p^2, sum of u^2, row and column sums of g^2 — a flat slice of a row-major matrix
+is some whole rows plus partial rows at its ends), one all-reduce per statistic pass sums them over the
+ranks (a flat buffer for all parameters of the partition, so a step costs two collectives for Adafactor
+and one for AdamW, not one per parameter), and every rank updates its own elements. The factored row and
+column moments are small and replicated on the ranks that hold a slice of the parameter. The same code
+runs unsharded tensors as a one-slice layout with no collective, so ZeRO 0 and ZeRO 3 compute the same
+update to rounding.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.config import OptimSection
 
 
-def _rms(t: torch.Tensor) -> torch.Tensor:
-    return t.norm(2) / math.sqrt(max(t.numel(), 1))
+@dataclass(frozen=True)
+class ParamSlice:
+    """This rank's elements of one parameter inside a flat partition."""
+
+    param: int  # index into PartitionLayout.names / shapes
+    flat_start: int  # first element in the flat partition
+    param_start: int  # first element in the row-major flattened parameter
+    numel: int
 
 
-def _all_finite(grads: list[torch.Tensor]) -> bool:
-    if not grads:
-        return True
-    # One reduction per tensor and a single host sync for the whole step.
-    norms = torch._foreach_norm(grads)
-    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+@dataclass
+class PartitionLayout:
+    """What one flat partition holds.
+
+    `names` / `shapes` list EVERY parameter the partition is a piece of, in the same order on every rank
+    (whether or not this rank holds some of it), so the ranks' statistics buffers line up element for
+    element; `slices` are this rank's pieces; `group` is the process group the parameters are
+    partitioned over (None: nothing to reduce, the tensor is whole).
+    """
+
+    names: list
+    shapes: list
+    slices: list
+    group: object = None
+    _offsets: dict = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def whole(tensor: torch.Tensor) -> "PartitionLayout":
+        return PartitionLayout([None], [tensor.shape], [ParamSlice(0, 0, 0, tensor.numel())])
+
+    def factored(self, index: int, enabled: bool) -> bool:
+        return enabled and len(self.shapes[index]) >= 2
+
+    def stat_offsets(self, factored: bool) -> tuple[int, list]:
+        """Pass-1 buffer: [sum g^2 (finiteness), sum p^2 per param, then rows + cols of factored params]."""
+        if factored not in self._offsets:
+            size, where = 1 + len(self.shapes), []
+            for i, shape in enumerate(self.shapes):
+                if self.factored(i, factored):
+                    batch, rows, cols = _matrix_dims(shape)
+                    where.append((size, size + batch * rows))
+                    size += batch * (rows + cols)
+                else:
+                    where.append(None)
+            self._offsets[factored] = (size, where)
+        return self._offsets[factored]
 
 
-class Adafactor(torch.optim.Optimizer):
+def _matrix_dims(shape) -> tuple[int, int, int]:
+    """(B, R, C) for a tensor (..., R, C): leading dims folded, factored over the last two (as T5)."""
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
+def _rows(x: torch.Tensor, start: int, cols: int) -> tuple[int, int, torch.Tensor]:
+    """A flat slice starting at element `start` of a row-major matrix, as (first_row, lead, rows x cols).
+
+    The slice covers whole rows plus partial rows at its ends; elements of those partial rows owned by
+    other ranks read as zeros, so row and column sums over the result are this rank's partial sums.
+    """
+    first = start // cols
+    lead = start - first * cols
+    nrows = -(-(lead + x.numel()) // cols)
+    if lead == 0 and x.numel() == nrows * cols:
+        return first, 0, x.view(nrows, cols)
+    buf = x.new_zeros(nrows * cols)
+    buf[lead:lead + x.numel()] = x
+    return first, lead, buf.view(nrows, cols)
+
+
+def _reduce(buffers: list, groups: list) -> None:
+    """Sum each buffer over its process group in place: one all-reduce per distinct group."""
+    by_group: dict = {}
+    for buf, group in zip(buffers, groups):
+        if group is not None:
+            by_group.setdefault(id(group), (group, []))[1].append(buf)
+    if not by_group:
+        return
+    import torch.distributed as dist
+
+    for group, bufs in by_group.values():
+        flat = torch.cat(bufs)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset:offset + b.numel()])
+            offset += b.numel()
+
+
+class _PartitionAware(torch.optim.Optimizer):
+    """Shared plumbing: which layout each tensor has, and the skip-on-non-finite bookkeeping."""
+
+    def __init__(self, params, defaults):
+        super().__init__(params, defaults)
+        self.last_step_skipped = False
+        self.skipped_steps = 0  # counts step() calls that skipped (ZeRO 3 calls step once per sub-group)
+        self._layouts: dict = {}
+
+    def set_partition_layout(self, flat: torch.Tensor, layout: PartitionLayout) -> None:
+        """Declare what the flat partition `flat` (a tensor in this optimizer's param groups) holds."""
+        if layout.slices:
+            last = max(s.flat_start + s.numel for s in layout.slices)
+            if last > flat.numel():
+                raise ValueError(f"partition layout reaches element {last} of a {flat.numel()}-element partition")
+        self._layouts[id(flat)] = (flat, layout)
+
+    def _units(self) -> list:
+        """(group, tensor, layout) for every tensor to step; sharded ones even without a local gradient,
+        because the other ranks wait for this rank's (zero) contribution to the collectives."""
+        units = []
+        for group in self.param_groups:
+            for t in group["params"]:
+                known = self._layouts.get(id(t))
+                if known is not None and known[0] is t:
+                    units.append((group, t, known[1]))
+                elif t.grad is not None:
+                    units.append((group, t, PartitionLayout.whole(t)))
+        return units
+
+    @staticmethod
+    def _key(layout: PartitionLayout, index: int, key: str) -> str:
+        name = layout.names[index]
+        return key if name is None else f"{key}:{name}"
+
+    def _skip(self, stats: list) -> bool:
+        # One host sync for the whole step, on the reduced sums: every rank takes the same decision.
+        heads = torch.stack([s[0] for s in stats]) if stats else torch.zeros(1)
+        skipped = not bool(torch.isfinite(heads).all())
+        self.last_step_skipped = skipped
+        self.skipped_steps += int(skipped)
+        return skipped
+
+
+def _slice_of(t: torch.Tensor, s: ParamSlice) -> torch.Tensor:
+    return t.view(-1)[s.flat_start:s.flat_start + s.numel]
+
+
+class Adafactor(_PartitionAware):
     """Adafactor (Shazeer & Stern 2018) as T5 trains with it.
 
     Factored second moments for tensors with >= 2 dims (row and column means of g^2 over the last two
@@ -44,63 +179,129 @@ class Adafactor(torch.optim.Optimizer):
         defaults = dict(lr=lr, decay_rate=decay_rate, clip_threshold=clip_threshold, eps1=eps1, eps2=eps2,
                         weight_decay=weight_decay, factored=factored, scale_parameter=scale_parameter)
         super().__init__(params, defaults)
-        self.last_step_skipped = False
 
-    @staticmethod
-    def _approx_inv_sqrt(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-        # V ~ row col^T / mean(row): the rank-1 estimate of the second moment from the paper.
-        r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-        c = col.unsqueeze(-2).rsqrt()
-        return r * c
+    def _stats(self, group, t, layout) -> torch.Tensor:
+        """Pass 1, this rank's partial sums: g^2 total, p^2 per parameter, row/col sums of g^2 + eps1."""
+        size, where = layout.stat_offsets(group["factored"])
+        buf = torch.zeros(size, dtype=torch.float32, device=t.device)
+        if t.grad is None:
+            return buf
+        for s in layout.slices:
+            g = _slice_of(t.grad, s).float()
+            sq = g.square().add_(group["eps1"])
+            buf[0] += sq.sum()
+            if group["scale_parameter"]:
+                buf[1 + s.param] += _slice_of(t, s).float().square().sum()
+            if where[s.param] is not None:
+                batch, rows, cols = _matrix_dims(layout.shapes[s.param])
+                first, _, m = _rows(sq, s.param_start, cols)
+                row_at, col_at = where[s.param]
+                buf[row_at + first:row_at + first + m.shape[0]] += m.sum(dim=1)
+                col_sums = buf[col_at:col_at + batch * cols].view(batch, cols)
+                if batch == 1:
+                    col_sums[0] += m.sum(dim=0)
+                else:  # a (..., R, C) tensor: row r of the folded matrix belongs to batch r // R
+                    index = torch.arange(first, first + m.shape[0], device=m.device) // rows
+                    col_sums.index_add_(0, index, m)
+        return buf
+
+    def _moments(self, group, t, layout, stats) -> dict:
+        """Advance the second moments of this rank's parameters; returns the rsqrt factors per parameter."""
+        state = self.state[t]
+        if not state:
+            state["step"] = 0
+        state["step"] += 1
+        beta2 = 1.0 - state["step"] ** (-group["decay_rate"])
+        _, where = layout.stat_offsets(group["factored"])
+        factors = {}
+        for s in layout.slices:
+            i, shape = s.param, layout.shapes[s.param]
+            if where[i] is None:
+                key = self._key(layout, i, "exp_avg_sq")
+                if key not in state:
+                    state[key] = torch.zeros(s.numel, dtype=torch.float32, device=t.device)
+                sq = _slice_of(t.grad, s).float().square().add_(group["eps1"])
+                state[key].mul_(beta2).add_(sq, alpha=1.0 - beta2)
+                continue
+            if i in factors:  # already advanced (a parameter has at most one slice per partition)
+                continue
+            batch, rows, cols = _matrix_dims(shape)
+            rkey, ckey = self._key(layout, i, "exp_avg_sq_row"), self._key(layout, i, "exp_avg_sq_col")
+            if rkey not in state:
+                state[rkey] = torch.zeros(shape[:-1], dtype=torch.float32, device=t.device)
+                state[ckey] = torch.zeros(tuple(shape[:-2]) + tuple(shape[-1:]), dtype=torch.float32, device=t.device)
+            row_at, col_at = where[i]
+            row_mean = stats[row_at:row_at + batch * rows] / cols  # mean of g^2 over the last dim
+            col_mean = stats[col_at:col_at + batch * cols] / rows  # ... and over the second-to-last
+            row, col = state[rkey].view(-1), state[ckey].view(-1)
+            row.mul_(beta2).add_(row_mean, alpha=1.0 - beta2)
+            col.mul_(beta2).add_(col_mean, alpha=1.0 - beta2)
+            # V ~ row col^T / mean(row): the rank-1 estimate of the second moment from the paper.
+            r = row.view(batch, rows)
+            factors[i] = ((r / r.mean(dim=-1, keepdim=True)).rsqrt().view(-1), col.rsqrt().view(batch, cols))
+        return factors
+
+    def _update(self, group, t, layout, s, factors) -> torch.Tensor:
+        """The unclipped update of one slice: g / sqrt(V)."""
+        g = _slice_of(t.grad, s).float()
+        if s.param not in factors:
+            return g * self.state[t][self._key(layout, s.param, "exp_avg_sq")].rsqrt()
+        row_f, col_f = factors[s.param]
+        batch, rows, cols = _matrix_dims(layout.shapes[s.param])
+        first, lead, m = _rows(g, s.param_start, cols)
+        col_rows = col_f[0] if batch == 1 else col_f[torch.arange(first, first + m.shape[0], device=m.device) // rows]
+        u = m * row_f[first:first + m.shape[0]].unsqueeze(1) * col_rows
+        return u.view(-1)[lead:lead + s.numel]
+
+    def _apply(self, group, t, layout, s, u, stats, clip_sq) -> None:
+        numel = math.prod(layout.shapes[s.param])
+        lr = group["lr"]
+        if group["scale_parameter"]:
+            lr = lr * max(group["eps2"], math.sqrt(float(stats[1 + s.param]) / numel))
+        u.div_(max(1.0, math.sqrt(float(clip_sq) / numel) / group["clip_threshold"]))
+        p = _slice_of(t, s)
+        p32 = p.float() if p.dtype != torch.float32 else p
+        if group["weight_decay"] > 0:
+            p32.add_(p32, alpha=-group["weight_decay"] * lr)
+        p32.add_(u, alpha=-lr)
+        if p32 is not p:
+            p.copy_(p32)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.last_step_skipped = not _all_finite(grads)
-        if self.last_step_skipped:
+        units = self._units()
+        stats = [self._stats(*u) for u in units]
+        _reduce(stats, [u[2].group for u in units])
+        if self._skip(stats):
             return loss
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                factored = group["factored"] and grad.dim() >= 2
-                if not state:
-                    state["step"] = 0
-                    if factored:
-                        state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1], dtype=torch.float32, device=grad.device)
-                        state["exp_avg_sq_col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:],
-                                                              dtype=torch.float32, device=grad.device)
-                    else:
-                        state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
-                state["step"] += 1
-                p32 = p.float() if p.dtype != torch.float32 else p
-                lr = group["lr"]
-                if group["scale_parameter"]:
-                    lr = lr * max(group["eps2"], float(_rms(p32)))
-                beta2 = 1.0 - state["step"] ** (-group["decay_rate"])
-                sq = grad.square().add_(group["eps1"])
-                if factored:
-                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-                    row.mul_(beta2).add_(sq.mean(dim=-1), alpha=1.0 - beta2)
-                    col.mul_(beta2).add_(sq.mean(dim=-2), alpha=1.0 - beta2)
-                    update = self._approx_inv_sqrt(row, col).mul_(grad)
-                else:
-                    v = state["exp_avg_sq"]
-                    v.mul_(beta2).add_(sq, alpha=1.0 - beta2)
-                    update = v.rsqrt().mul_(grad)
-                update.div_(max(1.0, float(_rms(update)) / group["clip_threshold"]))
-                if group["weight_decay"] > 0:
-                    p32.add_(p32, alpha=-group["weight_decay"] * lr)
-                p32.add_(update, alpha=-lr)
-                if p32 is not p:
-                    p.copy_(p32)
+        sharded = []
+        for (group, t, layout), st in zip(units, stats):
+            if t.grad is None:  # a rank with no gradient still joins the collective below
+                sharded.append((group, t, layout, {}, torch.zeros(len(layout.shapes), device=t.device), st))
+                continue
+            factors = self._moments(group, t, layout, st)
+            if layout.group is None:  # whole tensor: clip and apply at once, no second pass
+                for s in layout.slices:
+                    u = self._update(group, t, layout, s, factors)
+                    self._apply(group, t, layout, s, u, st, u.square().sum())
+                continue
+            usq = torch.zeros(len(layout.shapes), dtype=torch.float32, device=t.device)
+            for s in layout.slices:
+                usq[s.param] += self._update(group, t, layout, s, factors).square().sum()
+            sharded.append((group, t, layout, factors, usq, st))
+        # Pass 2: the update-clipping RMS of every parameter, summed over the ranks; the update is
+        # recomputed rather than kept, so a step holds one slice's update at a time, not the partition's.
+        _reduce([x[4] for x in sharded], [x[2].group for x in sharded])
+        for group, t, layout, factors, usq, st in sharded:
+            if t.grad is None:
+                continue
+            for s in layout.slices:
+                self._apply(group, t, layout, s, self._update(group, t, layout, s, factors), st, usq[s.param])
         return loss
 
 
-class AdamWScale(torch.optim.Optimizer):
+class AdamWScale(_PartitionAware):
     """AdamW whose step is multiplied by max(1e-3, RMS(param)), as Adafactor's parameter scale.
 
     nanoT5 found this plus a cosine schedule trains T5 as well as Adafactor, where plain AdamW diverges.
@@ -112,38 +313,54 @@ class AdamWScale(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         scale_by_param_rms=scale_by_param_rms)
         super().__init__(params, defaults)
-        self.last_step_skipped = False
+
+    @staticmethod
+    def _stats(group, t, layout) -> torch.Tensor:
+        """[sum g^2 (finiteness), sum p^2 per parameter] of this rank's slices."""
+        buf = torch.zeros(1 + len(layout.shapes), dtype=torch.float32, device=t.device)
+        if t.grad is None:
+            return buf
+        buf[0] = t.grad.float().square().sum()
+        if group["scale_by_param_rms"]:
+            for s in layout.slices:
+                buf[1 + s.param] += _slice_of(t, s).float().square().sum()
+        return buf
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.last_step_skipped = not _all_finite(grads)
-        if self.last_step_skipped:
+        units = self._units()
+        stats = [self._stats(*u) for u in units]
+        _reduce(stats, [u[2].group for u in units])
+        if self._skip(stats):
             return loss
-        for group in self.param_groups:
+        for (group, t, layout), st in zip(units, stats):
+            if t.grad is None:
+                continue
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                step_size = group["lr"] * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-                p32 = p.float() if p.dtype != torch.float32 else p
+            grad = t.grad.float()
+            state = self.state[t]
+            if not state:  # elementwise moments: one buffer per (flat) tensor, padding included
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+            state["step"] += 1
+            step_t = state["step"]
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            step_size = group["lr"] * math.sqrt(1.0 - beta2 ** step_t) / (1.0 - beta1 ** step_t)
+            denom = v.sqrt().add_(group["eps"])
+            for s in layout.slices:
+                scale = 1.0
                 if group["scale_by_param_rms"]:
-                    step_size *= max(1e-3, float(_rms(p32)))
+                    numel = math.prod(layout.shapes[s.param])
+                    scale = max(1e-3, math.sqrt(float(st[1 + s.param]) / numel))
+                p = _slice_of(t, s)
+                p32 = p.float() if p.dtype != torch.float32 else p
                 if group["weight_decay"] > 0:
                     p32.add_(p32, alpha=-group["lr"] * group["weight_decay"])
-                p32.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
+                p32.addcdiv_(_slice_of(m, s), _slice_of(denom, s), value=-step_size * scale)
                 if p32 is not p:
                     p.copy_(p32)
         return loss

@@ -1,9 +1,11 @@
 """Run under the deepspeed launcher by tests/test_engine_distributed.py (not a test module itself).
 
-    deepspeed --num_gpus 2 tests/engine_ds_worker.py OUT_JSON RUN_ROOT STAGE [STAGE ...]
+    deepspeed --num_gpus 2 tests/engine_ds_worker.py OUT_JSON RUN_ROOT RUN [RUN ...]
 
-Trains the tiny model on the synthetic stream at each ZeRO stage in turn (one launch, one process
-group: DeepSpeed's start-up is paid once) and writes rank 0's per-step losses to OUT_JSON.
+Trains the tiny model on the synthetic stream for each RUN in turn (one launch, one process group:
+DeepSpeed's start-up is paid once) and writes rank 0's per-step losses to OUT_JSON, keyed by RUN. A RUN
+is a ZeRO stage ("2": COMMON's plain AdamW) or STAGE:OPTIMIZER with an OPTIMIZER of `OPTIMIZERS`, or
+"shards": test_engine_zero_optim.check_partitions (the optimizers on hand-made partitions, no training).
 """
 import json
 import os
@@ -25,21 +27,37 @@ COMMON = ["--run.max_steps", "4", "--run.progress", "false", "--model.vocab_size
           "--schedule.warmup_steps", "0", "--checkpoint.every", "100", "--run.threads", "1", "--run.demo", "false",
           "--run.tensorboard", "false"]
 VOCAB, MICRO = 100, 4
+# Overrides on COMMON for the optimizers whose statistics are per parameter (tests/test_engine_zero_optim.py).
+OPTIMIZERS = {
+    "adafactor": ["--optim.name", "adafactor", "--optim.lr", "1e-2"],
+    "adamw_scaled": ["--optim.scale_by_param_rms", "true", "--optim.lr", "2e-2"],
+}
 
 
 def main(argv):
     argv = [a for a in argv if not a.startswith("--local_rank")]
-    out_json, run_root, stages = argv[0], argv[1], [int(s) for s in argv[2:]]
+    out_json, run_root, runs = argv[0], argv[1], argv[2:]
     results = {}
-    for stage in stages:
-        cfg = load_run_config(COMMON + ["--run.dir", f"{run_root}/zero{stage}", "--run.engine", "deepspeed",
-                                        "--deepspeed.zero_stage", str(stage), "--batch.micro_batch_size", str(MICRO)])
+    for run in runs:
+        if run == "shards":
+            import deepspeed
+
+            from test_engine_zero_optim import check_partitions
+
+            deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # the group the trainers reuse
+            results[run] = check_partitions()
+            continue
+        stage, _, optim = run.partition(":")
+        directory = f"{run_root}/zero{stage}" + (f"_{optim}" if optim else "")
+        cfg = load_run_config(COMMON + OPTIMIZERS.get(optim, []) +
+                              ["--run.dir", directory, "--run.engine", "deepspeed", "--deepspeed.zero_stage", stage,
+                               "--batch.micro_batch_size", str(MICRO)])
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # set by the launcher
         trainer, _ = build_trainer(cfg, data=SyntheticData(VOCAB, MICRO, rank=rank, world_size=world),
                                    tokenizer_vocab=VOCAB)
         result = trainer.train()
-        results[str(stage)] = result.losses
-    if trainer.engine.rank == 0:
+        results[run] = result.losses
+    if int(os.environ["RANK"]) == 0:
         pathlib.Path(out_json).write_text(json.dumps(results))
 
 
