@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine import config as run_config
+from engine.tasks.evaluation import evaluate_tasks, gathered_copy, is_zero3_partitioned
 from engine.trainer import Trainer
 from models.adapters import GradualUnfreezer
 
@@ -79,6 +80,10 @@ class TaskEntry:
     eval_split: str = "validation"
     limit: int = 0  # training examples used (the first ones); 0 = all
     eval_skip: int = 0  # evaluation starts after this many examples (one file split in two for a demo)
+    # Unsupervised source (multi-task pretraining): an objective of engine/data/objectives.py applied to the
+    # C4-style JSON lines in `train` (globs ok), examples cut as in pretraining; `name` is then free.
+    objective: str = ""
+    size: int = 0  # objective sources: examples the mixing rate counts (with finetune.mixture_limit K: >= K)
 
 
 def _set_dataclass(obj, table: dict, where: str, prefix: str) -> None:
@@ -143,11 +148,40 @@ def parse_finetune_config(argv: list[str]):
     for module in ft.task_modules:
         import_task_module(module)
     for number, task in enumerate(tasks):
+        if task.objective:
+            from engine.data.objectives import OBJECTIVES
+
+            if task.objective not in OBJECTIVES:
+                raise ValueError(f"config key 'tasks[{number}].objective': {task.objective!r} is not one of "
+                                 f"{', '.join(OBJECTIVES)}")
+            if not task.train or task.eval or task.size < 1 or not task.name:
+                raise ValueError(f"config key 'tasks[{number}]': an objective source needs name, train (JSON "
+                                 "lines files) and size >= 1, and has no eval")
+            continue
         try:
             get_task(task.name)
         except ValueError as err:
             raise ValueError(f"config key 'tasks[{number}].name': {err}") from None
     return cfg, ft, tasks
+
+
+def _train_source(number: int, task: TaskEntry, ft: FinetuneSection, tokenizer, seed: int):
+    """The mixture source of one [[tasks]] entry: a registered task's examples, or an objective on documents."""
+    from engine.mixtures import objective_source, text_task_source
+    from engine.tasks import get_task
+
+    if not task.objective:
+        return text_task_source(get_task(task.name), task.train, task.train_split, tokenizer, ft.max_input_length,
+                                ft.max_target_length, limit=task.limit or None)
+    from engine.data.c4 import C4Reader
+
+    try:  # every pass reads the files in the same seeded order: the resume contract of objective_source
+        C4Reader(task.train)  # missing files are reported now, not at the first draw
+        return objective_source(task.name, lambda: C4Reader(task.train, seed=seed, epochs=1), tokenizer, task.size,
+                                objective=task.objective, inputs_length=ft.max_input_length,
+                                targets_length=ft.max_target_length, seed=seed)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"config key 'tasks[{number}]': {err}") from None
 
 
 def import_task_module(name: str) -> None:
@@ -267,71 +301,6 @@ class MixtureBatches:
             self.mixture.load_state_dict(state)
 
 
-def _all_gather_objects(obj, world_size: int) -> list:
-    """`obj` of every rank, in rank order (a list of one locally)."""
-    if world_size == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-@torch.no_grad()
-def evaluate_tasks(model, tokenizer, eval_sets, *, batch_size: int, max_input_length: int, max_length: int,
-                   num_beams: int = 1, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """{"task/metric": score} for each (task, examples) in `eval_sets`, decoding with our generation.
-
-    With several ranks each decodes every world_size-th example (strided, so every rank gets a similar
-    mix of lengths), the output texts are gathered, and every rank scores the whole set: all ranks
-    return the same scores, so they agree on the best step without another collective."""
-    from engine.generate import generate_texts
-
-    scores: dict[str, float] = {}
-    for task, examples in eval_sets:
-        mine = generate_texts(model, tokenizer, [e.inputs for e in examples[rank::world_size]],
-                              batch_size=batch_size, max_input_length=max_input_length, max_length=max_length,
-                              num_beams=num_beams)
-        outputs = [""] * len(examples)
-        for owner, texts in enumerate(_all_gather_objects(mine, world_size)):
-            outputs[owner::world_size] = texts
-        for metric, value in task.evaluate(examples, outputs).items():
-            scores[f"{task.name}/{metric}"] = value
-    return scores
-
-
-def is_zero3_partitioned(model: torch.nn.Module) -> bool:
-    """True when DeepSpeed ZeRO-3 holds only a shard of each parameter on this rank."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-def gathered_copy(model: torch.nn.Module, build) -> torch.nn.Module:
-    """A plain, whole copy of a ZeRO-3 partitioned model on every rank (collective: all ranks call it).
-
-    Generation calls `encode` / `decode_step`, not the module's forward, so ZeRO-3's forward hooks
-    would not gather the top-level parameters (embedding, head); a hook-free copy decodes as fast as
-    an unsharded model. Parameters are gathered one at a time: the peak is the copy plus one whole
-    parameter, the same memory an unsharded model needs, for the length of the evaluation only.
-    `build()` makes the same architecture (adapters included); it is built on the meta device, so no
-    memory or init time is spent on weights that are overwritten.
-    """
-    import deepspeed
-
-    with torch.device("meta"):
-        copy = build()
-    gathered: dict[int, torch.Tensor] = {}
-    state = {}
-    for name in copy.state_dict():
-        param = model.get_parameter(name)
-        if id(param) not in gathered:
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                gathered[id(param)] = param.data.detach().clone()
-        state[name] = gathered[id(param)]
-    copy.load_state_dict(state, strict=True, assign=True)
-    return copy.eval()
-
-
 class FinetuneTrainer(Trainer):
     """The pretraining Trainer plus what fine-tuning adds around each step: the unfreezing schedule
     before it, evaluation and best-model keeping after it. The step itself is the Trainer's.
@@ -429,7 +398,7 @@ def _best_writer(run_dir: pathlib.Path, method: str, tokenizer_file: str):
 def build_finetune(argv: list[str]):
     """Everything a fine-tuning run needs, from argv; returns (trainer, summary line)."""
     from engine.engines import build_engine, choose_engine
-    from engine.mixtures import Mixture, text_task_source
+    from engine.mixtures import Mixture
     from engine.optim import build_optimizer
     from engine.tasks import get_task
     from engine.tokenizer import Tokenizer
@@ -457,8 +426,7 @@ def build_finetune(argv: list[str]):
     optimizer = build_optimizer(params, cfg.optim)
     engine = build_engine(kind, model, optimizer, cfg, device)
     seed_everything(cfg.run.seed + 1000 * (engine.rank + 1))
-    sources = [text_task_source(get_task(t.name), t.train, t.train_split, tokenizer, ft.max_input_length,
-                                ft.max_target_length, limit=t.limit or None) for t in tasks if t.train]
+    sources = [_train_source(i, t, ft, tokenizer, cfg.run.seed) for i, t in enumerate(tasks) if t.train]
     if not sources:
         raise ValueError("[[tasks]]: no task has a 'train' file")
     # One mixture stream for all ranks (same seed), each rank keeping its slice: see MixtureBatches.

@@ -122,3 +122,28 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     path.write_text(path.read_text().replace('name = "test_weather"', 'name = "glue"'))
     assert finetune_main(["--config", str(path)]) == 2
     assert "config key 'tasks[0].name': unknown task 'glue'" in capsys.readouterr().err
+
+
+def test_mixture_with_span_corruption_and_progress_label(tmp_path, capsys):
+    """A [[tasks]] entry with an objective adds unsupervised span corruption on C4 JSON lines to the
+    mixture (multi-task pretraining); the progress bar is labelled "finetune"."""
+    c4 = shared_file("c4/c4-validation-sample-2k.json.gz")
+    path = _config(tmp_path, "full", 3, eval_every=1000)
+    path.write_text(path.read_text().replace("max_target_length = 8", "max_target_length = 12") + f"""
+[[tasks]]
+name = "c4_span_corruption"
+objective = "span_corruption"
+train = "{c4}"
+size = 600
+""")
+    assert finetune_main(["--config", str(path), "--run.progress", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "mixture test_weather 0.50, c4_span_corruption 0.50" in err and "finetune: 100%" in err
+    assert "pretrain" not in err
+    # Span corruption at 40 input tokens needs 10 target tokens: a shorter limit is a one-line error.
+    assert finetune_main(["--config", str(path), "--finetune.max_target_length", "8",
+                          "--run.dir", str(tmp_path / "short")]) == 2
+    assert "config key 'tasks[1]': targets_length 8 is too short for span corruption" in capsys.readouterr().err
+    path.write_text(path.read_text().replace('objective = "span_corruption"', 'objective = "spans"'))
+    assert finetune_main(["--config", str(path)]) == 2
+    assert "config key 'tasks[1].objective': 'spans' is not one of span_corruption" in capsys.readouterr().err
