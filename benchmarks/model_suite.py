@@ -228,7 +228,6 @@ def _rss_peak_mb() -> float | None:
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
     try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
@@ -242,24 +241,71 @@ def _peak_mb(device: torch.device) -> tuple[float | None, str]:
     return _rss_peak_mb(), "process peak RSS (VmHWM; includes the Python process and other models)"
 
 
-def _time_steps(step, scfg: ModelSuiteConfig, device: torch.device) -> dict:
-    """Run `warmup` untimed then `steps` timed calls of `step()`; median time, peak memory, last loss."""
+class PhaseClock:
+    """Where a step's time goes: forward, backward, optimizer (with whatever the engine does around it).
+
+    CUDA events on the GPU, so marking a phase never synchronises inside the timed step; wall time on
+    the CPU, where every op is synchronous anyway.
+    """
+
+    PHASES = ("forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.rows: list[list[float]] = []
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def mark(self) -> None:
+        self.marks.append(self._now())
+
+    def close_step(self) -> None:
+        """After the device is synchronised: turn this step's marks into phase durations."""
+        m, self.marks = self.marks, []
+        if len(m) == len(self.PHASES) + 1:
+            self.rows.append([m[i].elapsed_time(m[i + 1]) / 1e3 if self.cuda else m[i + 1] - m[i]
+                              for i in range(len(self.PHASES))])
+
+    def medians(self) -> dict[str, float]:
+        if not self.rows:
+            return {}
+        return {name: sorted(r[i] for r in self.rows)[len(self.rows) // 2] for i, name in enumerate(self.PHASES)}
+
+
+def _time_steps(step, clock: PhaseClock, scfg: ModelSuiteConfig, device: torch.device) -> dict:
+    """Run `warmup` untimed then `steps` timed calls of `step()`; median time, peak memory, last loss.
+
+    `step` marks `clock` after its forward and its backward; the step's start and end are marked here."""
     start = time.perf_counter()
     for _ in range(scfg.warmup):
         step()
     warmup_s = time.perf_counter() - start
     _reset_peak(device)
     times, loss = [], None
+    clock.rows, clock.marks = [], []
     for _ in range(scfg.steps):
         devices._sync(device)
         start = time.perf_counter()
+        clock.mark()
         loss = step()
+        clock.mark()
         devices._sync(device)
         times.append(time.perf_counter() - start)
+        clock.close_step()
     peak, mem_kind = _peak_mb(device)
     times.sort()
-    return {"step_s": times[len(times) // 2], "step_s_min": times[0], "step_s_all": times,
-            "warmup_s": warmup_s, "peak_mem_mb": peak, "mem_kind": mem_kind, "loss": float(loss)}
+    out = {"step_s": times[len(times) // 2], "step_s_min": times[0], "step_s_all": times,
+           "phase_s": clock.medians(), "warmup_s": warmup_s, "peak_mem_mb": peak, "mem_kind": mem_kind,
+           "loss": float(loss)}
+    if device.type == "cuda":  # the host side too: what CPU offload moves there
+        out["host_peak_mem_mb"] = _rss_peak_mb()
+    return out
 
 
 def _n_params(model: torch.nn.Module) -> int:
@@ -273,13 +319,17 @@ def measure_step(provider: str, cfg, scfg: ModelSuiteConfig, device: torch.devic
     batch = make_batch(cfg, scfg.batch_size, scfg.inputs_length, scfg.targets_length, device)
     forward = torch.compile(model) if provider.endswith("-compile") else model
 
+    clock = PhaseClock(device)
+
     def step():
         loss = forward(**batch).loss
+        clock.mark()
         loss.backward()
+        clock.mark()
         opt.step()
         return loss.detach()
 
-    out = _time_steps(step, scfg, device)
+    out = _time_steps(step, clock, scfg, device)
     if provider == "t5forge-torch":
         # One more (untimed) forward under the saved-tensor hook: the plan's activation count, measured.
         # (Not on the engine provider: autocast's bf16 weight copies would count as saved tensors there.)
@@ -342,15 +392,19 @@ def measure_engine_step(run_cfg, mcfg, scfg: ModelSuiteConfig, device: torch.dev
         batch = make_batch(mcfg, scfg.batch_size, scfg.inputs_length, scfg.targets_length, device)
         lr, skipped = run_cfg.optim.lr, []
 
+        clock = PhaseClock(device)
+
         def step():
             loss = engine.forward(batch).loss
+            clock.mark()
             engine.backward(loss)
+            clock.mark()
             info = engine.micro_step(True, lr)
             skipped.append(not info.applied)
             return loss.detach()
 
         try:
-            out = _time_steps(step, scfg, device)
+            out = _time_steps(step, clock, scfg, device)
         finally:
             inner = getattr(engine, "engine", None)  # deepspeed's own engine: drop its hooks and buffers
             if inner is not None and hasattr(inner, "destroy"):

@@ -91,6 +91,13 @@ def _label(rec: dict) -> str:
     return "measured, CPU offload" if _offloaded(rec) else "measured"
 
 
+def _phases(rec: dict) -> str:
+    ph = rec.get("phase_s") or {}
+    if rec.get("method") == "extrapolated" or not all(k in ph for k in ("forward", "backward", "optimizer")):
+        return "-"
+    return " / ".join(f"{ph[k] * 1e3:.0f}" for k in ("forward", "backward", "optimizer"))
+
+
 def engine_label(rec: dict) -> str:
     """How a record trained: DeepSpeed with its ZeRO stage and offload, or plain torch; old files as written."""
     if rec.get("engine") == "deepspeed":
@@ -222,9 +229,11 @@ def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
                   "model code alone; `t5forge` : `hf-sdpa` adds the engine and the preset's optimizer.",
                   "- *extrapolated*: measured at reduced depth (same width, 1 and 2 layers per stack) and "
                   "extrapolated per layer: not a measurement of the full model.", "",
-                  "| preset | provider | engine | how | ms/step | seq/s | tokens/s | TFLOP/s | MFU | of ceiling | "
-                  "peak mem MB | vs hf-sdpa | vs hf-compile |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "- fwd / bwd / opt: median milliseconds of the forward, the backward and the optimizer step "
+                  "(with what the engine does around it) within the timed steps.", "",
+                  "| preset | provider | engine | how | ms/step | fwd / bwd / opt ms | seq/s | tokens/s | TFLOP/s | "
+                  "MFU | of ceiling | peak mem MB | vs hf-sdpa | vs hf-compile |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         by = {(r["preset"], r["provider"]): r for r in recs}
         for r in recs:
             ok = r.get("status") == "ok"
@@ -235,7 +244,8 @@ def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
                 ratios.append(f"{b['step_s'] / r['step_s']:.2f}x" if good else "-")
             lines.append(
                 f"| {r['preset']} | {r['provider']} | {engine_label(r)} | {_label(r)} | "
-                f"{_fmt(r.get('step_s') and r['step_s'] * 1e3, '.1f')} | {_fmt(r.get('seqs_per_s'), '.3g')} | "
+                f"{_fmt(r.get('step_s') and r['step_s'] * 1e3, '.1f')} | {_phases(r)} | "
+                f"{_fmt(r.get('seqs_per_s'), '.3g')} | "
                 f"{_fmt(r.get('tokens_per_s'), '.4g')} | {_fmt(r.get('tflops'), '.3g')} | "
                 f"{_pct(r.get('mfu'))} | {_pct(r.get('mfu_of_ceiling'))} | "
                 f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {ratios[0]} | {ratios[1]} |")
@@ -246,7 +256,8 @@ def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
             for r in planned:
                 skipped = f"; {r['steps_skipped']} timed step(s) skipped (non-finite)" if r.get("steps_skipped") else ""
                 ckpt = ", activation checkpointing" if r.get("gradient_checkpointing") else ""
-                lines.append(f"- {r['preset']}: {r.get('run_config')}{ckpt}. Plan: {r['plan']}{skipped}")
+                host = f"; host peak {r['host_peak_mem_mb']:.0f} MB" if r.get("host_peak_mem_mb") else ""
+                lines.append(f"- {r['preset']}: {r.get('run_config')}{ckpt}. Plan: {r['plan']}{host}{skipped}")
         kinds = {r.get("mem_kind") for r in recs if r.get("mem_kind")}
         lines += ["", "Peak memory: " + "; ".join(sorted(kinds)) if kinds else "", ""]
         acts = [r for r in recs if r.get("saved_activation_mb") is not None]

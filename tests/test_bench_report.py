@@ -76,6 +76,9 @@ def test_cpu_run_writes_results_report_and_plots(cpu_run):
     # The same model in three implementations / set-ups.
     assert recs["t5forge"]["params"] == recs["t5forge-torch"]["params"] == recs["hf-sdpa"]["params"]
     assert recs["hf-sdpa-compile"]["status"] == "skipped"
+    for prov in ("t5forge", "t5forge-torch", "hf-sdpa"):  # the phases add up to the step
+        ph = recs[prov]["phase_s"]
+        assert sum(ph.values()) == pytest.approx(recs[prov]["step_s"], rel=0.5) and min(ph.values()) > 0
     r = recs["t5forge-torch"]
     assert r["engine"] == "torch" and r["zero_stage"] is None
     assert r["predicted_activation_mb"] == pytest.approx(r["saved_activation_mb"], rel=0.05)
@@ -101,6 +104,8 @@ def test_engine_provider_runs_the_presets_ready_config_through_deepspeed(cpu_run
     assert "ZeRO-0 (DDP): device" in r["plan"]
     md = paths["markdown"].read_text()
     assert "| tiny | t5forge | DeepSpeed ZeRO-0, adafactor, bf16 autocast, fp32 weights | measured |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| tiny | t5forge |"))
+    assert row.split(" | ")[5] == " / ".join(f"{r['phase_s'][k] * 1e3:.0f}" for k in ("forward", "backward", "optimizer"))
     assert "- tiny: engine/configs/tiny.toml; micro_batch_size 2" in md
     # The one-rank world leaves no launcher variables behind (engine.engines.launched_distributed reads them).
     assert {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")} == \
