@@ -12,9 +12,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
 
     Precision: fp16 uses DeepSpeed's dynamic loss scaling (an overflowing step is skipped and the scale
     halved: T5's fp16 overflow trap then costs a step, never the weights). bf16 at ZeRO 0 is NOT handed
-    to DeepSpeed: the trainer autocasts the forward and keeps fp32 weights, so the optimizer sees each
-    real parameter (Adafactor's factored moments need their 2-D shape); at ZeRO >= 1 DeepSpeed holds
-    bf16 weights and fp32 master partitions.
+    to DeepSpeed: the trainer autocasts the forward and keeps fp32 weights, so the optimizer steps each
+    real parameter; at ZeRO >= 1 DeepSpeed holds bf16 weights and fp32 master partitions, and the engine
+    tells our optimizers which parameter slices each partition holds (engines.zero_partition_layouts),
+    so Adafactor's factored moments and the RMS statistics stay per parameter.
     """
     ds = cfg.deepspeed
     micro, accum = cfg.batch.micro_batch_size, cfg.batch.grad_accum

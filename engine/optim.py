@@ -254,16 +254,17 @@ class Adafactor(_PartitionAware):
         return u.view(-1)[lead:lead + s.numel]
 
     def _apply(self, group, t, layout, s, u, stats, clip_sq) -> None:
+        # The scalars stay 0-d tensors on the device: no host sync per parameter.
         numel = math.prod(layout.shapes[s.param])
-        lr = group["lr"]
+        lr = torch.full((), group["lr"], dtype=torch.float32, device=u.device)
         if group["scale_parameter"]:
-            lr = lr * max(group["eps2"], math.sqrt(float(stats[1 + s.param]) / numel))
-        u.div_(max(1.0, math.sqrt(float(clip_sq) / numel) / group["clip_threshold"]))
+            lr = lr * (stats[1 + s.param] / numel).sqrt().clamp_min(group["eps2"])
+        clip = ((clip_sq / numel).sqrt() / group["clip_threshold"]).clamp_min(1.0)
         p = _slice_of(t, s)
         p32 = p.float() if p.dtype != torch.float32 else p
         if group["weight_decay"] > 0:
-            p32.add_(p32, alpha=-group["weight_decay"] * lr)
-        p32.add_(u, alpha=-lr)
+            p32.sub_(p32 * (lr * group["weight_decay"]))
+        p32.sub_(u.mul_(lr / clip))
         if p32 is not p:
             p.copy_(p32)
 
@@ -352,15 +353,16 @@ class AdamWScale(_PartitionAware):
             step_size = group["lr"] * math.sqrt(1.0 - beta2 ** step_t) / (1.0 - beta1 ** step_t)
             denom = v.sqrt().add_(group["eps"])
             for s in layout.slices:
-                scale = 1.0
-                if group["scale_by_param_rms"]:
-                    numel = math.prod(layout.shapes[s.param])
-                    scale = max(1e-3, math.sqrt(float(st[1 + s.param]) / numel))
                 p = _slice_of(t, s)
                 p32 = p.float() if p.dtype != torch.float32 else p
                 if group["weight_decay"] > 0:
                     p32.add_(p32, alpha=-group["lr"] * group["weight_decay"])
-                p32.addcdiv_(_slice_of(m, s), _slice_of(denom, s), value=-step_size * scale)
+                if group["scale_by_param_rms"]:  # a 0-d device tensor: no host sync per parameter
+                    numel = math.prod(layout.shapes[s.param])
+                    scale = (st[1 + s.param] / numel).sqrt().clamp_min(1e-3) * step_size
+                    p32.sub_(_slice_of(m, s) / _slice_of(denom, s) * scale)
+                else:
+                    p32.addcdiv_(_slice_of(m, s), _slice_of(denom, s), value=-step_size)
                 if p32 is not p:
                     p.copy_(p32)
         return loss
