@@ -110,11 +110,24 @@ def _reduce(buffers: list, groups: list) -> None:
 
     for group, bufs in by_group.values():
         flat = torch.cat(bufs)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        wire = flat.to(_collective_device(group, flat.device))
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group)
+        flat = wire.to(flat.device)
         offset = 0
         for b in bufs:
             b.copy_(flat[offset:offset + b.numel()])
             offset += b.numel()
+
+
+def _collective_device(group, device: torch.device) -> torch.device:
+    """Where a buffer can be all-reduced: an NCCL-only group cannot take CPU tensors, and with a
+    CPU-offloaded optimizer (ZeRO-Offload) the partitions, so the statistics, live on the CPU."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if device.type == "cpu" and "nccl" in backend and "cpu:" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class _PartitionAware(torch.optim.Optimizer):
@@ -161,6 +174,11 @@ class _PartitionAware(torch.optim.Optimizer):
         return skipped
 
 
+def _sumsq(x: torch.Tensor) -> torch.Tensor:
+    # A fp32 norm reads bf16 / fp32 in place: no partition-sized temporary for x.float().square().
+    return torch.linalg.vector_norm(x, dtype=torch.float32).square()
+
+
 def _slice_of(t: torch.Tensor, s: ParamSlice) -> torch.Tensor:
     return t.view(-1)[s.flat_start:s.flat_start + s.numel]
 
@@ -191,7 +209,7 @@ class Adafactor(_PartitionAware):
             sq = g.square().add_(group["eps1"])
             buf[0] += sq.sum()
             if group["scale_parameter"]:
-                buf[1 + s.param] += _slice_of(t, s).float().square().sum()
+                buf[1 + s.param] += _sumsq(_slice_of(t, s))
             if where[s.param] is not None:
                 batch, rows, cols = _matrix_dims(layout.shapes[s.param])
                 first, _, m = _rows(sq, s.param_start, cols)
@@ -321,10 +339,10 @@ class AdamWScale(_PartitionAware):
         buf = torch.zeros(1 + len(layout.shapes), dtype=torch.float32, device=t.device)
         if t.grad is None:
             return buf
-        buf[0] = t.grad.float().square().sum()
+        buf[0] = _sumsq(t.grad)
         if group["scale_by_param_rms"]:
             for s in layout.slices:
-                buf[1 + s.param] += _slice_of(t, s).float().square().sum()
+                buf[1 + s.param] += _sumsq(_slice_of(t, s))
         return buf
 
     @torch.no_grad()

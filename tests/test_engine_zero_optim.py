@@ -165,6 +165,17 @@ def test_whole_tensors_match_independent_references():
         torch.testing.assert_close(a - p0, (b - p0) * rms, rtol=1e-4, atol=1e-8)
 
 
+def test_layout_outside_its_partition_is_refused():
+    import pytest
+
+    from engine.optim import Adafactor, ParamSlice, PartitionLayout
+
+    flat = torch.nn.Parameter(torch.zeros(10))
+    opt = Adafactor([flat])
+    with pytest.raises(ValueError, match="reaches element 12 of a 10-element partition"):
+        opt.set_partition_layout(flat, PartitionLayout(["w"], [(4, 3)], [ParamSlice(0, 2, 0, 10)]))
+
+
 # ----------------------------------------------------------------------------- end to end under DeepSpeed
 def test_zero_partitions_keep_per_parameter_statistics(tmp_path):
     import pytest
