@@ -138,3 +138,15 @@ def test_bad_input_in_a_worker_is_one_clear_error(tok, tmp_path):
     with pytest.raises(ValueError, match=r"c4-1\.json:121: invalid json") as err:
         list(ds)
     assert "\n" not in str(err.value)
+
+
+def test_worker_builder_pickles_for_spawned_workers(tok, tmp_path):
+    # fork start methods copy the dataset; spawn / forkserver pickle it (the tokenizer included)
+    import pickle
+
+    paths, _ = _corpus(tmp_path, 2)
+    ds = build_pretrain_dataset(paths, tok, "span_corruption", inputs_length=48, targets_length=12, batch_size=3,
+                                epochs=1, num_workers=2)
+    build = pickle.loads(pickle.dumps(ds.build))
+    a, b = next(iter(ds.build(1))), next(iter(build(1)))
+    assert _equal(a, b)
