@@ -26,13 +26,16 @@ import base64
 import dataclasses
 import inspect
 import itertools
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from engine.data.c4 import C4Reader
 from engine.data.objectives import Objective, get_objective, span_corruption
 from engine.data.packing import dense_packed_batch, next_fit_rows, packed_batch, unpacked_batch
+
+if TYPE_CHECKING:  # torch is imported only when workers are used
+    from engine.data.workers import MultiWorkerPretrainDataset
 
 
 def _pack_ids(a: np.ndarray) -> str:
@@ -163,7 +166,8 @@ def build_pretrain_dataset(paths: Sequence[str] | str, tokenizer, objective: str
                            targets_length: int = 114, batch_size: int = 8, pack: bool = True, seed: int = 0,
                            rank: int = 0, world_size: int = 1, *, shuffle_buffer: int = 1024,
                            epochs: int | None = None, strict: bool = False, as_torch: bool = True,
-                           num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False):
+                           num_workers: int = 0, prefetch_factor: int = 2,
+                           pin_memory: bool = False) -> PretrainDataset | MultiWorkerPretrainDataset:
     """Batches for pretraining rank `rank` of `world_size` (see the module docstring).
 
     `objective` is a name from engine.data.objectives.OBJECTIVES; sentinel ids and the vocabulary size
