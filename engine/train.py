@@ -12,30 +12,26 @@ The deepspeed launcher appends --local_rank=N, which is accepted and ignored (LO
 the environment). Without a launcher and without a GPU, the run uses a local engine (no DeepSpeed
 start-up, same Trainer); `--run.engine deepspeed` forces DeepSpeed on one process.
 
+With no `--config` (and no other `--model.preset`), engine/configs/tiny.toml is the base config.
 Running the same command on an existing `run.dir` resumes from its latest checkpoint. SIGTERM / SIGINT
 save a checkpoint and exit (exit code 0). Config keys: engine/config.py.
 """
 from __future__ import annotations
 
+import collections
+import copy
 import glob
+import math
 import os
 import pathlib
 import random
+import re
 import sys
 
 import numpy as np
 import torch
 
 from engine.config import RunConfig, load_run_config
-
-# Sentences in the style of the built-in corpus (docstrings) with one span replaced by a sentinel, and
-# the words that were there.
-DEMO_SENTENCES = (
-    ("Return a new <extra_id_0> containing all items from the iterable in ascending order.", "list"),
-    ("If the file does not <extra_id_0>, an exception is raised.", "exist"),
-    ("This module provides <extra_id_0> for reading and writing compressed data.", "classes"),
-    ("The default value is <extra_id_0>, which means no limit.", "None"),
-)
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -206,20 +202,150 @@ def greedy_fill(model, tokenizer, input_ids: list[int], max_new_tokens: int = 32
     return out
 
 
-def demo(model, tokenizer_file: str, file=None) -> None:
-    """Show what the model fills in for a few sentences with a missing span."""
-    from engine.tokenizer import Tokenizer
+# Plain prose sentences only: no code, paths or markup, which a greedy fill cannot show off.
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_PROSE = re.compile(r"[A-Z][A-Za-z ,']*\.")
+
+
+def pick_demo_sentences(texts, count: int = 6, spans: int = 2, seed: int = 0,
+                        min_words: int = 6, max_words: int = 12) -> list[tuple[str, list[str]]]:
+    """Sentences of the training text with `spans` words masked: [(masked text, [masked words])].
+
+    The choice never looks at the model, so the demo cannot flatter it: short prose sentences made of
+    the corpus's most frequent words (the mean log frequency of their words ranks them; on the built-in
+    corpus these are typical docstring lines such as "Return true if the object is a module."), at most
+    one per opening three words so they differ, each with non-adjacent words (not the first) masked
+    by a seeded generator.
+    """
+    sentences: dict[str, None] = {}
+    freq: collections.Counter = collections.Counter()
+    for text in texts:
+        for sentence in _SENTENCE_SPLIT.split(" ".join(text.split())):
+            words = sentence.split()
+            freq.update(w.strip(".,").lower() for w in words)
+            if min_words <= len(words) <= max_words and _PROSE.fullmatch(sentence):
+                sentences.setdefault(sentence)
+    total = sum(freq.values()) or 1
+
+    def typicality(sentence: str) -> float:
+        words = [w.strip(".,").lower() for w in sentence.split()]
+        return sum(math.log(freq[w] / total) for w in words) / len(words)
+
+    picked: list[tuple[str, list[str]]] = []
+    openings: set[tuple[str, ...]] = set()
+    for sentence in sorted(sentences, key=lambda x: (-typicality(x), x)):
+        words = sentence.split()
+        opening = tuple(w.lower() for w in words[:3])
+        candidates = [i for i in range(1, len(words)) if len(words[i].strip(".,")) >= 2]
+        if opening in openings or len(candidates) < 2 * spans - 1:
+            continue
+        rng = random.Random(seed * 1_000_003 + len(picked))
+        chosen: list[int] = []
+        for i in rng.sample(candidates, len(candidates)):
+            if all(abs(i - j) > 1 for j in chosen):
+                chosen.append(i)
+            if len(chosen) == spans:
+                break
+        if len(chosen) < spans:
+            continue
+        chosen.sort()
+        answers = []
+        for k, i in enumerate(chosen):
+            word = words[i]
+            core = word.rstrip(".,")
+            answers.append(core)
+            words[i] = f"<extra_id_{k}>" + word[len(core):]  # keep the trailing punctuation visible
+        picked.append((" ".join(words), answers))
+        openings.add(opening)
+        if len(picked) == count:
+            break
+    return picked
+
+
+def split_spans(tokenizer, ids: list[int], n: int) -> list[str]:
+    """The text the model wrote after each of the first n sentinels ("" where it wrote none)."""
+    first = tokenizer.vocab_size - tokenizer.num_sentinels
+    spans: dict[int, list[int]] = {}
+    current = None
+    for i in ids:
+        if i >= first:
+            current = tokenizer.vocab_size - 1 - i  # sentinel index
+            spans.setdefault(current, [])
+        elif current is not None:
+            spans[current].append(i)
+    return [tokenizer.decode(spans.get(k, []), skip_special=True).strip() for k in range(n)]
+
+
+def span_accuracy(model, batches) -> tuple[float, float, int]:
+    """Teacher-forced top-1 accuracy on the masked-out words' tokens (sentinels and EOS excluded), and
+    the accuracy of always guessing the most common of those tokens: what a model that only learned
+    word frequencies scores. Returns (model accuracy, frequency-guess accuracy, tokens)."""
+    correct = total = 0
+    counts: collections.Counter = collections.Counter()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for batch, num_pieces in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch["labels"]
+            keep = (labels > 1) & (labels < num_pieces)  # 0 pad, 1 EOS; ids >= num_pieces are sentinels
+            predicted = model(**batch).logits.argmax(-1)
+            correct += int((predicted[keep] == labels[keep]).sum())
+            total += int(keep.sum())
+            counts.update(labels[keep].tolist())
+    if not total:
+        return 0.0, 0.0, 0
+    return correct / total, counts.most_common(1)[0][1] / total, total
+
+
+def demo(model, cfg: RunConfig, tokenizer_file: str, file=None, eval_batches: int = 8) -> dict:
+    """Show what the model learned: fills of masked words in sentences of its training text, and how
+    often it predicts a masked token exactly compared with guessing the most frequent one."""
+    from engine.tokenizer import Tokenizer, iter_text_files
 
     file = file or sys.stdout
     tokenizer = Tokenizer(tokenizer_file)
+    files, _ = resolve_data(cfg)
+    # The first ~2 MB of the training text: the whole built-in corpus, a sample of a large one.
+    texts, size = [], 0
+    for line in iter_text_files(files):
+        texts.append(line)
+        size += len(line)
+        if size > 2_000_000:
+            break
     was_training = model.training
     model.eval()
-    print("\nWhat the model fills in (greedy decoding):", file=file)
-    for sentence, answer in DEMO_SENTENCES:
-        predicted = greedy_fill(model, tokenizer, tokenizer.encode(sentence, add_eos=True))
-        filled = tokenizer.decode(predicted, skip_special=True).strip()
-        print(f"  {sentence}\n      model: {filled!r:<24} original: {answer!r}", file=file)
+    print("\nWhat the model fills in (greedy decoding; sentences from its training text, masked words "
+          "as <extra_id_N>):", file=file)
+    exact = masked = 0
+    for text, answers in pick_demo_sentences(["\n".join(texts)], seed=cfg.run.seed):
+        predicted = split_spans(tokenizer, greedy_fill(model, tokenizer, tokenizer.encode(text, add_eos=True)),
+                                len(answers))
+        hits = sum(p.lower() == a.lower() for p, a in zip(predicted, answers))
+        exact, masked = exact + hits, masked + len(answers)
+        print(f"  {text}\n      model: {' | '.join(p or '-' for p in predicted):<28} "
+              f"truth: {' | '.join(answers)}", file=file)
+    # Fresh masks over the training text (another seed): teacher-forced, so every masked token counts.
+    eval_cfg = copy.deepcopy(cfg)
+    eval_cfg.run.seed = cfg.run.seed + 1
+    data = iter(build_data(eval_cfg, files, tokenizer, 0, 1))
+    accuracy, baseline, tokens = span_accuracy(
+        model, ((batch, tokenizer.num_pieces) for batch, _ in zip(data, range(eval_batches))))
+    print(f"Masked-token accuracy on {tokens} tokens of new masks over the training text: {accuracy:.1%} "
+          f"(always guessing the most frequent token: {baseline:.1%}); exact words in the demo: "
+          f"{exact}/{masked}", file=file)
     model.train(was_training)
+    return {"accuracy": accuracy, "baseline": baseline, "tokens": tokens, "exact": exact, "masked": masked}
+
+
+def with_default_config(argv: list[str]) -> list[str]:
+    """Without `--config`, the tiny run's file engine/configs/tiny.toml is the base (unless another
+    preset is named), so `t5forge pretrain` with no arguments is exactly that file."""
+    from engine.config import parse_overrides, preset_config_path
+
+    configs, overrides = parse_overrides(argv)
+    if configs or any(key == "model.preset" and words != ["tiny"] for key, words in overrides):
+        return argv
+    return ["--config", str(preset_config_path("tiny")), *argv]
 
 
 def pretrain_main(argv: list[str]) -> int:
@@ -230,7 +356,7 @@ def pretrain_main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     try:
-        cfg = load_run_config(argv)
+        cfg = load_run_config(with_default_config(argv))
         trainer, model_config = build_trainer(cfg)
         resumed = trainer.resume()
         if trainer.is_main:
@@ -256,7 +382,7 @@ def pretrain_main(argv: list[str]) -> int:
               f"checkpoint in {trainer.ckpt_root}", file=sys.stderr)
         if (cfg.run.demo and not result.stopped_by_signal and trainer.tokenizer_file
                 and cfg.deepspeed.zero_stage < 3 and cfg.data.objective == "span_corruption"):
-            demo(trainer.engine.module, trainer.tokenizer_file)
+            demo(trainer.engine.module, cfg, trainer.tokenizer_file)
     trainer.engine.close()
     return 0
 
