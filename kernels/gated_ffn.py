@@ -103,7 +103,18 @@ def _up_configs():
                                      (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (128, 64, 32, 4, 4)]]
 
 
-@triton.autotune(configs=_up_configs(), key=["M", "N", "K", "GATED", "BACKWARD", "STORE_H", "STORE_G"])
+def _prune_up_configs(configs, named_args, **_kwargs):
+    """fp32 operands use FMA dots (no tensor cores without TF32): a BLOCK_K=64 tile larger than 64x64 spilled
+    4-13 KB per thread and overflowed shared memory when compiled for sm_90 (tests/test_kernels_compile.py),
+    so fp32 keeps only the tiles that do not."""
+    if named_args["X"].dtype != torch.float32:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= 32 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_up_configs(), key=["M", "N", "K", "GATED", "BACKWARD", "STORE_H", "STORE_G"],
+                 prune_configs_by={"early_config_prune": _prune_up_configs})
 @triton.jit
 def _ffn_up_kernel(X, W, G, H, DG, DH, M, N, K, stride_xm, stride_wn, stride_gm, stride_hm, stride_dgm,
                    stride_dhm, GATED: tl.constexpr, ACT_GELU: tl.constexpr, BACKWARD: tl.constexpr,
@@ -151,25 +162,31 @@ def _ffn_up_kernel(X, W, G, H, DG, DH, M, N, K, stride_xm, stride_wn, stride_gm,
         wa_ptrs += BLOCK_K
 
     mask = m_ok[:, None] & n_ok[None, :]
+    # Epilogue addresses: an int64 tile base (scalar) plus int32 in-tile offsets. Per-element int64 offsets
+    # cost two registers per element of each of up to four output tiles and made the backward epilogue spill
+    # (~350 B/thread, ptxas for sm_90, tests/test_kernels_compile.py); BLOCK_M * stride stays far below 2**31.
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    tm = tl.arange(0, BLOCK_M)[:, None]
     act_a = _act(acc_a, ACT_GELU)
     if GATED:
         g = act_a * acc_b
     else:
         g = act_a
     if STORE_G:
-        tl.store(G + rm64[:, None] * stride_gm + rn[None, :], cast_to(g, G.dtype.element_ty, RNE_BF16), mask=mask)
+        tl.store(G + row0 * stride_gm + (tm * stride_gm + rn[None, :]), cast_to(g, G.dtype.element_ty, RNE_BF16),
+                 mask=mask)
     if BACKWARD:
-        dg = tl.load(DG + rm64[:, None] * stride_dgm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-        dh_ptrs = DH + rm64[:, None] * stride_dhm + rn[None, :]
+        dg = tl.load(DG + row0 * stride_dgm + (tm * stride_dgm + rn[None, :]), mask=mask, other=0.0).to(tl.float32)
+        dh_ptrs = DH + row0 * stride_dhm + (tm * stride_dhm + rn[None, :])
         if GATED:
+            tl.store(dh_ptrs + N, cast_to(dg * act_a, DH.dtype.element_ty, RNE_BF16), mask=mask)
             da = dg * acc_b * _act_grad(acc_a, ACT_GELU)
             tl.store(dh_ptrs, cast_to(da, DH.dtype.element_ty, RNE_BF16), mask=mask)
-            tl.store(dh_ptrs + N, cast_to(dg * act_a, DH.dtype.element_ty, RNE_BF16), mask=mask)
         else:
             da = dg * _act_grad(acc_a, ACT_GELU)
             tl.store(dh_ptrs, cast_to(da, DH.dtype.element_ty, RNE_BF16), mask=mask)
     elif STORE_H:
-        h_ptrs = H + rm64[:, None] * stride_hm + rn[None, :]
+        h_ptrs = H + row0 * stride_hm + (tm * stride_hm + rn[None, :])
         tl.store(h_ptrs, cast_to(acc_a, H.dtype.element_ty, RNE_BF16), mask=mask)
         if GATED:
             tl.store(h_ptrs + N, cast_to(acc_b, H.dtype.element_ty, RNE_BF16), mask=mask)
