@@ -276,6 +276,24 @@ def split_spans(tokenizer, ids: list[int], n: int) -> list[str]:
     return [tokenizer.decode(spans.get(k, []), skip_special=True).strip() for k in range(n)]
 
 
+def top_guesses(model, tokenizer, input_ids: list[int], answers: list[str], k: int = 3) -> list[list[str]]:
+    """The model's k likeliest pieces for the first piece of each masked word, given the true text
+    before it (teacher forcing): shows the words it weighs even where greedy decoding picks "the"."""
+    target, starts = [], []
+    for n, word in enumerate(answers):
+        target.append(tokenizer.sentinel_id(n))
+        starts.append(len(target))
+        target.extend(tokenizer.encode(word))
+    device = next(model.parameters()).device
+    enc = torch.tensor([input_ids], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=enc, attention_mask=torch.ones_like(enc),
+                       decoder_input_ids=torch.tensor([[0] + target[:-1]], device=device)).logits[0]
+    pieces = logits[:, 2: tokenizer.num_pieces]  # words only: no pad, EOS or sentinels
+    return [[tokenizer.id_to_piece(int(i) + 2).replace("\u2581", "") or "\u2581" for i in pieces[j].topk(k).indices]
+            for j in starts]
+
+
 def span_accuracy(model, batches) -> tuple[float, float, int]:
     """Teacher-forced top-1 accuracy on the masked-out words' tokens (sentinels and EOS excluded), and
     the accuracy of always guessing the most common of those tokens: what a model that only learned
@@ -318,12 +336,13 @@ def demo(model, cfg: RunConfig, tokenizer_file: str, file=None, eval_batches: in
           "as <extra_id_N>):", file=file)
     exact = masked = 0
     for text, answers in pick_demo_sentences(["\n".join(texts)], seed=cfg.run.seed):
-        predicted = split_spans(tokenizer, greedy_fill(model, tokenizer, tokenizer.encode(text, add_eos=True)),
-                                len(answers))
+        ids = tokenizer.encode(text, add_eos=True)
+        predicted = split_spans(tokenizer, greedy_fill(model, tokenizer, ids), len(answers))
         hits = sum(p.lower() == a.lower() for p, a in zip(predicted, answers))
         exact, masked = exact + hits, masked + len(answers)
-        print(f"  {text}\n      model: {' | '.join(p or '-' for p in predicted):<28} "
-              f"truth: {' | '.join(answers)}", file=file)
+        guesses = " | ".join("/".join(g) for g in top_guesses(model, tokenizer, ids, answers))
+        print(f"  {text}\n      model: {' | '.join(p or '-' for p in predicted):<24} "
+              f"truth: {' | '.join(answers):<24} top-3 first pieces: {guesses}", file=file)
     # Fresh masks over the training text (another seed): teacher-forced, so every masked token counts.
     eval_cfg = copy.deepcopy(cfg)
     eval_cfg.run.seed = cfg.run.seed + 1

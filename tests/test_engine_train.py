@@ -42,7 +42,7 @@ def test_default_command_loss_falls(tmp_path, capsys):
     assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 2.0, losses
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000060"
     out = capsys.readouterr().out
-    shown = re.findall(r"^  (.+)\n      model: .*truth: (.+)$", out, flags=re.M)
+    shown = re.findall(r"^  (.+)\n      model: .*truth: (.+?) +top-3 first pieces: \S+ \| \S+$", out, flags=re.M)
     assert len(shown) == 6, out
     corpus = " ".join(" ".join(iter_text_files(ensure_builtin()[0])).split())
     for masked, truth in shown:
