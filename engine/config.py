@@ -54,6 +54,8 @@ class DataSection:
     mean_noise_span_length: float = 3.0
     pack: bool = True  # several examples per row with segment ids and positions
     shuffle_buffer: int = 1000  # documents held for shuffling
+    num_workers: int = 0  # DataLoader worker processes per rank (0: in the training process); resume is exact
+    strict: bool = False  # raise on a corrupt shard / bad line instead of skipping, counting and reporting it
 
 
 @dataclass
@@ -129,7 +131,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = ("run.max_steps", "run.log_every", "data.input_length", "batch.micro_batch_size",
             "batch.grad_accum", "checkpoint.every", "checkpoint.keep_last", "run.max_nonfinite_in_a_row")
-NON_NEGATIVE = ("run.threads", "model.vocab_size", "data.target_length", "data.shuffle_buffer", "optim.lr", "optim.weight_decay", "optim.clip_grad_norm", "optim.z_loss",
+NON_NEGATIVE = ("run.threads", "model.vocab_size", "data.target_length", "data.shuffle_buffer", "data.num_workers", "optim.lr", "optim.weight_decay", "optim.clip_grad_norm", "optim.z_loss",
                 "schedule.warmup_steps", "run.peak_tflops", "deepspeed.reduce_bucket_size")
 
 

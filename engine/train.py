@@ -127,7 +127,8 @@ def build_data(cfg: RunConfig, files: list[str], tokenizer, rank: int, world_siz
     return build_pretrain_dataset(
         files, tokenizer, cfg.data.objective, objective_params, inputs_length=cfg.data.input_length,
         targets_length=target_length(cfg), batch_size=cfg.batch.micro_batch_size, pack=cfg.data.pack,
-        seed=cfg.run.seed, rank=rank, world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer)
+        seed=cfg.run.seed, rank=rank, world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
+        num_workers=cfg.data.num_workers, strict=cfg.data.strict)
 
 
 def build_model_config(cfg: RunConfig, tokenizer_vocab: int):

@@ -33,6 +33,8 @@ def test_overrides_types_and_lists(tmp_path):
     (["--run.demo", "maybe"], "'run.demo'"),
     (["--deepspeed.offload_params", "true"], "'deepspeed.offload_params'"),
     (["--run.max_steps"], "'run.max_steps'"),
+    (["--data.num_workers", "-1"], "'data.num_workers'"),
+    (["--data.strict", "maybe"], "'data.strict'"),
 ])
 def test_bad_keys_and_values_name_the_key(argv, needle):
     with pytest.raises(ValueError) as err:
@@ -140,3 +142,8 @@ def test_optimizers_skip_non_finite_gradients(opt_cls):
 def test_configs_dir_is_packaged():
     setup = (pathlib.Path(__file__).resolve().parents[1] / "setup.py").read_text()
     assert "configs/*.toml" in setup
+
+
+def test_data_loader_keys_reach_the_config():
+    cfg = load_run_config(["--data.num_workers", "2", "--data.strict", "true"])
+    assert cfg.data.num_workers == 2 and cfg.data.strict is True
