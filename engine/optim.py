@@ -165,6 +165,13 @@ class _PartitionAware(torch.optim.Optimizer):
         name = layout.names[index]
         return key if name is None else f"{key}:{name}"
 
+    def _reduced_stats(self) -> tuple[list, list] | None:
+        """This step's units and their all-reduced statistics, or None when the step is skipped."""
+        units = self._units()
+        stats = [self._stats(*u) for u in units]
+        _reduce(stats, [u[2].group for u in units])
+        return None if self._skip(stats) else (units, stats)
+
     def _skip(self, stats: list) -> bool:
         # One host sync for the whole step, on the reduced sums: every rank takes the same decision.
         heads = torch.stack([s[0] for s in stats]) if stats else torch.zeros(1)
@@ -289,11 +296,10 @@ class Adafactor(_PartitionAware):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        units = self._units()
-        stats = [self._stats(*u) for u in units]
-        _reduce(stats, [u[2].group for u in units])
-        if self._skip(stats):
+        reduced = self._reduced_stats()
+        if reduced is None:
             return loss
+        units, stats = reduced
         sharded = []
         for (group, t, layout), st in zip(units, stats):
             if t.grad is None:  # a rank with no gradient still joins the collective below
@@ -348,11 +354,10 @@ class AdamWScale(_PartitionAware):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        units = self._units()
-        stats = [self._stats(*u) for u in units]
-        _reduce(stats, [u[2].group for u in units])
-        if self._skip(stats):
+        reduced = self._reduced_stats()
+        if reduced is None:
             return loss
+        units, stats = reduced
         for (group, t, layout), st in zip(units, stats):
             if t.grad is None:
                 continue

@@ -7,15 +7,7 @@ TRITON_INTERPRET. The register report guards the tile choice: at head dim 64 no 
 """
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
-import pytest
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.aot_compile import run_compile_script
 
 _SCRIPT = r'''
 import json, os, re, subprocess, sys, tempfile
@@ -79,20 +71,8 @@ print(json.dumps(dict(variant="delta", kernel="delta", dtype="bf16", head_dim=64
 
 
 def test_kernels_compile_for_sm90_without_spills_at_d64():  # ~15 s
-    if os.environ.get("T5FORGE_COMPILED") == "1":
-        pytest.skip("compiled GPU run: the real kernel tests compile these")
-    triton = pytest.importorskip("triton")
-    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (bin_dir / "ptxas").exists() or not (bin_dir / "cuobjdump").exists():
-        pytest.skip("triton's bundled ptxas/cuobjdump not found")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 19, proc.stdout
+    stdout, rows = run_compile_script(_SCRIPT)
+    assert len(rows) == 19, stdout
     print("\n".join(f"{r['variant']:>22} {r['kernel']:>5} d={r['head_dim']} stack {r['stack']} B" for r in rows))
     # fp32 (exact fp32 dots, not a training path on the GPU) and dropout (Philox state) may spill.
     spilled = [r for r in rows if r["head_dim"] == 64 and r["dtype"] != "fp32" and not r.get("dropout")

@@ -15,15 +15,8 @@ and shared memory of the rest are printed, not asserted (run `pytest -s` to see 
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
-import tempfile
 
-import pytest
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.aot_compile import run_compile_script
 H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
 _SCRIPT = r'''
@@ -158,22 +151,8 @@ print("DONE", flush=True)
 
 
 def test_rms_norm_and_ffn_kernels_compile_for_sm90():  # ~35 s cold on 2 shared cores (see the final report)
-    if os.environ.get("T5FORGE_COMPILED") == "1":
-        pytest.skip("compiled GPU run: the real kernel tests compile these")
-    triton = pytest.importorskip("triton")
-    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (bin_dir / "ptxas").exists() or not (bin_dir / "cuobjdump").exists():
-        pytest.skip("triton's bundled ptxas/cuobjdump not found")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    with tempfile.TemporaryDirectory() as cache:
-        env["TRITON_CACHE_DIR"] = cache  # compile for real every time, never from a stale cache entry
-        proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=REPO, capture_output=True,
-                              text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.rstrip().endswith("DONE"), proc.stdout[-2000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    stdout, rows = run_compile_script(_SCRIPT, fresh_cache=True)
+    assert stdout.rstrip().endswith("DONE"), stdout[-2000:]
     print()
     for r in rows:
         print(f"{r['name']:>22} {r['dtype']:>9} {str(r['shape']):>10} w{r['warps']} s{r['stages']} "
