@@ -7,7 +7,8 @@ reused by every block, ReLU FFN (v1.0, tied head scaled by d_model**-0.5) or gat
 Kernels are chosen per call by `config.kernel_backend` (see `_backend`): "torch" uses the plain-PyTorch
 references in kernels/ and materialises the bias + mask ONCE per stack; "triton" hands the bias table
 and masking arguments to the flash kernel in every layer. Residual adds are deferred and fused with the
-next RMSNorm (`add_rms_norm`): every sub-layer returns its output and the next norm adds it.
+next RMSNorm (`add_rms_norm`): every sub-layer returns its output and the next norm adds it. In fp16
+that add saturates to the finite range instead (`saturate_fp16`, T5's overflow trap).
 
     model = T5ForConditionalGeneration(T5Config.from_preset("t5-v1_1-small"))
     out = model(input_ids=..., attention_mask=..., labels=...)   # out.loss, out.logits
@@ -69,6 +70,19 @@ def _attention_kernel_fits(config: T5Config) -> bool:
 
 
 # ------------------------------------------------------------------------------ small functions
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+def saturate_fp16(t: torch.Tensor) -> torch.Tensor:
+    """Clamp an fp16 tensor to the finite fp16 range (inf -> +-65504); other dtypes pass through untouched.
+
+    T5's fp16 overflow trap (T5.md): the FFN output `wo` can exceed 65,504, and an inf in the residual
+    stream turns every later norm into NaN. Saturating instead keeps the forward finite; the clamped
+    elements get no gradient.
+    """
+    return t.clamp(-_FP16_MAX, _FP16_MAX) if t.dtype == torch.float16 else t
+
+
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int,
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Decoder inputs from labels: shifted one to the right, `start_id` first, -100 -> pad.
@@ -158,6 +172,11 @@ class T5LayerNorm(nn.Module):
         if delta is None:
             fast = _backend(self.config, x, "rms_norm", "rms_norm")
             return (fast or rms_norm_ref)(x, self.weight, eps), x
+        if torch.float16 in (x.dtype, delta.dtype):
+            # fp16: saturate the sub-layer output and the sum before normalising (unfused add).
+            stream = saturate_fp16(x + saturate_fp16(delta))
+            fast = _backend(self.config, stream, "rms_norm", "rms_norm")
+            return (fast or rms_norm_ref)(stream, self.weight, eps), stream
         fast = _backend(self.config, x, "rms_norm", "add_rms_norm")
         return (fast or add_rms_norm_ref)(delta, x, self.weight, eps)
 
