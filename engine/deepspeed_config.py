@@ -50,8 +50,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     if ds.precision == "bf16" and ds.zero_stage > 0:
         config["bf16"] = {"enabled": True, "check_grad_overflow": True}
     elif ds.precision == "fp16":
+        # hysteresis 1: halve on every overflow at every ZeRO stage (ZeRO 0's FP16_UnfusedOptimizer ignores
+        # hysteresis) and like the local engine's GradScaler.
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                          "hysteresis": 2, "min_loss_scale": 1}
+                          "hysteresis": 1, "min_loss_scale": 1}
     return config
 
 

@@ -7,6 +7,7 @@ DeepSpeed start-up, no process group) and multi-node ZeRO runs, and the tests co
     engine.backward(loss)                 # loss of one micro-batch; accumulation is the engine's job
     info = engine.micro_step(boundary, lr)  # after every micro-batch; at the boundary applies the update
     engine.all_reduce_sum(tensor)         # across data-parallel ranks (identity locally)
+    engine.loss_scale                     # fp16: the current dynamic loss scale; None otherwise
     engine.save(ckpt_root, tag) / engine.load(ckpt_root, tag)   # model + optimizer, every rank calls
 """
 from __future__ import annotations
@@ -59,9 +60,6 @@ class LocalEngine:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig,
                  device: torch.device):
-        if cfg.deepspeed.precision == "fp16":
-            raise ValueError("config key 'deepspeed.precision': fp16 needs DeepSpeed's loss scaling "
-                             "(run.engine = deepspeed)")
         if cfg.deepspeed.zero_stage != 0:
             raise ValueError("config key 'deepspeed.zero_stage': ZeRO needs run.engine = deepspeed")
         self.device = device
@@ -71,12 +69,24 @@ class LocalEngine:
         self.clip = cfg.optim.clip_grad_norm
         # bf16: fp32 weights, the forward autocast (as DeepSpeed ZeRO 0 runs it, see deepspeed_config).
         self.amp_dtype = autocast_dtype(cfg)
+        self.scaler = None
+        if cfg.deepspeed.precision == "fp16":
+            # fp16: fp32 master weights, the forward autocast, a dynamic loss scale starting where
+            # DeepSpeed's does (2**16, doubled after 1000 clean steps, halved on every overflow).
+            self.amp_dtype = torch.float16
+            self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16, growth_interval=1000)
+
+    @property
+    def loss_scale(self) -> float | None:
+        return None if self.scaler is None else float(self.scaler.get_scale())
 
     def forward(self, batch: dict):
         with _autocast(self.device, self.amp_dtype):
             return self.module(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
         (loss / self.accum).backward()
 
     def micro_step(self, boundary: bool, lr: float) -> StepInfo | None:
@@ -84,10 +94,20 @@ class LocalEngine:
             return None
         _set_lr(self.optimizer, lr)
         params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         # max_norm=inf still returns the global norm, which is logged every step.
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
-        self.optimizer.step()
-        applied = not getattr(self.optimizer, "last_step_skipped", False)
+        if self.scaler is None:
+            self.optimizer.step()
+            applied = not getattr(self.optimizer, "last_step_skipped", False)
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # not called when unscale_ found inf / NaN
+            self.scaler.update()  # halves the scale exactly when the step was skipped
+            applied = self.scaler.get_scale() >= scale and not getattr(self.optimizer, "last_step_skipped", False)
+            if self.scaler.get_scale() < 1.0:  # DeepSpeed's min_loss_scale: give up as it does
+                raise FloatingPointError("fp16 gradients overflow at every loss scale; use deepspeed.precision = bf16")
         self.optimizer.zero_grad(set_to_none=True)
         return StepInfo(applied=applied, grad_norm=float(norm))
 
@@ -107,6 +127,8 @@ class LocalEngine:
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self.module, str(directory / "model.safetensors"))  # handles the tied embedding
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        if self.scaler is not None:
+            torch.save(self.scaler.state_dict(), directory / "grad_scaler.pt")
 
     def load(self, ckpt_root: pathlib.Path, tag: str) -> None:
         from safetensors.torch import load_model
@@ -117,6 +139,8 @@ class LocalEngine:
         load_model(self.module, str(directory / "model.safetensors"), device=str(self.device))
         state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state)
+        if self.scaler is not None and (directory / "grad_scaler.pt").is_file():  # absent: saved without fp16
+            self.scaler.load_state_dict(torch.load(directory / "grad_scaler.pt", weights_only=True))
 
     def close(self) -> None:
         return None
@@ -156,6 +180,10 @@ class DeepSpeedEngine:
                 optimizer.set_partition_layout(flat, layout)
         self._fp16 = cfg.deepspeed.precision == "fp16"
         self._bf16_ds = "bf16" in ds_config
+
+    @property
+    def loss_scale(self) -> float | None:
+        return float(self.engine.optimizer.loss_scale) if self._fp16 else None
 
     def forward(self, batch: dict):
         with _autocast(self.device, self.amp_dtype):

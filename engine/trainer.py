@@ -273,6 +273,8 @@ class Trainer:
                   "skipped_steps": self.skipped_total, "tokens_seen": self.tokens_seen}
         if self.cfg.optim.z_loss > 0:
             record["z_loss"] = metrics["z_loss"]
+        if getattr(self.engine, "loss_scale", None) is not None:  # fp16 only
+            record["loss_scale"] = self.engine.loss_scale
         value = mfu(self.flops_per_token, tokens_per_s, self.peak_tflops, self.engine.world_size)
         if value is not None:
             record["mfu"] = value

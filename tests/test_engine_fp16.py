@@ -1,0 +1,88 @@
+"""fp16 training with a dynamic loss scale, on both engines (DeepSpeed: a world of one, gloo; local:
+autocast + GradScaler): the loss falls, an injected gradient overflow skips the step (weights untouched,
+counted, the scale lowered), the scale is logged as `loss_scale`, and a resumed run continues exactly."""
+import pathlib
+import sys
+
+import pytest
+import torch
+
+from engine.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from engine_synthetic import SyntheticData  # noqa: E402
+
+ARGS = ["--model.vocab_size", "128", "--data.input_length", "32", "--batch.micro_batch_size", "4",
+        "--optim.name", "adamw", "--optim.lr", "3e-3", "--optim.scale_by_param_rms", "false",
+        "--schedule.name", "constant", "--schedule.warmup_steps", "0", "--checkpoint.every", "100",
+        "--run.max_steps", "8", "--run.threads", "1", "--run.progress", "false", "--run.demo", "false",
+        "--run.tensorboard", "false", "--run.log_every", "1", "--deepspeed.precision", "fp16"]
+OVERFLOW_STEPS = (3, 4)
+# The scale after each of steps 1..6: halved on each overflow, on every engine and ZeRO stage.
+SCALES = [2.0**16] * 2 + [2.0**15] + [2.0**14] * 3
+
+
+class _OneBatch(SyntheticData):
+    """Batch 0 of the synthetic stream, again and again: memorised in a few steps, so the loss falls fast."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.index = 0
+            yield batch
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; backward sends inf into the whole graph (an fp16 gradient overflow)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+def _trainer(run_dir, engine, zero):
+    from engine.config import load_run_config
+    from engine.train import build_trainer
+
+    cfg = load_run_config(["--run.dir", str(run_dir), "--run.engine", engine, "--deepspeed.zero_stage", zero, *ARGS])
+    trainer, _ = build_trainer(cfg, data=_OneBatch(100, 4), tokenizer_vocab=100)
+    backward = trainer.engine.backward
+
+    def overflowing(loss):
+        backward(_InfGrad.apply(loss) if trainer.step + 1 in OVERFLOW_STEPS else loss)
+
+    trainer.engine.backward = overflowing
+    return trainer
+
+
+@pytest.mark.parametrize("engine, zero", [("deepspeed", "0"), ("deepspeed", "2"), ("local", "0")])
+def test_fp16_dynamic_loss_scale_skips_overflow_and_resumes(tmp_path, engine, zero):
+    trainer = _trainer(tmp_path / "run", engine, zero)
+    module = trainer.engine.module
+    assert {p.dtype for p in module.parameters()} == ({torch.float16} if engine == "deepspeed" else {torch.float32})
+    losses, scales = [], []
+    for step in range(1, 7):
+        before = [p.detach().clone() for p in module.parameters()]
+        metrics = trainer.train_step()
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, module.parameters()))
+        assert metrics["applied"] == (step not in OVERFLOW_STEPS) and unchanged == (step in OVERFLOW_STEPS), step
+        losses.append(metrics["loss"])
+        scales.append(trainer.engine.loss_scale)
+    assert scales == SCALES
+    assert trainer.skipped_total == 2 and trainer.skipped_in_a_row == 0  # overflows do not count toward a stop
+    trainer.save()
+    losses += [trainer.train_step()["loss"] for _ in range(2)]
+    assert max(losses[-2:]) < losses[0] / 2, losses
+    trainer.logger.close()
+
+    resumed = _trainer(tmp_path / "run", engine, zero)
+    assert resumed.resume() and resumed.step == 6 and resumed.engine.loss_scale == scales[-1]
+    result = resumed.train()
+    assert result.losses == pytest.approx(losses[-2:], rel=1e-6, abs=1e-7)
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [7, 8]
+    assert [r["loss_scale"] for r in records] == [scales[-1]] * 2 and records[-1]["skipped_steps"] == 2
