@@ -11,7 +11,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The `config` dict for `deepspeed.initialize`, for `world_size` data-parallel ranks.
 
     Precision: fp16 uses DeepSpeed's dynamic loss scaling (an overflowing step is skipped and the scale
-    halved: T5's fp16 overflow trap then costs a step, never the weights). bf16 at ZeRO 0 is NOT handed
+    halved, never the weights touched); T5's FFN overflow in the forward is saturated by the model
+    (models/t5.py `saturate_fp16`). bf16 at ZeRO 0 is NOT handed
     to DeepSpeed: the trainer autocasts the forward and keeps fp32 weights, so the optimizer steps each
     real parameter; at ZeRO >= 1 DeepSpeed holds bf16 weights and fp32 master partitions, and the engine
     tells our optimizers which parameter slices each partition holds (engines.zero_partition_layouts),

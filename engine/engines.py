@@ -180,6 +180,14 @@ class DeepSpeedEngine:
                 optimizer.set_partition_layout(flat, layout)
         self._fp16 = cfg.deepspeed.precision == "fp16"
         self._bf16_ds = "bf16" in ds_config
+        # DeepSpeed 0.19's engine.backward applies the fp16 loss scale for ZeRO optimizers only, while
+        # ZeRO 0's FP16_(Unfused)Optimizer still divides the gradients by it in step(): without scaling
+        # here its gradients would be 1/65536 of the true ones (tests/test_engine_fp16.py checks this).
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        self._scale_loss_here = self._fp16 and not isinstance(self.engine.optimizer, ZeROOptimizer)
+        if self._scale_loss_here:
+            _undo_fp16_init_step(self.engine.optimizer, optimizer)
 
     @property
     def loss_scale(self) -> float | None:
@@ -190,6 +198,8 @@ class DeepSpeedEngine:
             return self.engine(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self._scale_loss_here:
+            loss = loss * self.engine.optimizer.loss_scale
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
 
     def micro_step(self, boundary: bool, lr: float) -> StepInfo | None:
@@ -233,6 +243,18 @@ class DeepSpeedEngine:
     def close(self) -> None:
         if self._dist.is_initialized():
             self._dist.barrier()
+
+
+def _undo_fp16_init_step(fp16_optimizer, base: torch.optim.Optimizer) -> None:
+    """DeepSpeed 0.19's FP16_UnfusedOptimizer (fp16 at ZeRO 0) steps the base optimizer once on zero
+    gradients to create its state, so Adam / Adafactor would count a step that never happened (bias
+    correction, decay schedule) and weight decay would already have moved the fp32 masters. Drop that
+    state and copy the masters back from the fp16 weights they were made from."""
+    base.state.clear()
+    with torch.no_grad():
+        for masters, halves in zip(getattr(fp16_optimizer, "fp32_groups", []), getattr(fp16_optimizer, "fp16_groups", [])):
+            for master, half in zip(masters, halves):
+                master.copy_(half)
 
 
 def _prepare_zero3(model: torch.nn.Module) -> None:

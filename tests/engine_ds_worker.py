@@ -31,6 +31,7 @@ VOCAB, MICRO = 100, 4
 OPTIMIZERS = {
     "adafactor": ["--optim.name", "adafactor", "--optim.lr", "1e-2"],
     "adamw_scaled": ["--optim.scale_by_param_rms", "true", "--optim.lr", "2e-2"],
+    "fp16": ["--deepspeed.precision", "fp16"],  # COMMON's AdamW, fp16 with loss scaling (tests/test_engine_fp16.py)
 }
 
 

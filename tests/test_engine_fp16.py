@@ -1,7 +1,11 @@
 """fp16 training with a dynamic loss scale, on both engines (DeepSpeed: a world of one, gloo; local:
 autocast + GradScaler): the loss falls, an injected gradient overflow skips the step (weights untouched,
 counted, the scale lowered), the scale is logged as `loss_scale`, and a resumed run continues exactly."""
+import json
+import os
 import pathlib
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -86,3 +90,46 @@ def test_fp16_dynamic_loss_scale_skips_overflow_and_resumes(tmp_path, engine, ze
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [7, 8]
     assert [r["loss_scale"] for r in records] == [scales[-1]] * 2 and records[-1]["skipped_steps"] == 2
+
+
+def _common_losses(run_dir, engine, precision, zero="0"):
+    """4 steps of tests/engine_ds_worker.py's COMMON run on one rank holding the 2-rank global batch."""
+    from engine.config import load_run_config
+    from engine.train import build_trainer
+    from engine_ds_worker import COMMON, MICRO, VOCAB
+
+    cfg = load_run_config(COMMON + ["--run.dir", str(run_dir), "--run.engine", engine, "--deepspeed.precision",
+                                    precision, "--deepspeed.zero_stage", zero, "--batch.micro_batch_size", str(2 * MICRO)])
+    trainer, _ = build_trainer(cfg, data=SyntheticData(VOCAB, 2 * MICRO), tokenizer_vocab=VOCAB)
+    return trainer.train().losses
+
+
+@pytest.mark.parametrize("zero", ["0", "2"])
+def test_deepspeed_fp16_trains_like_fp32(tmp_path, zero):
+    """fp16 weights with the loss scale give fp32's loss curve to fp16 rounding. Guards the two DeepSpeed
+    0.19 ZeRO-0 workarounds in engine/engines.py (without either, step 3 is off by > 0.02)."""
+    reference = _common_losses(tmp_path / "fp32", "local", "fp32")
+    losses = _common_losses(tmp_path / "fp16", "deepspeed", "fp16", zero)
+    assert losses == pytest.approx(reference, abs=2e-3), (losses, reference)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fp16_zero2_on_two_ranks_matches_fp32(tmp_path):
+    """ZeRO 2 fp16 on two gloo ranks trains like fp32 on one rank holding the same global batch."""
+    out = tmp_path / "losses.json"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tests/engine_ds_worker.py"),
+           str(out), str(tmp_path), "2:fp16"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = json.loads(out.read_text())["2:fp16"]
+    reference = _common_losses(tmp_path / "fp32", "local", "fp32")
+    assert losses == pytest.approx(reference, abs=2e-3), (losses, reference)
+    records = [json.loads(line) for line in (tmp_path / "zero2_fp16/metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4 and records[-1]["loss_scale"] == 2.0**16  # no overflow at the initial scale
