@@ -41,7 +41,7 @@ def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
 
     out = tmp_path / "losses.json"
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tests/engine_ds_worker.py"),
-           str(out), str(tmp_path), "1", "2", "3"]
+           str(out), str(tmp_path), "1", "2", "3", "init:fp32", "init:bf16"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = json.loads(out.read_text())
@@ -58,6 +58,33 @@ def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
     for stage in ("1", "2", "3"):
         ckpt = tmp_path / f"zero{stage}/checkpoints/step_00000004"
         assert (ckpt / "rank_00000.pt").is_file() and (ckpt / "rank_00001.pt").is_file()
+    _check_partitioned_build(tmp_path, losses, cfg)
+
+
+def _check_partitioned_build(tmp_path, results, cfg):
+    """ZeRO-3 built the model partitioned: right after the build every parameter is a shard of
+    ceil(numel / 2) elements with empty data, no rank ever held more than one module's whole weights,
+    and the weights equal a plain build's with the same seed (bf16: its weights rounded, as DeepSpeed
+    rounds a plain fp32 model)."""
+    from safetensors.torch import load_file
+
+    from engine.train import build_model_config, seed_everything
+    from models.t5 import T5ForConditionalGeneration
+
+    seed_everything(cfg.run.seed)
+    plain = T5ForConditionalGeneration(build_model_config(cfg, VOCAB)).state_dict()
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        res = results[f"init:{precision}"]
+        assert res["shards"].keys() == plain.keys()
+        for name, (numel, ds_numel, shard, shard_dtype) in res["shards"].items():
+            assert (numel, ds_numel, shard, shard_dtype) == (0, plain[name].numel(), -(-plain[name].numel() // 2),
+                                                             str(dtype)), name
+        # Whole parameters held at once: at most one module's (the largest FFN), far below the model.
+        assert res["registered"] >= len(plain)
+        assert 0 < res["peak"] <= res["largest_module"] < res["total"] / 4, res
+        built = load_file(str(tmp_path / f"init_{precision}.safetensors"))
+        for name, tensor in plain.items():
+            assert torch.equal(built[name], tensor.to(dtype)), name
 
 
 def test_simulated_two_node_run_trains_saves_and_exports(tmp_path):
