@@ -6,7 +6,8 @@ Trains the tiny model on the synthetic stream for each RUN in turn (one launch, 
 DeepSpeed's start-up is paid once) and writes rank 0's per-step losses to OUT_JSON, keyed by RUN. A RUN
 is a ZeRO stage ("2": COMMON's plain AdamW) or STAGE:OPTIMIZER with an OPTIMIZER of `OPTIMIZERS`, or
 "shards": test_engine_zero_optim.check_partitions (the optimizers on hand-made partitions, no training), or
-"init:PRECISION" (`check_partitioned_build`: the ZeRO-3 model build alone, its weights saved to RUN_ROOT).
+"init:PRECISION" (`check_partitioned_build`: the ZeRO-3 model build alone, its weights saved to RUN_ROOT), or
+"load" (`check_partitioned_load`: finetune's ZeRO-3 load of RUN_ROOT/hf, and of RUN_ROOT/hf_bad, which must fail).
 """
 import json
 import os
@@ -88,6 +89,37 @@ def check_partitioned_build(run_root: str, precision: str) -> dict:
             "largest_module": largest_module, "registered": len(seen)}
 
 
+def check_partitioned_load(run_root: str) -> dict:
+    """engine.finetune.load_init_model at ZeRO-3 from the Hugging Face directory RUN_ROOT/hf: whether
+    every parameter is a shard with empty data; rank 0 saves the gathered weights to
+    RUN_ROOT/loaded.safetensors. RUN_ROOT/hf_bad does not fit its config: every rank's error message."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from engine.finetune import FinetuneSection, load_init_model
+
+    cfg = load_run_config(COMMON + ["--run.dir", f"{run_root}/load", "--run.engine", "deepspeed",
+                                    "--deepspeed.zero_stage", "3"])
+    model, _ = load_init_model(FinetuneSection(init=f"{run_root}/hf"), cfg, "deepspeed", torch.device("cpu"))
+    sharded = all(p.numel() == 0 and p.ds_tensor.numel() == -(-p.ds_numel // 2) for p in model.parameters())
+    state = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            state[name] = p.data.detach().clone()
+    if int(os.environ["RANK"]) == 0:
+        save_file(state, f"{run_root}/loaded.safetensors")
+    try:
+        load_init_model(FinetuneSection(init=f"{run_root}/hf_bad"), cfg, "deepspeed", torch.device("cpu"))
+        error = ""
+    except ValueError as err:
+        error = str(err)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return {"sharded": sharded, "errors": errors}
+
+
 def main(argv):
     argv = [a for a in argv if not a.startswith("--local_rank")]
     out_json, run_root, runs = argv[0], argv[1], argv[2:]
@@ -100,6 +132,9 @@ def main(argv):
 
             deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # the group the trainers reuse
             results[run] = check_partitions()
+            continue
+        if run == "load":
+            results[run] = check_partitioned_load(run_root)
             continue
         if run.startswith("init:"):
             results[run] = check_partitioned_build(run_root, run.split(":")[1])

@@ -39,9 +39,10 @@ def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
     from engine.config import load_run_config
     from engine.train import build_trainer
 
+    hf_model = _write_hf_dirs(tmp_path)
     out = tmp_path / "losses.json"
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tests/engine_ds_worker.py"),
-           str(out), str(tmp_path), "1", "2", "3", "init:fp32", "init:bf16"]
+           str(out), str(tmp_path), "1", "2", "3", "init:fp32", "init:bf16", "load"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = json.loads(out.read_text())
@@ -59,6 +60,40 @@ def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
         ckpt = tmp_path / f"zero{stage}/checkpoints/step_00000004"
         assert (ckpt / "rank_00000.pt").is_file() and (ckpt / "rank_00001.pt").is_file()
     _check_partitioned_build(tmp_path, losses, cfg)
+    _check_partitioned_load(tmp_path, losses["load"], hf_model)
+
+
+def _write_hf_dirs(tmp_path):
+    """tmp_path/hf: a small model in the Hugging Face layout with a tokenizer; tmp_path/hf_bad: the
+    same weights under a config with another d_ff. Returns the model saved."""
+    import shutil
+
+    from models.config import T5Config
+    from models.t5 import T5ForConditionalGeneration
+
+    torch.manual_seed(5)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                num_heads=4, feed_forward_proj="gated-gelu",
+                                                tie_word_embeddings=False, kernel_backend="torch"))
+    model.save_pretrained(tmp_path / "hf")
+    shutil.copy2(shared_file("tokenizers/seqio_test_t5ids_26pieces.model"), tmp_path / "hf/spiece.model")
+    shutil.copytree(tmp_path / "hf", tmp_path / "hf_bad")
+    config = json.loads((tmp_path / "hf_bad/config.json").read_text())
+    (tmp_path / "hf_bad/config.json").write_text(json.dumps({**config, "d_ff": 48}))
+    return model
+
+
+def _check_partitioned_load(tmp_path, result, model):
+    """finetune's ZeRO-3 load: partitioned, the file's weights exactly; a mismatch raised on both ranks."""
+    from safetensors.torch import load_file
+
+    assert result["sharded"]
+    loaded = load_file(str(tmp_path / "loaded.safetensors"))
+    assert loaded.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+    assert len(result["errors"]) == 2 and result["errors"][0] == result["errors"][1], result
+    assert "finetune.init" in result["errors"][0] and "wi_0+wi_1" in result["errors"][0], result
 
 
 def _check_partitioned_build(tmp_path, results, cfg):
