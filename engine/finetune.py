@@ -261,8 +261,8 @@ def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch
         if not partitioned:
             return from_pretrained(init, **overrides), str(tokenizer_file)
         config = read_config(init, **overrides)
-        with torch.random.fork_rng(devices=[]):  # as from_pretrained's meta build, take no draws (adapters follow)
-            model = build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device, init=False)
+        # No random draws (as from_pretrained's meta build): the adapters drawn next match the plain path's.
+        model = build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device, init=False)
 
         def read_hf():  # Hugging Face names -> ours, checked against a weightless model of the config
             with torch.device("meta"):

@@ -13,6 +13,7 @@ weights (plus its shards). Anywhere else `build_model(build, ...)` is just `buil
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable
 
 import torch
@@ -60,12 +61,42 @@ def model_init_context(cfg: RunConfig, kind: str, device: torch.device):
 def build_model(build: Callable[[], torch.nn.Module], cfg: RunConfig, kind: str, device: torch.device, *,
                 init: bool = True) -> torch.nn.Module:
     """`build()`; at ZeRO-3 inside `model_init_context`, then given the model's init module by module
-    (`init_partitioned`) unless `init` is False (weights loaded next with `load_partitioned`)."""
-    with model_init_context(cfg, kind, device):
-        model = build()
-    if init and is_partitioned(model):
+    (`init_partitioned`) unless `init` is False (weights loaded next with `load_partitioned`).
+
+    The partitioned build leaves the CPU generator where the plain build leaves it: untouched by the
+    construction itself (its draws are replayed on the CPU, see `replay_default_init`), then advanced by
+    the init; with init=False untouched, as a build on the meta device.
+    """
+    if not builds_partitioned(cfg, kind):
+        return build()
+    with torch.random.fork_rng(devices=[]):  # on an accelerator the constructors draw there, not here
+        with model_init_context(cfg, kind, device):
+            model = build()
+    if init:
+        replay_default_init(model)
         init_partitioned(model)
     return model
+
+
+@torch.no_grad()
+def replay_default_init(model: torch.nn.Module) -> None:
+    """Make the CPU random draws the plain build's constructors make, in their order, into throwaway
+    float32 CPU tensors of one module's size at a time.
+
+    The plain build draws torch.nn's default init (`reset_parameters` of every Linear and Embedding,
+    in construction order = `modules()` order; T5's own modules draw nothing) and then `init_weights`
+    continues from that generator state. Under zero.Init the constructors may draw from the
+    accelerator's generator instead, so they are replayed here on the CPU whatever device they ran on.
+    """
+    for module in model.modules():
+        reset = getattr(type(module), "reset_parameters", None)
+        if reset is None or not any(p is not None for p in module._parameters.values()):
+            continue
+        standin = copy.copy(module)  # shares nothing that reset_parameters writes: _parameters is replaced
+        standin._parameters = {name: None if p is None else torch.nn.Parameter(
+            torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=torch.float32), requires_grad=False)
+            for name, p in module._parameters.items()}
+        reset(standin)
 
 
 @torch.no_grad()
