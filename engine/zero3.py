@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Callable
 
 import torch
@@ -105,9 +106,10 @@ def init_partitioned(model: torch.nn.Module) -> None:
 
     Under zero.Init the `init_weights` call in `__init__` finds empty parameters (no draws); here the
     same draws are made in the same order (`init_order` / `init_module`), one module gathered at a time.
-    They are made into float32 CPU tensors, as the plain build makes them, then copied into the gathered
-    weights (16-bit or on the accelerator). Every rank draws, so the CPU generator advances as in the
-    plain build; rank 0's values are kept (`modifier_rank=0`).
+    They are made into float32 CPU tensors, as the plain build makes them: the gathered weights
+    themselves when they are float32 on the CPU, else scratch copied into them (16-bit, or on the
+    accelerator). Every rank draws, so the CPU generator advances as in the plain build; rank 0's
+    values are kept (`modifier_rank=0`).
     """
     import deepspeed
 
@@ -115,15 +117,44 @@ def init_partitioned(model: torch.nn.Module) -> None:
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             gathered = [p.data for p in params]
-            try:
-                for p in params:
-                    p.data = torch.empty(tuple(p.ds_shape), dtype=torch.float32)
-                model.init_module(module)
-                for p, whole in zip(params, gathered):
-                    whole.copy_(p.data)
-            finally:
-                for p, whole in zip(params, gathered):
-                    p.data = whole
+            if all(w.dtype == torch.float32 and w.device.type == "cpu" for w in gathered):
+                model.init_module(module)  # drawn in place
+            else:
+                try:
+                    for p in params:
+                        p.data = torch.empty(tuple(p.ds_shape), dtype=torch.float32)
+                    model.init_module(module)
+                    for p, whole in zip(params, gathered):
+                        whole.copy_(p.data)
+                finally:
+                    for p, whole in zip(params, gathered):
+                        p.data = whole
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Gathering one module after another frees whole tensors between ZeRO's shards; glibc keeps those
+    holes, and the embedding and head (the largest modules, last) cannot reuse them. A 2-rank fp32
+    t5-v1_1-base build on the CPU peaked 1.36 GB above its start on rank 0 without this, 0.79 GB with it
+    (the plain build: 0.95 GB).
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _agree_on_error(error: Exception | None) -> None:
@@ -171,3 +202,4 @@ def load_partitioned(model: torch.nn.Module, read_state: Callable[[], dict[str, 
             if state is not None:
                 for name, p in own:
                     p.data.copy_(state[f"{prefix}.{name}" if prefix else name])
+        release_freed_memory()
