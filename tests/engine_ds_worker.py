@@ -7,7 +7,8 @@ DeepSpeed's start-up is paid once) and writes rank 0's per-step losses to OUT_JS
 is a ZeRO stage ("2": COMMON's plain AdamW) or STAGE:OPTIMIZER with an OPTIMIZER of `OPTIMIZERS`, or
 "shards": test_engine_zero_optim.check_partitions (the optimizers on hand-made partitions, no training), or
 "init:PRECISION" (`check_partitioned_build`: the ZeRO-3 model build alone, its weights saved to RUN_ROOT), or
-"load" (`check_partitioned_load`: finetune's ZeRO-3 load of RUN_ROOT/hf, and of RUN_ROOT/hf_bad, which must fail).
+"load" (`check_partitioned_load`: finetune's ZeRO-3 loads of RUN_ROOT/hf and RUN_ROOT/ours, and of
+RUN_ROOT/hf_bad, which must fail).
 """
 import json
 import os
@@ -90,9 +91,10 @@ def check_partitioned_build(run_root: str, precision: str) -> dict:
 
 
 def check_partitioned_load(run_root: str) -> dict:
-    """engine.finetune.load_init_model at ZeRO-3 from the Hugging Face directory RUN_ROOT/hf: whether
-    every parameter is a shard with empty data; rank 0 saves the gathered weights to
-    RUN_ROOT/loaded.safetensors. RUN_ROOT/hf_bad does not fit its config: every rank's error message."""
+    """engine.finetune.load_init_model at ZeRO-3 from the Hugging Face directory RUN_ROOT/hf and the
+    local-engine checkpoint RUN_ROOT/ours: whether every parameter is a shard with empty data; rank 0
+    saves the gathered weights to RUN_ROOT/loaded{0,1}.safetensors. RUN_ROOT/hf_bad does not fit its
+    config: every rank's error message."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -102,14 +104,16 @@ def check_partitioned_load(run_root: str) -> dict:
 
     cfg = load_run_config(COMMON + ["--run.dir", f"{run_root}/load", "--run.engine", "deepspeed",
                                     "--deepspeed.zero_stage", "3"])
-    model, _ = load_init_model(FinetuneSection(init=f"{run_root}/hf"), cfg, "deepspeed", torch.device("cpu"))
-    sharded = all(p.numel() == 0 and p.ds_tensor.numel() == -(-p.ds_numel // 2) for p in model.parameters())
-    state = {}
-    for name, p in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([p]):
-            state[name] = p.data.detach().clone()
-    if int(os.environ["RANK"]) == 0:
-        save_file(state, f"{run_root}/loaded.safetensors")
+    sharded = []
+    for i, init in enumerate(("hf", "ours")):
+        model, _ = load_init_model(FinetuneSection(init=f"{run_root}/{init}"), cfg, "deepspeed", torch.device("cpu"))
+        sharded.append(all(p.numel() == 0 and p.ds_tensor.numel() == -(-p.ds_numel // 2) for p in model.parameters()))
+        state = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                state[name] = p.data.detach().clone()
+        if int(os.environ["RANK"]) == 0:
+            save_file(state, f"{run_root}/loaded{i}.safetensors")
     try:
         load_init_model(FinetuneSection(init=f"{run_root}/hf_bad"), cfg, "deepspeed", torch.device("cpu"))
         error = ""

@@ -40,6 +40,7 @@ def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
     from engine.train import build_trainer
 
     hf_model = _write_hf_dirs(tmp_path)
+    ours_model = _write_local_checkpoint(tmp_path, load_run_config(COMMON + ["--run.dir", str(tmp_path / "x")]))
     out = tmp_path / "losses.json"
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tests/engine_ds_worker.py"),
            str(out), str(tmp_path), "1", "2", "3", "init:fp32", "init:bf16", "load"]
@@ -70,7 +71,7 @@ def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
         # Sharded reductions round differently: at most 6e-6 measured after 4 AdamW steps of lr 3e-3.
         torch.testing.assert_close(exported[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
     _check_partitioned_build(tmp_path, losses, cfg)
-    _check_partitioned_load(tmp_path, losses["load"], hf_model)
+    _check_partitioned_load(tmp_path, losses["load"], [hf_model, ours_model])
 
 
 def _write_hf_dirs(tmp_path):
@@ -93,15 +94,35 @@ def _write_hf_dirs(tmp_path):
     return model
 
 
-def _check_partitioned_load(tmp_path, result, model):
-    """finetune's ZeRO-3 load: partitioned, the file's weights exactly; a mismatch raised on both ranks."""
+def _write_local_checkpoint(tmp_path, cfg):
+    """tmp_path/ours: a local-engine checkpoint of the run config's model (trainer state, weights,
+    tokenizer), as finetune.init takes it. Returns the model saved."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    from engine.train import build_model_config
+    from models.t5 import T5ForConditionalGeneration
+
+    (tmp_path / "ours").mkdir()
+    torch.manual_seed(6)
+    model = T5ForConditionalGeneration(build_model_config(cfg, VOCAB))
+    save_model(model, str(tmp_path / "ours/model.safetensors"))
+    (tmp_path / "ours/trainer_state.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    shutil.copy2(shared_file("tokenizers/seqio_test_t5ids_26pieces.model"), tmp_path / "ours/spiece.model")
+    return model
+
+
+def _check_partitioned_load(tmp_path, result, models):
+    """finetune's ZeRO-3 loads: partitioned, the file's weights exactly; a mismatch raised on both ranks."""
     from safetensors.torch import load_file
 
-    assert result["sharded"]
-    loaded = load_file(str(tmp_path / "loaded.safetensors"))
-    assert loaded.keys() == model.state_dict().keys()
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(loaded[name], tensor), name
+    assert result["sharded"] == [True, True]
+    for i, model in enumerate(models):
+        loaded = load_file(str(tmp_path / f"loaded{i}.safetensors"))
+        assert loaded.keys() == model.state_dict().keys()
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded[name], tensor), name
     assert len(result["errors"]) == 2 and result["errors"][0] == result["errors"][1], result
     assert "finetune.init" in result["errors"][0] and "wi_0+wi_1" in result["errors"][0], result
 
