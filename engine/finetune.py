@@ -290,9 +290,10 @@ def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch
             model = T5ForConditionalGeneration(config)
             load_model(model, str(init / "model.safetensors"))
             return model, str(tokenizer_file)
-        # init=True only keeps the random draws those of the plain path (adapters are drawn next).
+        # Initialized although overwritten: the plain path makes these random draws too (adapters are drawn next).
         model = build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device)
-        load_partitioned(model, lambda: load_file(str(init / "model.safetensors")))
+        load_partitioned(model, lambda: load_file(str(init / "model.safetensors")),
+                         where=f"config key 'finetune.init': {init / 'model.safetensors'}: ")
         return model, str(tokenizer_file)
     raise FileNotFoundError(f"config key 'finetune.init': {init} has neither config.json (Hugging Face) nor "
                             "model.safetensors (our checkpoint; export DeepSpeed runs with `t5forge export`)")

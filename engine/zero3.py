@@ -27,10 +27,6 @@ def builds_partitioned(cfg: RunConfig, kind: str) -> bool:
     return kind == "deepspeed" and cfg.deepspeed.zero_stage == 3
 
 
-def is_partitioned(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def zero3_dtype(ds_config: dict) -> torch.dtype:
     """The dtype DeepSpeed keeps the model's weights in under this config."""
     if ds_config.get("bf16", {}).get("enabled"):
@@ -158,22 +154,28 @@ def _libc():
 
 
 def _agree_on_error(error: Exception | None) -> None:
-    """Raise rank 0's error (a ValueError / FileNotFoundError) on every rank, so none waits in a collective."""
+    """Rank 0's error (or None) raised on every rank, so no rank is left waiting in a collective."""
     import torch.distributed as dist
 
-    box = [None if error is None else (isinstance(error, FileNotFoundError), str(error))]
+    kinds = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}  # what the CLIs report in one line
+    box = [None]
+    if error is not None:
+        box = [(next((name for name, t in kinds.items() if isinstance(error, t)), "RuntimeError"), str(error))]
     dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
     if box[0] is not None:
-        not_found, message = box[0]
-        raise (FileNotFoundError if not_found else ValueError)(message)
+        name, message = box[0]
+        raise kinds.get(name, RuntimeError)(message)
 
 
 @torch.no_grad()
-def load_partitioned(model: torch.nn.Module, read_state: Callable[[], dict[str, torch.Tensor]]) -> None:
+def load_partitioned(model: torch.nn.Module, read_state: Callable[[], dict[str, torch.Tensor]],
+                     where: str = "") -> None:
     """Copy a whole state dict into a partitioned model, one module gathered at a time (collective).
 
     Only rank 0 calls `read_state()` (our parameter names, whole shapes) and holds its tensors; names
-    and shapes are checked there and a mismatch is raised on every rank.
+    and shapes are checked there and a mismatch (its message starting with `where`) is raised on every rank.
     """
     import deepspeed
     import torch.distributed as dist
@@ -185,13 +187,13 @@ def load_partitioned(model: torch.nn.Module, read_state: Callable[[], dict[str, 
             expected = {name: tuple(p.ds_shape) for name, p in model.named_parameters()}
             missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
             if missing or unexpected:
-                raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                raise ValueError(f"{where}checkpoint does not match the model: missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}")
             for name, shape in expected.items():
                 if tuple(state[name].shape) != shape:
-                    raise ValueError(f"checkpoint weight {name} has shape {tuple(state[name].shape)}, "
+                    raise ValueError(f"{where}checkpoint weight {name} has shape {tuple(state[name].shape)}, "
                                      f"the model expects {shape}")
-        except (ValueError, FileNotFoundError) as err:
+        except Exception as err:  # noqa: BLE001 - re-raised here, and sent to the other ranks
             error = err
     _agree_on_error(error)
     for prefix, module in model.named_modules():
