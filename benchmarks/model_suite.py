@@ -382,12 +382,14 @@ def measure_engine_step(run_cfg, mcfg, scfg: ModelSuiteConfig, device: torch.dev
     from engine.deepspeed_config import deepspeed_config
     from engine.engines import build_engine
     from engine.optim import build_optimizer
+    from engine.zero3 import build_model
     from models.t5 import T5ForConditionalGeneration
 
     with one_rank_world(device):
         torch.manual_seed(run_cfg.run.seed)
-        model = T5ForConditionalGeneration(mcfg)
-        n_params = _n_params(model)  # before ZeRO-3 partitions the parameters away
+        # As build_trainer: at ZeRO-3 built partitioned (engine/zero3.py).
+        model = build_model(lambda: T5ForConditionalGeneration(mcfg), run_cfg, "deepspeed", device)
+        n_params = mcfg.num_parameters()  # the whole model's (a ZeRO-3 rank holds only shards)
         engine = build_engine("deepspeed", model, build_optimizer(model.parameters(), run_cfg.optim), run_cfg, device)
         batch = make_batch(mcfg, scfg.batch_size, scfg.inputs_length, scfg.targets_length, device)
         lr, skipped = run_cfg.optim.lr, []

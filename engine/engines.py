@@ -146,6 +146,22 @@ class LocalEngine:
         return None
 
 
+def init_distributed(device: torch.device) -> None:
+    """The process group (once): the launcher's, or without a launcher (a plain `t5forge pretrain
+    --run.engine deepspeed`) a world of one. Gloo on the CPU, NCCL on GPUs."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
 class DeepSpeedEngine:
     """deepspeed.initialize around the model and our optimizer; gloo on the CPU, NCCL on GPUs."""
 
@@ -155,14 +171,7 @@ class DeepSpeedEngine:
         import torch.distributed as dist
 
         self._dist = dist
-        if not dist.is_initialized():
-            # Without a launcher (a plain `t5forge pretrain --run.engine deepspeed`): a world of one.
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("LOCAL_RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29511")
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        init_distributed(device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -212,12 +212,18 @@ def import_task_module(name: str) -> None:
         raise ValueError(f"config key 'finetune.task_modules': cannot import {name!r} ({err})") from None
 
 
-def load_init_model(ft: FinetuneSection, cfg):
+def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch.device | None = None):
     """The starting model and its tokenizer file: a Hugging Face directory, or one of our local-engine
-    checkpoints (model.safetensors + trainer state holding the run config, tokenizer/ next to it)."""
+    checkpoints (model.safetensors + trainer state holding the run config, tokenizer/ next to it).
+    At ZeRO-3 the model is built partitioned and the weights loaded one module at a time, read by
+    rank 0 only (engine/zero3.py)."""
     from engine import checkpoint as ckpt
-    from models.checkpoint import from_pretrained
+    from engine.zero3 import build_model, builds_partitioned, load_partitioned
+    from models.checkpoint import convert_hf_state_dict, from_pretrained, read_config, read_weights
     from models.t5 import T5ForConditionalGeneration
+
+    device = device or torch.device("cpu")
+    partitioned = builds_partitioned(cfg, kind)
 
     if ft.init.startswith("preset:"):  # from scratch: a preset with random T5 init (demos, ablations)
         from engine.tokenizer import Tokenizer
@@ -233,7 +239,7 @@ def load_init_model(ft: FinetuneSection, cfg):
             config = T5Config.from_preset(ft.init[len("preset:"):], vocab_size=vocab, **overrides)
         except (KeyError, ValueError) as err:
             raise ValueError(f"config key 'finetune.init': {err}") from None
-        return T5ForConditionalGeneration(config), ft.tokenizer
+        return build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device), ft.tokenizer
     init = pathlib.Path(ft.init)
     if not init.is_dir():
         raise FileNotFoundError(f"config key 'finetune.init': directory not found: {init}")
@@ -252,9 +258,24 @@ def load_init_model(ft: FinetuneSection, cfg):
     if cfg.model.dropout_rate >= 0:
         overrides["dropout_rate"] = cfg.model.dropout_rate
     if (init / "config.json").is_file():
-        return from_pretrained(init, **overrides), str(tokenizer_file)
+        if not partitioned:
+            return from_pretrained(init, **overrides), str(tokenizer_file)
+        config = read_config(init, **overrides)
+        # No random draws (as from_pretrained's meta build): the adapters drawn next match the plain path's.
+        model = build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device, init=False)
+
+        def read_hf():  # Hugging Face names -> ours, checked against a weightless model of the config
+            with torch.device("meta"):
+                shapes = T5ForConditionalGeneration(config)
+            try:
+                return convert_hf_state_dict(shapes, read_weights(init))
+            except ValueError as err:
+                raise ValueError(f"config key 'finetune.init': {init}: {err}") from None
+
+        load_partitioned(model, read_hf)
+        return model, str(tokenizer_file)
     if (init / "model.safetensors").is_file():
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
         from engine.train import build_model_config
         from engine.tokenizer import Tokenizer
@@ -264,8 +285,15 @@ def load_init_model(ft: FinetuneSection, cfg):
         saved.model.gradient_checkpointing = cfg.model.gradient_checkpointing
         if cfg.model.dropout_rate >= 0:
             saved.model.dropout_rate = cfg.model.dropout_rate
-        model = T5ForConditionalGeneration(build_model_config(saved, Tokenizer(tokenizer_file).vocab_size))
-        load_model(model, str(init / "model.safetensors"))
+        config = build_model_config(saved, Tokenizer(tokenizer_file).vocab_size)
+        if not partitioned:
+            model = T5ForConditionalGeneration(config)
+            load_model(model, str(init / "model.safetensors"))
+            return model, str(tokenizer_file)
+        # Initialized although overwritten: the plain path makes these random draws too (adapters are drawn next).
+        model = build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device)
+        load_partitioned(model, lambda: load_file(str(init / "model.safetensors")),
+                         where=f"config key 'finetune.init': {init / 'model.safetensors'}: ")
         return model, str(tokenizer_file)
     raise FileNotFoundError(f"config key 'finetune.init': {init} has neither config.json (Hugging Face) nor "
                             "model.safetensors (our checkpoint; export DeepSpeed runs with `t5forge export`)")
@@ -410,7 +438,7 @@ def build_finetune(argv: list[str]):
     set_threads(cfg)
     kind = choose_engine(cfg, device)
     seed_everything(cfg.run.seed)
-    model, tokenizer_file = load_init_model(ft, cfg)
+    model, tokenizer_file = load_init_model(ft, cfg, kind, device)
     tokenizer = Tokenizer(tokenizer_file)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"config key 'finetune.tokenizer': {tokenizer.vocab_size} ids do not fit the model's "
@@ -449,8 +477,9 @@ def build_finetune(argv: list[str]):
                               build_model=build_model, flops_per_token=flops, tokenizer_file=tokenizer_file,
                               device=device)
     rates = ", ".join(f"{name} {rate:.2f}" for name, rate in mixture.rates.items())
-    counted = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)  # ZeRO-3: whole size
-    summary = (f"t5forge finetune: {ft.method} from {ft.init} ({model.num_parameters() / 1e6:.1f}M parameters, "
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: whole size
+    counted = sum(n for n, trainable in sizes if trainable)
+    summary = (f"t5forge finetune: {ft.method} from {ft.init} ({sum(n for n, _ in sizes) / 1e6:.1f}M parameters, "
                f"{counted / 1e6:.2f}M trainable at start), mixture {rates}, {type(engine).__name__}")
     return trainer, summary
 

@@ -64,7 +64,7 @@ def add_adapters(model: nn.Module, d_adapter: int) -> list[str]:
             raise ValueError(f"{name}: already has an adapter")
         ffn = sublayer.DenseReluDense
         weight = next(ffn.parameters())
-        d_model = ffn.wo.weight.shape[0]
+        d_model = ffn.wo.out_features  # not the weight's shape: a ZeRO-3 shard's is empty
         sublayer.adapter = Adapter(d_model, d_adapter).to(device=weight.device, dtype=weight.dtype)
         # The hook reads the adapter through an attribute (not a closure) so a replaced or reloaded
         # adapter module is the one used.

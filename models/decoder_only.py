@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import T5Config
 from .generation import GenerationOutput, run_search
-from .t5 import AttentionSpec, T5Stack, build_attention_spec
+from .t5 import AttentionSpec, T5ForConditionalGeneration, T5Stack, build_attention_spec
 
 SelfCache = tuple[torch.Tensor, torch.Tensor]  # per layer (k, v), each (B, H, L, D)
 
@@ -45,14 +45,12 @@ class DecoderOnlyLM(nn.Module):
         self.decoder = T5Stack(config, is_decoder=False)  # config.num_layers blocks: self-attention + FFN
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self._init_weights()
+        self.init_weights()
 
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        # The encoder-decoder's init, applied to the modules this model shares with it.
-        from .t5 import T5ForConditionalGeneration
-
-        T5ForConditionalGeneration.init_weights(self)
+    # The encoder-decoder's init, applied to the modules this model shares with it.
+    init_weights = T5ForConditionalGeneration.init_weights
+    init_order = T5ForConditionalGeneration.init_order
+    init_module = T5ForConditionalGeneration.init_module
 
     def _spec(self, x, q_len, kv_len, key_padding_mask, prefix_lengths, positions, kv_positions) -> AttentionSpec:
         # Causal everywhere; the prefix LM also sees its whole prefix, hence bidirectional buckets.

@@ -379,26 +379,40 @@ class T5ForConditionalGeneration(nn.Module):
     def init_weights(self) -> None:
         """The T5 init (Mesh-TF's, as Hugging Face's `_init_weights` reproduces it): per module type a
         normal with std `factor * fan_in**-0.5`, where q also absorbs the missing 1/sqrt(d_kv) scaling."""
+        for module in self.init_order():
+            self.init_module(module)
+
+    def init_order(self) -> list[nn.Module]:
+        """The modules `init_module` writes, in the order of their random draws. Each step writes only
+        that module's parameters (children included): a sharded model gathers one module per step."""
+        kinds = (T5LayerNorm, T5Attention, T5DenseReluDense)
+        order = [m for m in self.modules() if isinstance(m, kinds)] + [self.shared]
+        return order if self.config.tie_word_embeddings else order + [self.lm_head]
+
+    @torch.no_grad()
+    def init_module(self, m: nn.Module) -> None:
         cfg, f = self.config, self.config.initializer_factor
         d = cfg.d_model
-        for m in self.modules():
-            if isinstance(m, T5LayerNorm):
-                m.weight.fill_(f)
-            elif isinstance(m, T5Attention):
-                m.q.weight.normal_(0.0, f * (d * cfg.d_kv) ** -0.5)
-                m.k.weight.normal_(0.0, f * d ** -0.5)
-                m.v.weight.normal_(0.0, f * d ** -0.5)
-                m.o.weight.normal_(0.0, f * cfg.inner_dim ** -0.5)
-                if hasattr(m, "relative_attention_bias"):
-                    m.relative_attention_bias.weight.normal_(0.0, f * d ** -0.5)
-            elif isinstance(m, T5DenseReluDense):
-                (m.wi_fused if cfg.is_gated else m.wi).weight.normal_(0.0, f * d ** -0.5)
-                m.wo.weight.normal_(0.0, f * cfg.d_ff ** -0.5)
-        self.shared.weight.normal_(0.0, f)
-        if not cfg.tie_word_embeddings:
+        if isinstance(m, T5LayerNorm):
+            m.weight.fill_(f)
+        elif isinstance(m, T5Attention):
+            m.q.weight.normal_(0.0, f * (d * cfg.d_kv) ** -0.5)
+            m.k.weight.normal_(0.0, f * d ** -0.5)
+            m.v.weight.normal_(0.0, f * d ** -0.5)
+            m.o.weight.normal_(0.0, f * cfg.inner_dim ** -0.5)
+            if hasattr(m, "relative_attention_bias"):
+                m.relative_attention_bias.weight.normal_(0.0, f * d ** -0.5)
+        elif isinstance(m, T5DenseReluDense):
+            (m.wi_fused if cfg.is_gated else m.wi).weight.normal_(0.0, f * d ** -0.5)
+            m.wo.weight.normal_(0.0, f * cfg.d_ff ** -0.5)
+        elif m is self.shared:
+            m.weight.normal_(0.0, f)
+        elif m is getattr(self, "lm_head", None):
             # Mesh-TF's untied logits layer is a fan-in-scaled dense (std d_model**-0.5). Hugging Face uses
             # std 1.0 here, which starts training at a loss of ~200 (MACHINE_NOTES.md); we keep Mesh-TF's.
-            self.lm_head.weight.normal_(0.0, f * d ** -0.5)
+            m.weight.normal_(0.0, f * d ** -0.5)
+        else:
+            raise ValueError(f"init_module: {type(m).__name__} is not in init_order()")
 
     def gradient_checkpointing_enable(self) -> None:
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True

@@ -5,7 +5,10 @@
 Trains the tiny model on the synthetic stream for each RUN in turn (one launch, one process group:
 DeepSpeed's start-up is paid once) and writes rank 0's per-step losses to OUT_JSON, keyed by RUN. A RUN
 is a ZeRO stage ("2": COMMON's plain AdamW) or STAGE:OPTIMIZER with an OPTIMIZER of `OPTIMIZERS`, or
-"shards": test_engine_zero_optim.check_partitions (the optimizers on hand-made partitions, no training).
+"shards": test_engine_zero_optim.check_partitions (the optimizers on hand-made partitions, no training), or
+"init:PRECISION" (`check_partitioned_build`: the ZeRO-3 model build alone, its weights saved to RUN_ROOT), or
+"load" (`check_partitioned_load`: finetune's ZeRO-3 loads of RUN_ROOT/hf and RUN_ROOT/ours, and of
+RUN_ROOT/hf_bad, which must fail).
 """
 import json
 import os
@@ -35,6 +38,93 @@ OPTIMIZERS = {
 }
 
 
+def check_partitioned_build(run_root: str, precision: str) -> dict:
+    """Build the model as build_trainer does at ZeRO-3 and report how it was held: per parameter its
+    shard sizes right after the build, and the peak of whole-parameter elements this rank held at once
+    while building (counted at every parameter registration and every gather). Rank 0 saves the
+    gathered weights to RUN_ROOT/init_PRECISION.safetensors for the test to compare with a plain build."""
+    import deepspeed
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.train import build_model_config, seed_everything
+    from engine.zero3 import build_model
+    from models.t5 import T5ForConditionalGeneration
+
+    cfg = load_run_config(COMMON + ["--run.dir", f"{run_root}/init", "--run.engine", "deepspeed",
+                                    "--deepspeed.zero_stage", "3", "--deepspeed.precision", precision])
+    seen, peak = [], [0]
+
+    def held():  # elements of whole (unpartitioned) parameter data on this rank right now
+        peak[0] = max(peak[0], sum(p.data.numel() for p in seen))
+
+    def on_register(module, name, param):
+        if param is not None:
+            seen.append(param)
+            held()
+
+    gather_enter = deepspeed.zero.GatheredParameters.__enter__
+
+    def counting_enter(self):
+        gather_enter(self)
+        held()
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(on_register)
+    deepspeed.zero.GatheredParameters.__enter__ = counting_enter
+    try:
+        seed_everything(cfg.run.seed)
+        model = build_model(lambda: T5ForConditionalGeneration(build_model_config(cfg, VOCAB)), cfg, "deepspeed",
+                            torch.device("cpu"))
+    finally:
+        deepspeed.zero.GatheredParameters.__enter__ = gather_enter
+        handle.remove()
+    shards = {name: [p.numel(), p.ds_numel, p.ds_tensor.numel(), str(p.ds_tensor.dtype)]
+              for name, p in model.named_parameters()}
+    largest_module = max(sum(p.ds_numel for p in m.parameters()) for m in model.init_order())
+    state = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            state[name] = p.data.detach().clone()
+    if int(os.environ["RANK"]) == 0:
+        save_file(state, f"{run_root}/init_{precision}.safetensors")
+    return {"shards": shards, "peak": peak[0], "total": sum(p.ds_numel for p in model.parameters()),
+            "largest_module": largest_module, "registered": len(seen)}
+
+
+def check_partitioned_load(run_root: str) -> dict:
+    """engine.finetune.load_init_model at ZeRO-3 from the Hugging Face directory RUN_ROOT/hf and the
+    local-engine checkpoint RUN_ROOT/ours: whether every parameter is a shard with empty data; rank 0
+    saves the gathered weights to RUN_ROOT/loaded{0,1}.safetensors. RUN_ROOT/hf_bad does not fit its
+    config: every rank's error message."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from engine.finetune import FinetuneSection, load_init_model
+
+    cfg = load_run_config(COMMON + ["--run.dir", f"{run_root}/load", "--run.engine", "deepspeed",
+                                    "--deepspeed.zero_stage", "3"])
+    sharded = []
+    for i, init in enumerate(("hf", "ours")):
+        model, _ = load_init_model(FinetuneSection(init=f"{run_root}/{init}"), cfg, "deepspeed", torch.device("cpu"))
+        sharded.append(all(p.numel() == 0 and p.ds_tensor.numel() == -(-p.ds_numel // 2) for p in model.parameters()))
+        state = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                state[name] = p.data.detach().clone()
+        if int(os.environ["RANK"]) == 0:
+            save_file(state, f"{run_root}/loaded{i}.safetensors")
+    try:
+        load_init_model(FinetuneSection(init=f"{run_root}/hf_bad"), cfg, "deepspeed", torch.device("cpu"))
+        error = ""
+    except ValueError as err:
+        error = str(err)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return {"sharded": sharded, "errors": errors}
+
+
 def main(argv):
     argv = [a for a in argv if not a.startswith("--local_rank")]
     out_json, run_root, runs = argv[0], argv[1], argv[2:]
@@ -47,6 +137,12 @@ def main(argv):
 
             deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # the group the trainers reuse
             results[run] = check_partitions()
+            continue
+        if run == "load":
+            results[run] = check_partitioned_load(run_root)
+            continue
+        if run.startswith("init:"):
+            results[run] = check_partitioned_build(run_root, run.split(":")[1])
             continue
         stage, _, optim = run.partition(":")
         directory = f"{run_root}/zero{stage}" + (f"_{optim}" if optim else "")

@@ -39,9 +39,11 @@ def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
     from engine.config import load_run_config
     from engine.train import build_trainer
 
+    hf_model = _write_hf_dirs(tmp_path)
+    ours_model = _write_local_checkpoint(tmp_path, load_run_config(COMMON + ["--run.dir", str(tmp_path / "x")]))
     out = tmp_path / "losses.json"
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tests/engine_ds_worker.py"),
-           str(out), str(tmp_path), "1", "2", "3"]
+           str(out), str(tmp_path), "1", "2", "3", "init:fp32", "init:bf16", "load"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = json.loads(out.read_text())
@@ -58,6 +60,97 @@ def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
     for stage in ("1", "2", "3"):
         ckpt = tmp_path / f"zero{stage}/checkpoints/step_00000004"
         assert (ckpt / "rank_00000.pt").is_file() and (ckpt / "rank_00001.pt").is_file()
+    # The ZeRO-3 run (built partitioned) exports to the single rank's trained weights.
+    from engine.export import export_main
+    from models.checkpoint import hf_state_dict, read_weights
+
+    assert export_main([str(tmp_path / "zero3"), str(tmp_path / "zero3_hf")]) == 0
+    exported, trained = read_weights(tmp_path / "zero3_hf"), hf_state_dict(trainer.engine.module)
+    assert exported.keys() == trained.keys()
+    for name, tensor in trained.items():
+        # Sharded reductions round differently: at most 6e-6 measured after 4 AdamW steps of lr 3e-3.
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+    _check_partitioned_build(tmp_path, losses, cfg)
+    _check_partitioned_load(tmp_path, losses["load"], [hf_model, ours_model])
+
+
+def _write_hf_dirs(tmp_path):
+    """tmp_path/hf: a small model in the Hugging Face layout with a tokenizer; tmp_path/hf_bad: the
+    same weights under a config with another d_ff. Returns the model saved."""
+    import shutil
+
+    from models.config import T5Config
+    from models.t5 import T5ForConditionalGeneration
+
+    torch.manual_seed(5)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                num_heads=4, feed_forward_proj="gated-gelu",
+                                                tie_word_embeddings=False, kernel_backend="torch"))
+    model.save_pretrained(tmp_path / "hf")
+    shutil.copy2(shared_file("tokenizers/seqio_test_t5ids_26pieces.model"), tmp_path / "hf/spiece.model")
+    shutil.copytree(tmp_path / "hf", tmp_path / "hf_bad")
+    config = json.loads((tmp_path / "hf_bad/config.json").read_text())
+    (tmp_path / "hf_bad/config.json").write_text(json.dumps({**config, "d_ff": 48}))
+    return model
+
+
+def _write_local_checkpoint(tmp_path, cfg):
+    """tmp_path/ours: a local-engine checkpoint of the run config's model (trainer state, weights,
+    tokenizer), as finetune.init takes it. Returns the model saved."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    from engine.train import build_model_config
+    from models.t5 import T5ForConditionalGeneration
+
+    (tmp_path / "ours").mkdir()
+    torch.manual_seed(6)
+    model = T5ForConditionalGeneration(build_model_config(cfg, VOCAB))
+    save_model(model, str(tmp_path / "ours/model.safetensors"))
+    (tmp_path / "ours/trainer_state.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    shutil.copy2(shared_file("tokenizers/seqio_test_t5ids_26pieces.model"), tmp_path / "ours/spiece.model")
+    return model
+
+
+def _check_partitioned_load(tmp_path, result, models):
+    """finetune's ZeRO-3 loads: partitioned, the file's weights exactly; a mismatch raised on both ranks."""
+    from safetensors.torch import load_file
+
+    assert result["sharded"] == [True, True]
+    for i, model in enumerate(models):
+        loaded = load_file(str(tmp_path / f"loaded{i}.safetensors"))
+        assert loaded.keys() == model.state_dict().keys()
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded[name], tensor), name
+    assert len(result["errors"]) == 2 and result["errors"][0] == result["errors"][1], result
+    assert "finetune.init" in result["errors"][0] and "wi_0+wi_1" in result["errors"][0], result
+
+
+def _check_partitioned_build(tmp_path, results, cfg):
+    """ZeRO-3 built the model partitioned: right after the build every parameter is a shard of
+    ceil(numel / 2) elements with empty data, no rank ever held more than one module's whole weights,
+    and the weights equal a plain build's with the same seed (bf16: its weights rounded, as DeepSpeed
+    rounds a plain fp32 model)."""
+    from safetensors.torch import load_file
+
+    from engine.train import build_model_config, seed_everything
+    from models.t5 import T5ForConditionalGeneration
+
+    seed_everything(cfg.run.seed)
+    plain = T5ForConditionalGeneration(build_model_config(cfg, VOCAB)).state_dict()
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        res = results[f"init:{precision}"]
+        assert res["shards"].keys() == plain.keys()
+        for name, (numel, ds_numel, shard, shard_dtype) in res["shards"].items():
+            assert (numel, ds_numel, shard, shard_dtype) == (0, plain[name].numel(), -(-plain[name].numel() // 2),
+                                                             str(dtype)), name
+        # Whole parameters held at once: at most one module's (the largest FFN), far below the model.
+        assert res["registered"] >= len(plain)
+        assert 0 < res["peak"] <= res["largest_module"] < res["total"] / 4, res
+        built = load_file(str(tmp_path / f"init_{precision}.safetensors"))
+        for name, tensor in plain.items():
+            assert torch.equal(built[name], tensor.to(dtype)), name
 
 
 def test_simulated_two_node_run_trains_saves_and_exports(tmp_path):
