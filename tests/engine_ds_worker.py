@@ -4,7 +4,7 @@
 
 Trains the tiny model on the synthetic stream for each RUN in turn (one launch, one process group:
 DeepSpeed's start-up is paid once) and writes rank 0's per-step losses to OUT_JSON, keyed by RUN. A RUN
-is a ZeRO stage ("2": COMMON's plain AdamW) or STAGE:OPTIMIZER with an OPTIMIZER of `OPTIMIZERS`, or
+is a ZeRO stage ("2": COMMON's plain AdamW) or STAGE:VARIANT with a VARIANT of `OPTIMIZERS` or `FEATURES`, or
 "shards": test_engine_zero_optim.check_partitions (the optimizers on hand-made partitions, no training), or
 "init:PRECISION" (`check_partitioned_build`: the ZeRO-3 model build alone, its weights saved to RUN_ROOT), or
 "load" (`check_partitioned_load`: finetune's ZeRO-3 loads of RUN_ROOT/hf and RUN_ROOT/ours, and of
@@ -21,6 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from engine_synthetic import SyntheticData  # noqa: E402
 
 from engine.config import load_run_config  # noqa: E402
+from engine.metrics import read_metrics  # noqa: E402
 from engine.train import build_trainer  # noqa: E402
 
 # Shared with the test's single-rank reference: plain AdamW is elementwise, so ZeRO's flat partitions
@@ -35,6 +36,15 @@ OPTIMIZERS = {
     "adafactor": ["--optim.name", "adafactor", "--optim.lr", "1e-2"],
     "adamw_scaled": ["--optim.scale_by_param_rms", "true", "--optim.lr", "2e-2"],
     "fp16": ["--deepspeed.precision", "fp16"],  # COMMON's AdamW, fp16 with loss scaling (tests/test_engine_fp16.py)
+}
+# Overrides on COMMON for the training features DeepSpeed runs itself; the test gives its single-rank
+# reference the same overrides (test_engine_distributed.test_deepspeed_features_match_single_rank).
+FEATURES = {
+    "accum": ["--batch.grad_accum", "2", "--batch.micro_batch_size", str(MICRO // 2)],
+    "clip": ["--optim.clip_grad_norm", "0.2"],
+    "ckpt_zloss": ["--model.gradient_checkpointing", "true", "--optim.z_loss", "1e-3"],
+    "offload": ["--deepspeed.offload_optimizer", "true"],
+    "offload_all": ["--deepspeed.offload_optimizer", "true", "--deepspeed.offload_params", "true"],
 }
 
 
@@ -146,14 +156,17 @@ def main(argv):
             continue
         stage, _, optim = run.partition(":")
         directory = f"{run_root}/zero{stage}" + (f"_{optim}" if optim else "")
-        cfg = load_run_config(COMMON + OPTIMIZERS.get(optim, []) +
-                              ["--run.dir", directory, "--run.engine", "deepspeed", "--deepspeed.zero_stage", stage,
-                               "--batch.micro_batch_size", str(MICRO)])
+        cfg = load_run_config(COMMON + ["--run.dir", directory, "--run.engine", "deepspeed", "--deepspeed.zero_stage",
+                                        stage, "--batch.micro_batch_size", str(MICRO), "--run.log_every", "1"] +
+                              OPTIMIZERS.get(optim, []) + FEATURES.get(optim, []))
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # set by the launcher
-        trainer, _ = build_trainer(cfg, data=SyntheticData(VOCAB, MICRO, rank=rank, world_size=world),
+        micro = cfg.batch.micro_batch_size
+        trainer, _ = build_trainer(cfg, data=SyntheticData(VOCAB, micro, rank=rank, world_size=world),
                                    tokenizer_vocab=VOCAB)
         result = trainer.train()
         results[run] = result.losses
+        if optim in FEATURES:  # the logged gradient norms too (clipping is active when they exceed the bound)
+            results[run + ":grad_norm"] = [r.get("grad_norm") for r in read_metrics(directory)]
     if int(os.environ["RANK"]) == 0:
         pathlib.Path(out_json).write_text(json.dumps(results))
 
