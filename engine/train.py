@@ -404,6 +404,8 @@ def pretrain_main(argv: list[str]) -> int:
                 and cfg.deepspeed.zero_stage < 3 and cfg.data.objective == "span_corruption"):
             demo(trainer.engine.module, cfg, trainer.tokenizer_file)
     trainer.engine.close()
+    if result.stopped_by_signal and trainer.engine.world_size > 1:  # each rank: the launcher's exit code is not ours
+        print(f"t5forge pretrain: rank {trainer.engine.rank} saved step {result.step} and exits 0", file=sys.stderr)
     return 0
 
 

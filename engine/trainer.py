@@ -84,7 +84,8 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.tokens_seen = 0
         self._data_iter = None
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # a SIGTERM / SIGINT this process received
+        self._stop_agreed = False  # some rank was signalled: every rank saves at the end of this same step
         self._last_saved_step = -1
 
     # ------------------------------------------------------------------------------------- state
@@ -175,7 +176,9 @@ class Trainer:
             loss_sum += out.loss.detach().double().cpu()
             tokens += count_tokens(batch)
             info = self.engine.micro_step(micro == accum - 1, lr)
-        # One all-reduce per step: losses, tokens and the stop request travel together.
+        # One all-reduce per step: losses, tokens and the stop request travel together. Only the reduced
+        # flag decides the stop, so every rank stops after the same step even when a signal lands between
+        # this reduction and the end of the step on one rank only (it is then carried by the next step's).
         stop = 1.0 if self._stop_signal is not None else 0.0
         packed = torch.tensor([loss_sum.item(), z_sum.item(), float(tokens), stop], dtype=torch.float64)
         packed = self.engine.all_reduce_sum(packed.to(self._reduce_device())).cpu()
@@ -192,8 +195,7 @@ class Trainer:
             self.skipped_in_a_row = 0
         step_tokens = int(packed[2].item())
         self.tokens_seen += step_tokens
-        if packed[3].item() > 0 and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM  # another rank was signalled
+        self._stop_agreed = packed[3].item() > 0
         return {"step": self.step, "loss": loss, "z_loss": packed[1].item() / (accum * world), "lr": lr,
                 "grad_norm": info.grad_norm, "tokens": step_tokens, "applied": info.applied and finite}
 
@@ -248,7 +250,7 @@ class Trainer:
                     window_tokens, window_start = 0, time.perf_counter()
                 if bar is not None:
                     bar.update(1)
-                if self._stop_signal is not None:
+                if self._stop_agreed:
                     self.save()
                     result.stopped_by_signal = True
                     break
@@ -261,8 +263,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            # After a signal stop the handlers stay: a launcher repeats the stop (deepspeed's launch.py
+            # sends SIGTERM to each rank in turn) and that must not kill a rank on its way to exit code 0.
+            if not result.stopped_by_signal:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         result.step = self.step
         result.skipped_steps = self.skipped_total
         return result
