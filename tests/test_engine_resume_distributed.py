@@ -18,12 +18,11 @@ import pytest
 
 from engine.metrics import read_metrics
 from test_engine_distributed import REPO, _env, _free_port
-from test_engine_train import SMALL, _wait_for_step
+from test_engine_train import SMALL, _synthetic_trainer, _wait_for_step
 
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import shared_file  # noqa: E402
 
-pytestmark = pytest.mark.slow
 STEPS = 12
 
 
@@ -33,7 +32,7 @@ def _cmd(run_dir, stage):
     return ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "engine.train",
             "--run.dir", str(run_dir), "--run.max_steps", str(STEPS), "--data.paths", str(data),
             "--data.tokenizer", str(tok), "--checkpoint.every", "2", "--model.dropout_rate", "0.1",
-            "--deepspeed.zero_stage", stage, *SMALL]
+            "--data.shuffle_buffer", "100", "--deepspeed.zero_stage", stage, *SMALL]
 
 
 def _last_step(run_dir) -> int:
@@ -61,12 +60,12 @@ def _interrupt(run_dir, stage, log, how, at_least=1):
     return time.perf_counter() - start, log.read_text()
 
 
+@pytest.mark.slow
 def test_kill_and_signals_under_launcher_resume_bit_exact(tmp_path):
     stage = "2"
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref, stage), check=True, cwd=REPO, env=_env(), capture_output=True, timeout=300)
-    expected = [(r["step"], r["loss"]) for r in read_metrics(ref)]
-    assert [s for s, _ in expected] == list(range(1, STEPS + 1))
+    ref = tmp_path / "ref"  # the uninterrupted run, alongside the others (most of a launch is start-up)
+    ref_proc = _launch(ref, stage, tmp_path / "ref.log")
+    start = time.perf_counter()
 
     run = tmp_path / "run"
     _, out = _interrupt(run, stage, tmp_path / "kill.log", signal.SIGKILL, at_least=3)  # after step 2's save
@@ -91,7 +90,34 @@ def test_kill_and_signals_under_launcher_resume_bit_exact(tmp_path):
         assert timings[name] < 30  # launch.py SIGKILLs a rank 30 s after its SIGTERM
 
     subprocess.run(_cmd(run, stage), check=True, cwd=REPO, env=_env(), capture_output=True, timeout=300)
+    assert ref_proc.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    expected = [(r["step"], r["loss"]) for r in read_metrics(ref)]
+    assert [s for s, _ in expected] == list(range(1, STEPS + 1))
     got = [(r["step"], r["loss"]) for r in read_metrics(run)]
     assert got == expected  # bit for bit, every step
     assert not list((run / "checkpoints").glob(".tmp-*"))
-    print("signal to last exit (s):", {k: round(v, 2) for k, v in timings.items()})
+    print("signal to last exit (s):", {k: round(v, 2) for k, v in timings.items()},
+          f"whole chain {time.perf_counter() - start:.1f} s")
+
+
+def test_a_signal_after_the_step_reduction_stops_at_the_next_step(tmp_path):
+    """Ranks stop on the reduced flag only: a signal that lands on one rank after a step's all-reduce
+    (the other ranks saw no stop there) is carried by the next step's, and every rank saves that step."""
+    trainer = _synthetic_trainer(tmp_path, "--run.max_steps", "10", "--checkpoint.every", "100")
+    reduce = trainer.engine.all_reduce_sum
+
+    def reduce_then_signal(tensor):
+        out = reduce(tensor)
+        if trainer.step == 2:  # inside step 3, after its reduction
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer.engine.all_reduce_sum = reduce_then_signal
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        result = trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.stopped_by_signal and result.step == 4
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000004"
+    assert not (tmp_path / "run/checkpoints/step_00000003").exists()
