@@ -3,8 +3,8 @@
 A reference run, then the same command on a second run directory: SIGKILLed as a process group (a
 node failure, possibly during a save), stopped with SIGTERM sent to the `deepspeed` front-end only (`kill
 PID`), with SIGTERM to the per-node launcher only (it forwards it to the ranks one by one), with SIGINT
-to every process (Ctrl-C), and finally run to the end. Every stop saves the step it stopped on and every step's loss in metrics.jsonl
-equals the reference bit for bit.
+to every process (Ctrl-C), and finally run to the end. Every stop saves the step it stopped on, and
+every step's loss in metrics.jsonl equals the reference bit for bit.
 """
 import json
 import os
