@@ -10,6 +10,7 @@ so a resumed run sees exactly the batches and dropout masks the uninterrupted ru
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import shutil
@@ -44,6 +45,19 @@ def z_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     lse = torch.logsumexp(logits.float(), dim=-1)
     mask = (labels != -100).float()
     return (lse.square() * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """SIGTERM and SIGINT held back in this thread (delivered when the block ends), where POSIX allows."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def count_tokens(batch: dict) -> int:
@@ -145,13 +159,30 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- steps
     def _next_batch(self) -> dict:
-        if self._data_iter is None:
+        fresh = self._data_iter is None
+        if fresh:
             self._data_iter = iter(self.data)
         try:
-            batch = next(self._data_iter)
+            if fresh:
+                # DataLoader workers start on the first batch. They inherit this signal mask: a SIGTERM /
+                # SIGINT sent to every process of the job (Slurm; deepspeed's launch.py signals the whole
+                # process tree) stays pending in them instead of killing them before this process saves.
+                # Starting them draws a seed from the global torch RNG; a resumed run starts them at
+                # another step, so that draw is undone to keep the dropout masks of an unbroken run.
+                with _stop_signals_blocked(), torch.random.fork_rng(devices=[]):
+                    batch = next(self._data_iter)
+            else:
+                batch = next(self._data_iter)
         except StopIteration:
             raise RuntimeError(f"the data ran out at step {self.step + 1}; add data or lower run.max_steps") from None
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _close_data(self) -> None:
+        """Stop the DataLoader workers now (they hold SIGTERM back, so they must end through the loader's
+        own shutdown); a later train() continues from the data's state, as a resume does."""
+        data_iter, self._data_iter = self._data_iter, None
+        if hasattr(data_iter, "close"):
+            data_iter.close()
 
     def train_step(self) -> dict:
         """One optimizer step over batch.grad_accum micro-batches; returns the step's global metrics."""
@@ -263,6 +294,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
+            self._close_data()
             # After a signal stop the handlers stay: a launcher repeats the stop (deepspeed's launch.py
             # sends SIGTERM to each rank in turn) and that must not kill a rank on its way to exit code 0.
             if not result.stopped_by_signal:

@@ -3,7 +3,8 @@
 A reference run, then the same command on a second run directory: SIGKILLed as a process group (a
 node failure, possibly during a save), stopped with SIGTERM sent to the `deepspeed` front-end only (`kill
 PID`), with SIGTERM to the per-node launcher only (it forwards it to the ranks one by one), with SIGINT
-to every process (Ctrl-C), and finally run to the end. Every stop saves the step it stopped on, and
+to every process (Ctrl-C), and finally run to the end. One DataLoader worker per rank: launch.py and
+Slurm signal it too. Every stop saves the step it stopped on, and
 every step's loss in metrics.jsonl equals the reference bit for bit.
 """
 import json
@@ -32,7 +33,7 @@ def _cmd(run_dir, stage):
     return ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "engine.train",
             "--run.dir", str(run_dir), "--run.max_steps", str(STEPS), "--data.paths", str(data),
             "--data.tokenizer", str(tok), "--checkpoint.every", "2", "--model.dropout_rate", "0.1",
-            "--data.shuffle_buffer", "100", "--deepspeed.zero_stage", stage, *SMALL]
+            "--data.shuffle_buffer", "100", "--data.num_workers", "1", "--deepspeed.zero_stage", stage, *SMALL]
 
 
 def _last_step(run_dir) -> int:
