@@ -59,6 +59,8 @@ def watch_launcher(interval_s: float = 1.0) -> None:
     them too. A daemon thread notices its parent or grandparent changing and signals this process, which
     then saves and exits as it does on SIGTERM.
     """
+    if "LOCAL_RANK" not in os.environ:
+        return
     import threading
 
     import psutil
@@ -441,7 +443,7 @@ def pretrain_main(argv: list[str]) -> int:
                 and cfg.deepspeed.zero_stage < 3 and cfg.data.objective == "span_corruption"):
             demo(trainer.engine.module, cfg, trainer.tokenizer_file)
     trainer.engine.close()
-    if result.stopped_by_signal and trainer.engine.world_size > 1:  # each rank: the launcher's exit code is not ours
+    if result.stopped_by_signal and trainer.engine.world_size > 1:  # launchers exit non-zero: say it per rank
         print(f"t5forge pretrain: rank {trainer.engine.rank} saved step {result.step} and exits 0", file=sys.stderr)
     return 0
 

@@ -24,7 +24,7 @@ from test_engine_train import SMALL, _synthetic_trainer, _wait_for_step
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import shared_file  # noqa: E402
 
-STEPS = 14
+STEPS = 20
 
 
 def _cmd(run_dir, stage):
@@ -46,10 +46,23 @@ def _launch(run_dir, stage, log):
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def _interrupt(run_dir, stage, log, how, at_least=1):
-    """Launch, wait for a step the previous launches did not log, signal; (seconds to the last exit, log)."""
+def _wait_for_save(run_dir, step, proc, timeout=120):
+    """Until the save of `step` has begun (its .tmp directory exists)."""
+    path = run_dir / "checkpoints" / f".tmp-step_{step:08d}"
+    deadline = time.time() + timeout
+    while not path.is_dir():
+        assert proc.poll() is None and time.time() < deadline, f"no save of step {step}"
+        time.sleep(0.005)
+
+
+def _interrupt(run_dir, stage, log, how, during_save=None):
+    """Launch, wait for a step the previous launches did not log (or for the save of step `during_save`),
+    signal; (seconds to the last exit, log)."""
     proc = _launch(run_dir, stage, log)
-    _wait_for_step(run_dir, max(at_least, _last_step(run_dir) + 1), proc)
+    if during_save:
+        _wait_for_save(run_dir, during_save, proc)
+    else:
+        _wait_for_step(run_dir, _last_step(run_dir) + 1, proc)
     job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     start = time.perf_counter()
     if how == "launcher":  # the per-node launcher only (deepspeed.launcher.launch): it forwards to the ranks
@@ -71,8 +84,12 @@ def test_kill_and_signals_under_launcher_resume_bit_exact(tmp_path):
     start = time.perf_counter()
 
     run = tmp_path / "run"
-    _, out = _interrupt(run, stage, tmp_path / "kill.log", signal.SIGKILL, at_least=3)  # after step 2's save
+    # A node failure during the save of step 4: `latest` stays on step 2, the next start clears the rest.
+    _, out = _interrupt(run, stage, tmp_path / "kill.log", signal.SIGKILL, during_save=4)
     assert "saved step" not in out
+    latest = (run / "checkpoints/latest").read_text().strip()
+    assert (run / "checkpoints" / latest / "trainer_state.json").is_file()
+    assert latest == "step_00000002" or not (run / "checkpoints/.tmp-step_00000004").exists()
 
     timings = {}
     # (SIGTERM to every process of the job, as Slurm sends it, takes the paths of these: each rank is
