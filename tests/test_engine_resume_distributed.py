@@ -47,10 +47,10 @@ def _launch(run_dir, stage, log):
 
 
 def _wait_for_save(run_dir, step, proc, timeout=120):
-    """Until the save of `step` has begun (its .tmp directory exists)."""
-    path = run_dir / "checkpoints" / f".tmp-step_{step:08d}"
+    """Until the save of `step` has begun (its .tmp directory exists) or, if it was quicker than a poll, ended."""
+    tmp, final = run_dir / "checkpoints" / f".tmp-step_{step:08d}", run_dir / "checkpoints" / f"step_{step:08d}"
     deadline = time.time() + timeout
-    while not path.is_dir():
+    while not (tmp.is_dir() or final.is_dir()):
         assert proc.poll() is None and time.time() < deadline, f"no save of step {step}"
         time.sleep(0.005)
 
