@@ -150,6 +150,10 @@ def save_rank_state(directory: pathlib.Path, rank: int, rng: dict, data: dict) -
     128-bit generator states that JSON keeps exactly)."""
     torch.save(rng, directory / f"rank_{rank:05d}.pt")
     (directory / f"rank_{rank:05d}.data.json").write_text(json.dumps(data), encoding="utf-8")
+    # Flushed by the rank that wrote them: on a filesystem shared by nodes, rank 0's fsync in `finalize`
+    # only covers what its own node wrote.
+    _fsync_path(directory / f"rank_{rank:05d}.pt")
+    _fsync_path(directory / f"rank_{rank:05d}.data.json")
 
 
 def load_rank_state(directory: pathlib.Path, rank: int) -> tuple[dict, dict]:

@@ -26,7 +26,9 @@ import os
 import pathlib
 import random
 import re
+import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -47,6 +49,42 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def watch_launcher(interval_s: float = 1.0) -> None:
+    """Under deepspeed's launcher, stop as on SIGTERM when the launcher or the `deepspeed` front-end dies.
+
+    On one node, `deepspeed` (runner.py, 0.19.8) forwards no signal to deepspeed.launcher.launch, so a
+    SIGTERM to the front-end alone kills it and leaves the ranks training on; a killed launch.py orphans
+    them too. A daemon thread notices its parent or grandparent changing and signals this process, which
+    then saves and exits as it does on SIGTERM.
+    """
+    if "LOCAL_RANK" not in os.environ:
+        return
+    import threading
+
+    import psutil
+
+    try:
+        launcher = psutil.Process(os.getppid())
+        if "deepspeed.launcher.launch" not in launcher.cmdline():
+            return
+        front = launcher.ppid()
+    except psutil.Error:
+        return
+
+    def watch():
+        while True:
+            time.sleep(interval_s)
+            try:
+                orphaned = os.getppid() != launcher.pid or launcher.ppid() != front
+            except psutil.Error:
+                orphaned = True
+            if orphaned:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="t5forge-launcher-watch", daemon=True).start()
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
@@ -379,6 +417,7 @@ def pretrain_main(argv: list[str]) -> int:
         return 0
     try:
         cfg = load_run_config(with_default_config(argv))
+        watch_launcher()
         trainer, model_config = build_trainer(cfg)
         resumed = trainer.resume()
         if trainer.is_main:
@@ -406,6 +445,8 @@ def pretrain_main(argv: list[str]) -> int:
                 and cfg.deepspeed.zero_stage < 3 and cfg.data.objective == "span_corruption"):
             demo(trainer.engine.module, cfg, trainer.tokenizer_file)
     trainer.engine.close()
+    if result.stopped_by_signal and trainer.engine.world_size > 1:  # launchers exit non-zero: say it per rank
+        print(f"t5forge pretrain: rank {trainer.engine.rank} saved step {result.step} and exits 0", file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,7 @@ so a resumed run sees exactly the batches and dropout masks the uninterrupted ru
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import shutil
@@ -44,6 +45,19 @@ def z_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     lse = torch.logsumexp(logits.float(), dim=-1)
     mask = (labels != -100).float()
     return (lse.square() * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """SIGTERM and SIGINT held back in this thread (delivered when the block ends), where POSIX allows."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def count_tokens(batch: dict) -> int:
@@ -84,7 +98,8 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.tokens_seen = 0
         self._data_iter = None
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # a SIGTERM / SIGINT this process received
+        self._stop_agreed = False  # some rank was signalled: every rank saves at the end of this same step
         self._last_saved_step = -1
 
     # ------------------------------------------------------------------------------------- state
@@ -144,13 +159,30 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- steps
     def _next_batch(self) -> dict:
-        if self._data_iter is None:
+        fresh = self._data_iter is None
+        if fresh:
             self._data_iter = iter(self.data)
         try:
-            batch = next(self._data_iter)
+            if fresh:
+                # DataLoader workers start on the first batch. They inherit this signal mask: a SIGTERM /
+                # SIGINT sent to every process of the job (Slurm; deepspeed's launch.py signals the whole
+                # process tree) stays pending in them instead of killing them before this process saves.
+                # Starting them draws a seed from the global torch RNG; a resumed run starts them at
+                # another step, so that draw is undone to keep the dropout masks of an unbroken run.
+                with _stop_signals_blocked(), torch.random.fork_rng(devices=[]):
+                    batch = next(self._data_iter)
+            else:
+                batch = next(self._data_iter)
         except StopIteration:
             raise RuntimeError(f"the data ran out at step {self.step + 1}; add data or lower run.max_steps") from None
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _close_data(self) -> None:
+        """Stop the DataLoader workers now (they hold SIGTERM back, so they must end through the loader's
+        own shutdown); a later train() continues from the data's state, as a resume does."""
+        data_iter, self._data_iter = self._data_iter, None
+        if hasattr(data_iter, "close"):
+            data_iter.close()
 
     def train_step(self) -> dict:
         """One optimizer step over batch.grad_accum micro-batches; returns the step's global metrics."""
@@ -175,7 +207,9 @@ class Trainer:
             loss_sum += out.loss.detach().double().cpu()
             tokens += count_tokens(batch)
             info = self.engine.micro_step(micro == accum - 1, lr)
-        # One all-reduce per step: losses, tokens and the stop request travel together.
+        # One all-reduce per step: losses, tokens and the stop request travel together. Only the reduced
+        # flag decides the stop, so every rank stops after the same step even when a signal lands between
+        # this reduction and the end of the step on one rank only (it is then carried by the next step's).
         stop = 1.0 if self._stop_signal is not None else 0.0
         packed = torch.tensor([loss_sum.item(), z_sum.item(), float(tokens), stop], dtype=torch.float64)
         packed = self.engine.all_reduce_sum(packed.to(self._reduce_device())).cpu()
@@ -192,8 +226,7 @@ class Trainer:
             self.skipped_in_a_row = 0
         step_tokens = int(packed[2].item())
         self.tokens_seen += step_tokens
-        if packed[3].item() > 0 and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM  # another rank was signalled
+        self._stop_agreed = packed[3].item() > 0
         return {"step": self.step, "loss": loss, "z_loss": packed[1].item() / (accum * world), "lr": lr,
                 "grad_norm": info.grad_norm, "tokens": step_tokens, "applied": info.applied and finite}
 
@@ -248,7 +281,7 @@ class Trainer:
                     window_tokens, window_start = 0, time.perf_counter()
                 if bar is not None:
                     bar.update(1)
-                if self._stop_signal is not None:
+                if self._stop_agreed:
                     self.save()
                     result.stopped_by_signal = True
                     break
@@ -261,8 +294,12 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self._close_data()
+            # After a signal stop the handlers stay: a launcher repeats the stop (deepspeed's launch.py
+            # sends SIGTERM to each rank in turn) and that must not kill a rank on its way to exit code 0.
+            if not result.stopped_by_signal:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         result.step = self.step
         result.skipped_steps = self.skipped_total
         return result
