@@ -366,7 +366,10 @@ def one_rank_world(device: torch.device):
             import deepspeed
 
             os.environ["MASTER_PORT"] = str(_free_port())  # other jobs on this machine may hold a fixed one
+            from engine.engines import release_shm_buffer
+
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+            release_shm_buffer()
         elif dist.get_world_size() != 1:
             raise ValueError("benchmarks/model_suite.py: the model suite measures one rank; run it without a "
                              f"launcher (this process is in a world of {dist.get_world_size()})")

@@ -160,6 +160,32 @@ def init_distributed(device: torch.device) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29511")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    release_shm_buffer()
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp).
+
+    On the CPU with all ranks on one host, `deepspeed.init_distributed` makes every rank create a ~66 MB
+    shared-memory file named by user id, MASTER_ADDR, MASTER_PORT and rank, and map every other rank's;
+    DeepSpeed 0.19 never unlinks them, so each launch (tests pick a new port every time) left its files in
+    RAM-backed /dev/shm until the machine ran out of memory. After a barrier every rank has mapped all of
+    them, so the names can go at once: the mappings stay valid and the memory is freed when the processes
+    exit, however they exit (SIGKILL included). A no-op without such a file (GPUs, multi-node).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or not os.path.isdir("/dev/shm"):
+        return
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if not os.path.exists(name):
+        return
+    dist.barrier()  # every rank has opened every buffer (shm_initialize waits for all of them)
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
 
 
 class DeepSpeedEngine:

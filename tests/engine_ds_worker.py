@@ -145,7 +145,10 @@ def main(argv):
 
             from test_engine_zero_optim import check_partitions
 
+            from engine.engines import release_shm_buffer
+
             deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # the group the trainers reuse
+            release_shm_buffer()
             results[run] = check_partitions()
             continue
         if run == "load":
