@@ -174,7 +174,12 @@ def test_two_rank_adapters_and_unfreezing_match_single_rank(setup, method, stage
     ref_losses, ref_evals, ref_best = _records(single)
     assert len(ref_losses) == STEPS and ref_losses[-1] < ref_losses[0]
     run = root / f"zero{stage}_{method}_{optim}"
-    _launch(config, run, stage, extra)
+    if method == "gradual_unfreezing":
+        # Stopped after step 3 (its checkpoint) and resumed: the per-parameter step counts come back with
+        # the optimizer state, the frozen set is recomputed from the step (all unfrozen by then).
+        _launch(config, run, stage, [*extra, "--run.max_steps", "3"])
+    proc = _launch(config, run, stage, extra)
+    assert ("resuming at step 3" in proc.stderr) == (method == "gradual_unfreezing"), proc.stderr[-2000:]
     losses, evals, best = _records(run)
     assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), (losses, ref_losses)
     assert evals == ref_evals and best == ref_best
