@@ -65,6 +65,8 @@ class LocalEngine:
         self.device = device
         self.module = model.to(device)
         self.optimizer = optimizer
+        if hasattr(optimizer, "name_whole_tensors"):  # so set_frozen can find them by name
+            optimizer.name_whole_tensors(self.module.named_parameters())
         self.accum = cfg.batch.grad_accum
         self.clip = cfg.optim.clip_grad_norm
         # bf16: fp32 weights, the forward autocast (as DeepSpeed ZeRO 0 runs it, see deepspeed_config).
@@ -213,6 +215,8 @@ class DeepSpeedEngine:
             names = {id(p): n for n, p in self.module.named_parameters()}
             for flat, layout in zero_partition_layouts(self.engine.optimizer, names):
                 optimizer.set_partition_layout(flat, layout)
+        elif hasattr(optimizer, "name_whole_tensors"):
+            optimizer.name_whole_tensors(whole_tensor_names(self.engine.optimizer, self.module))
         self._fp16 = cfg.deepspeed.precision == "fp16"
         self._bf16_ds = "bf16" in ds_config
         # DeepSpeed 0.19's engine.backward applies the fp16 loss scale for ZeRO optimizers only, while
@@ -370,6 +374,18 @@ def zero_partition_layouts(zero_optimizer, names: dict) -> list:
         layouts.append((flats[i], PartitionLayout([name_of(p) for p in params], [tuple(p.shape) for p in params],
                                                   slices, zero_optimizer.real_dp_process_group[i])))
     return layouts
+
+
+def whole_tensor_names(wrapper, module: torch.nn.Module) -> list:
+    """(name, tensor) for the tensors the base optimizer steps at ZeRO 0: the model's parameters, or with
+    fp16 the fp32 masters DeepSpeed's FP16_UnfusedOptimizer made of them (`fp32_groups`, in the order
+    of `fp16_groups`)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    halves, masters = getattr(wrapper, "fp16_groups", None), getattr(wrapper, "fp32_groups", None)
+    if halves is None or masters is None:
+        return list(module.named_parameters())
+    return [(names[id(half)], master) for hs, ms in zip(halves, masters) for half, master in zip(hs, ms)
+            if id(half) in names]
 
 
 def build_engine(kind: str, model, optimizer, cfg: RunConfig, device: torch.device):

@@ -339,7 +339,7 @@ class FinetuneTrainer(Trainer):
     progress_label = "finetune"
 
     def __init__(self, cfg, engine, data, *, ft: FinetuneSection, tokenizer, eval_sets, unfreezer=None,
-                 best_writer=None, build_model=None, **kwargs):
+                 optimizer=None, best_writer=None, build_model=None, **kwargs):
         super().__init__(cfg, engine, data, **kwargs)
         self.ft = ft
         self.build_model = build_model  # a fresh model of the trained architecture (ZeRO-3 evaluation)
@@ -350,6 +350,16 @@ class FinetuneTrainer(Trainer):
         self.best_score: float | None = None
         self.best_step = 0
         self.eval_history: list[dict] = []
+        # Told which parameters the unfreezer froze (engine/optim.py set_frozen): under DeepSpeed they keep
+        # requires_grad and a zero gradient, and would otherwise still be stepped.
+        self.optimizer = optimizer if hasattr(optimizer, "set_frozen") else None
+        self._tell_frozen()
+
+    def _tell_frozen(self) -> None:
+        if self.unfreezer is None or self.optimizer is None:
+            return
+        self.optimizer.set_frozen(name for name, p in self.engine.module.named_parameters()
+                                  if self.unfreezer.is_frozen(p))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "best_score": self.best_score, "best_step": self.best_step}
@@ -359,8 +369,9 @@ class FinetuneTrainer(Trainer):
         self.best_score, self.best_step = state.get("best_score"), state.get("best_step", 0)
 
     def train_step(self) -> dict:
-        if self.unfreezer is not None:
-            self.unfreezer.apply(self.step)
+        # The frozen set follows from the step alone, so a resumed run recomputes it here.
+        if self.unfreezer is not None and self.unfreezer.apply(self.step):
+            self._tell_frozen()
         metrics = super().train_step()
         last = self.step == self.cfg.run.max_steps
         if self.eval_sets and (self.step % self.ft.eval_every == 0 or last):
@@ -473,6 +484,7 @@ def build_finetune(argv: list[str]):
         return fresh
 
     trainer = FinetuneTrainer(cfg, engine, data, ft=ft, tokenizer=tokenizer, eval_sets=eval_sets, unfreezer=unfreezer,
+                              optimizer=optimizer,
                               best_writer=_best_writer(pathlib.Path(cfg.run.dir), ft.method, tokenizer_file),
                               build_model=build_model, flops_per_token=flops, tokenizer_file=tokenizer_file,
                               device=device)

@@ -18,6 +18,14 @@ and one for AdamW, not one per parameter), and every rank updates its own elemen
 column moments are small and replicated on the ranks that hold a slice of the parameter. The same code
 runs unsharded tensors as a one-slice layout with no collective, so ZeRO 0 and ZeRO 3 compute the same
 update to rounding.
+
+Frozen parameters (`set_frozen`, by name). Under DeepSpeed every parameter stays trainable (ZeRO fixes
+its partitions at start-up) and gradual unfreezing zeroes the frozen blocks' gradients; the optimizer is
+told their names, so frozen parameters and slices are skipped as PyTorch skips `requires_grad=False`
+ones: no update, no weight decay, no change of state. The step count is per parameter (`step:NAME` in a
+partition's state; `step` for a whole tensor), so a block unfrozen at run step k takes its own step 1 of
+bias correction / beta2_t, as on the local engine. Statistics buffers keep their layout whatever is
+frozen, so every rank still takes part in the same collectives.
 """
 from __future__ import annotations
 
@@ -53,11 +61,20 @@ class PartitionLayout:
     shapes: list
     slices: list
     group: object = None
+    partial: bool = False  # some slices left out (frozen): elementwise state cannot be stepped as one tensor
     _offsets: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
     def whole(tensor: torch.Tensor) -> "PartitionLayout":
         return PartitionLayout([None], [tensor.shape], [ParamSlice(0, 0, 0, tensor.numel())])
+
+    def without(self, frozen: frozenset) -> "PartitionLayout":
+        """This layout less the slices of frozen parameters; names, shapes (so the statistics buffers)
+        and the group unchanged."""
+        slices = [s for s in self.slices if self.names[s.param] not in frozen]
+        if len(slices) == len(self.slices):
+            return self
+        return PartitionLayout(self.names, self.shapes, slices, self.group, partial=True, _offsets=self._offsets)
 
     def factored(self, index: int, enabled: bool) -> bool:
         return enabled and len(self.shapes[index]) >= 2
@@ -131,13 +148,17 @@ def _collective_device(group, device: torch.device) -> torch.device:
 
 
 class _PartitionAware(torch.optim.Optimizer):
-    """Shared plumbing: which layout each tensor has, and the skip-on-non-finite bookkeeping."""
+    """Shared plumbing: which layout each tensor has, which parameters are frozen, per-parameter step
+    counts, and the skip-on-non-finite bookkeeping."""
 
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
         self.last_step_skipped = False
         self.skipped_steps = 0  # counts step() calls that skipped (ZeRO 3 calls step once per sub-group)
         self._layouts: dict = {}
+        self._whole_names: dict = {}  # id(tensor) -> (tensor, name) for tensors stepped whole
+        self.frozen: frozenset = frozenset()
+        self._active: dict = {}  # id(flat) -> (flat, its layout less the frozen slices)
 
     def set_partition_layout(self, flat: torch.Tensor, layout: PartitionLayout) -> None:
         """Declare what the flat partition `flat` (a tensor in this optimizer's param groups) holds."""
@@ -146,17 +167,43 @@ class _PartitionAware(torch.optim.Optimizer):
             if last > flat.numel():
                 raise ValueError(f"partition layout reaches element {last} of a {flat.numel()}-element partition")
         self._layouts[id(flat)] = (flat, layout)
+        self._active[id(flat)] = (flat, layout.without(self.frozen))
+
+    def name_whole_tensors(self, named) -> None:
+        """(name, tensor) pairs for tensors this optimizer steps whole (local engine, ZeRO 0), so that
+        `set_frozen` can find them; their state keys stay unnamed (`step`, `exp_avg`, ...)."""
+        for name, t in named:
+            self._whole_names[id(t)] = (t, name)
+
+    def set_frozen(self, names) -> None:
+        """Skip these parameters (by name) from the next step on until told otherwise: no update, no
+        weight decay, no state change. Every rank must be given the same names (the statistics
+        collectives still run over every parameter of a partition)."""
+        frozen = frozenset(names)
+        known = {n for _, layout in self._layouts.values() for n in layout.names}
+        known.update(name for _, name in self._whole_names.values())
+        unknown = sorted(frozen - known)
+        if unknown:
+            raise ValueError(f"set_frozen: {len(unknown)} name(s) not held by this optimizer, e.g. {unknown[0]!r} "
+                             "(whole tensors need name_whole_tensors, partitions set_partition_layout)")
+        self.frozen = frozen
+        self._active = {key: (flat, layout.without(frozen)) for key, (flat, layout) in self._layouts.items()}
+
+    def _is_frozen_whole(self, t: torch.Tensor) -> bool:
+        known = self._whole_names.get(id(t))
+        return known is not None and known[0] is t and known[1] in self.frozen
 
     def _units(self) -> list:
-        """(group, tensor, layout) for every tensor to step; sharded ones even without a local gradient,
-        because the other ranks wait for this rank's (zero) contribution to the collectives."""
+        """(group, tensor, layout) for every tensor to step, its layout less the frozen slices; sharded
+        ones even without a local gradient or with every slice frozen, because the other ranks wait for
+        this rank's (zero) contribution to the collectives."""
         units = []
         for group in self.param_groups:
             for t in group["params"]:
-                known = self._layouts.get(id(t))
+                known = self._active.get(id(t))
                 if known is not None and known[0] is t:
                     units.append((group, t, known[1]))
-                elif t.grad is not None:
+                elif t.grad is not None and not self._is_frozen_whole(t):
                     units.append((group, t, PartitionLayout.whole(t)))
         return units
 
@@ -164,6 +211,13 @@ class _PartitionAware(torch.optim.Optimizer):
     def _key(layout: PartitionLayout, index: int, key: str) -> str:
         name = layout.names[index]
         return key if name is None else f"{key}:{name}"
+
+    def _advance(self, state: dict, layout: PartitionLayout, index: int) -> int:
+        """Count one more step of parameter `index`; returns its step number (1 at its first step).
+        A partition's state from before per-parameter counts holds one `step` for all: start from it."""
+        key = self._key(layout, index, "step")
+        state[key] = state.get(key, state.get("step", 0) if key != "step" else 0) + 1
+        return state[key]
 
     def _reduced_stats(self) -> tuple[list, list] | None:
         """This step's units and their all-reduced statistics, or None when the step is skipped."""
@@ -233,22 +287,18 @@ class Adafactor(_PartitionAware):
     def _moments(self, group, t, layout, stats) -> dict:
         """Advance the second moments of this rank's parameters; returns the rsqrt factors per parameter."""
         state = self.state[t]
-        if not state:
-            state["step"] = 0
-        state["step"] += 1
-        beta2 = 1.0 - state["step"] ** (-group["decay_rate"])
         _, where = layout.stat_offsets(group["factored"])
         factors = {}
         for s in layout.slices:
             i, shape = s.param, layout.shapes[s.param]
+            # A parameter has at most one slice per partition: one step of its own clock per step.
+            beta2 = 1.0 - self._advance(state, layout, i) ** (-group["decay_rate"])
             if where[i] is None:
                 key = self._key(layout, i, "exp_avg_sq")
                 if key not in state:
                     state[key] = torch.zeros(s.numel, dtype=torch.float32, device=t.device)
                 sq = _slice_of(t.grad, s).float().square().add_(group["eps1"])
                 state[key].mul_(beta2).add_(sq, alpha=1.0 - beta2)
-                continue
-            if i in factors:  # already advanced (a parameter has at most one slice per partition)
                 continue
             batch, rows, cols = _matrix_dims(shape)
             rkey, ckey = self._key(layout, i, "exp_avg_sq_row"), self._key(layout, i, "exp_avg_sq_col")
@@ -345,7 +395,11 @@ class AdamWScale(_PartitionAware):
         buf = torch.zeros(1 + len(layout.shapes), dtype=torch.float32, device=t.device)
         if t.grad is None:
             return buf
-        buf[0] = _sumsq(t.grad)
+        if layout.partial:  # frozen slices out of the finiteness check too, as requires_grad=False would be
+            for s in layout.slices:
+                buf[0] += _sumsq(_slice_of(t.grad, s))
+        else:
+            buf[0] = _sumsq(t.grad)
         if group["scale_by_param_rms"]:
             for s in layout.slices:
                 buf[1 + s.param] += _sumsq(_slice_of(t, s))
@@ -362,20 +416,26 @@ class AdamWScale(_PartitionAware):
             if t.grad is None:
                 continue
             beta1, beta2 = group["betas"]
-            grad = t.grad.float()
             state = self.state[t]
-            if not state:  # elementwise moments: one buffer per (flat) tensor, padding included
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
-            state["step"] += 1
-            step_t = state["step"]
+            if "exp_avg" not in state:  # elementwise moments: one buffer per (flat) tensor, padding included
+                state["exp_avg"] = torch.zeros_like(t, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(t, dtype=torch.float32)
             m, v = state["exp_avg"], state["exp_avg_sq"]
-            m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            step_size = group["lr"] * math.sqrt(1.0 - beta2 ** step_t) / (1.0 - beta1 ** step_t)
-            denom = v.sqrt().add_(group["eps"])
+            if not layout.partial:  # the whole flat at once (padding's gradient is 0, its moments stay 0)
+                grad = t.grad.float()
+                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                denom = v.sqrt().add_(group["eps"])
+            else:  # frozen slices keep their moments: only the others'
+                for s in layout.slices:
+                    g = _slice_of(t.grad, s).float()
+                    _slice_of(m, s).mul_(beta1).add_(g, alpha=1.0 - beta1)
+                    _slice_of(v, s).mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                denom = None
             for s in layout.slices:
+                step_t = self._advance(state, layout, s.param)  # each parameter's own bias correction
+                step_size = group["lr"] * math.sqrt(1.0 - beta2 ** step_t) / (1.0 - beta1 ** step_t)
+                d = _slice_of(v, s).sqrt().add_(group["eps"]) if denom is None else _slice_of(denom, s)
                 p = _slice_of(t, s)
                 p32 = p.float() if p.dtype != torch.float32 else p
                 if group["weight_decay"] > 0:
@@ -383,9 +443,9 @@ class AdamWScale(_PartitionAware):
                 if group["scale_by_param_rms"]:  # a 0-d device tensor: no host sync per parameter
                     numel = math.prod(layout.shapes[s.param])
                     scale = (st[1 + s.param] / numel).sqrt().clamp_min(1e-3) * step_size
-                    p32.sub_(_slice_of(m, s) / _slice_of(denom, s) * scale)
+                    p32.sub_(_slice_of(m, s) / d * scale)
                 else:
-                    p32.addcdiv_(_slice_of(m, s), _slice_of(denom, s), value=-step_size)
+                    p32.addcdiv_(_slice_of(m, s), d, value=-step_size)
                 if p32 is not p:
                     p.copy_(p32)
         return loss

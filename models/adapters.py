@@ -164,7 +164,8 @@ class GradualUnfreezer:
     `mask_gradients=False` switches `requires_grad`: frozen parameters get no gradient and optimizers
     skip them. Engines that fix the trainable set when they are built (DeepSpeed ZeRO partitions the
     parameters it was given) use `mask_gradients=True`: everything stays trainable and a gradient hook
-    zeroes the frozen blocks' gradients, so they do not move (with weight decay 0).
+    zeroes the frozen blocks' gradients. The optimizer must then also be told which parameters are
+    frozen (`is_frozen`), or it still steps them: weight decay, and a step count that runs while frozen.
     """
 
     def __init__(self, model: nn.Module, every: int, mask_gradients: bool = False):
@@ -201,6 +202,10 @@ class GradualUnfreezer:
         """Blocks trainable per stack at optimizer step `step` (0-based): 1, then +1 every `every` steps."""
         return 1 + step // self.every
 
+    def is_frozen(self, param: nn.Parameter) -> bool:
+        """Whether `param` is in a block frozen at the step last applied."""
+        return id(param) in self._frozen
+
     def apply(self, step: int) -> bool:
         """Set the trainable blocks for `step`; True when that changed anything."""
         n = self.blocks_unfrozen(step)
@@ -214,10 +219,7 @@ class GradualUnfreezer:
             for i, params in enumerate(blocks):
                 trainable = i >= len(blocks) - n
                 for p in params:
-                    if self.mask_gradients:
-                        p.requires_grad_(True)
-                        if not trainable:
-                            self._frozen.add(id(p))
-                    else:
-                        p.requires_grad_(trainable)
+                    p.requires_grad_(trainable or self.mask_gradients)
+                    if not trainable:
+                        self._frozen.add(id(p))
         return True

@@ -5,8 +5,9 @@
 - One launch of the deepspeed launcher, 2 gloo ranks on the CPU (DeepSpeed's start-up paid once):
   1. the optimizers alone on hand-made partitions (`check_partitions`): ZeRO-1/2-style (one flat of all
      parameters cut in two, the cut falling mid-row of a 3-D tensor) and ZeRO-3-style (every parameter
-     cut in two, two sub-groups) take the same steps as whole tensors, and a step whose only NaN is in
-     the other rank's slice is skipped on both ranks;
+     cut in two, two sub-groups) take the same steps as whole tensors, also with parameters frozen
+     (set_frozen) for the first steps against whole tensors without gradient then, and a step whose only
+     NaN is in the other rank's slice is skipped on both ranks;
   2. end to end, ZeRO 2 and 3 training with Adafactor (T5's settings) and with AdamW-scaled gives the
      same per-step losses as the single-rank run with the same global batch. Without the partition
      layouts (engine/engines.py) the losses differ by ~4e-2 from step 2 on.
@@ -80,58 +81,154 @@ def _zero3_partitions(params, rank, world):
     return out
 
 
+OPTIMS = (("adafactor", "Adafactor", dict(lr=1e-2, weight_decay=0.01)),
+          ("adamw_scaled", "AdamWScale", dict(lr=1e-2, weight_decay=0.01)))
+STEPS = 4
+# Gradual unfreezing as the optimizer sees it: these parameters are frozen for the first UNFREEZE steps.
+# (7,) and (2, 3, 4) share rank 0's and rank 1's pieces of the ZeRO-1/2 flat, the 3-D one cut mid-row.
+FROZEN, UNFREEZE = (1, 2, 5), 2
+
+
+def _whole_run(cls, kw, init, frozen=()):
+    """The reference: whole tensors, a frozen one has no gradient (requires_grad=False)."""
+    whole = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = cls(whole, **kw)
+    for step in range(STEPS):
+        for j, (p, g) in enumerate(zip(whole, _grads(step))):
+            p.grad = None if step < UNFREEZE and j in frozen else g
+        opt.step()
+    return whole
+
+
+def _partition_run(cls, kw, init, style, rank, world, group, frozen=()):
+    """Hand-made partitions of `style`; frozen parameters keep a (nonzero) gradient but are named to
+    set_frozen for the first UNFREEZE steps, then released."""
+    from engine.optim import PartitionLayout
+
+    cut = _zero12_partitions if style == "zero12" else _zero3_partitions
+    parts = cut(init, rank, world)
+    flats = [torch.nn.Parameter(t.clone()) for t, _, _ in parts]
+    opt = cls(flats, **kw)
+    groups = [list(range(len(SHAPES)))] if style == "zero12" else [list(range(0, 3)), list(range(3, 7))]
+    for flat, (_, slices, _), members in zip(flats, parts, groups):
+        opt.set_partition_layout(flat, PartitionLayout([f"p{j}" for j in members], [SHAPES[j] for j in members],
+                                                       slices, group))
+    for step in range(STEPS):
+        opt.set_frozen([f"p{j}" for j in frozen] if step < UNFREEZE else [])
+        for flat, (g, _, _) in zip(flats, cut(_grads(step), rank, world)):
+            flat.grad = g
+        opt.step()
+    return opt, flats, parts, cut
+
+
 def check_partitions() -> dict:
     """Run on every rank of an initialized 2-rank process group (tests/engine_ds_worker.py "shards").
 
-    Returns, the same on every rank, per optimizer and partition style: the largest difference of any
-    rank's partitions from the whole-tensor run, how far the steps moved them, and whether a step with a
-    NaN only in rank 1's slice was skipped everywhere with nothing changed.
+    Returns, the same on every rank, per optimizer and partition style, with and without parameters
+    frozen for the first steps: the largest difference of any rank's partitions from the whole-tensor
+    run, how far the steps moved them, and whether a step with a NaN only in rank 1's slice was skipped
+    everywhere with nothing changed.
     """
     import torch.distributed as dist
 
-    from engine.optim import AdamWScale, Adafactor, PartitionLayout
+    from engine import optim
 
     rank, world = dist.get_rank(), dist.get_world_size()
     g0 = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=g0) for s in SHAPES]
     results = {}
-    for name, cls, kw in (("adafactor", Adafactor, dict(lr=1e-2, weight_decay=0.01)),
-                          ("adamw_scaled", AdamWScale, dict(lr=1e-2))):
-        whole = [torch.nn.Parameter(t.clone()) for t in init]
-        ref = cls(whole, **kw)
-        for step in range(4):
-            for p, g in zip(whole, _grads(step)):
-                p.grad = g
-            ref.step()
-        for style, cut in (("zero12", _zero12_partitions), ("zero3", _zero3_partitions)):
-            parts = cut(init, rank, world)
-            flats = [torch.nn.Parameter(t.clone()) for t, _, _ in parts]
-            opt = cls(flats, **kw)
-            groups = [list(range(len(SHAPES)))] if style == "zero12" else [list(range(0, 3)), list(range(3, 7))]
-            for flat, (_, slices, _), members in zip(flats, parts, groups):
-                opt.set_partition_layout(flat, PartitionLayout([f"p{j}" for j in members],
-                                                               [SHAPES[j] for j in members], slices, dist.group.WORLD))
-            for step in range(4):
-                for flat, (g, _, _) in zip(flats, cut(_grads(step), rank, world)):
-                    flat.grad = g
+    for name, cls_name, kw in OPTIMS:
+        cls = getattr(optim, cls_name)
+        for frozen in ((), FROZEN):
+            whole = _whole_run(cls, kw, init, frozen)
+            for style in ("zero12", "zero3"):
+                opt, flats, parts, cut = _partition_run(cls, kw, init, style, rank, world, dist.group.WORLD, frozen)
+                # Element for element, this rank's partitions against the whole-tensor run.
+                expect = cut([p.detach() for p in whole], rank, world)
+                diff = max(float((f.detach() - e).abs().max()) for f, (e, _, _) in zip(flats, expect))
+                moved = min(float((f.detach() - t).abs().max()) for f, (t, _, _) in zip(flats, parts))
+                # A NaN only in rank 1's slice: both ranks must skip, and nothing moves.
+                before = [f.detach().clone() for f in flats]
+                for flat in flats:
+                    flat.grad = torch.zeros_like(flat)
+                if rank == 1:
+                    flats[-1].grad[0] = float("nan")
                 opt.step()
-            # Element for element, this rank's partitions against the whole-tensor run.
-            expect = cut([p.detach() for p in whole], rank, world)
-            diff = max(float((f.detach() - e).abs().max()) for f, (e, _, _) in zip(flats, expect))
-            moved = min(float((f.detach() - t).abs().max()) for f, (t, _, _) in zip(flats, parts))
-            # A NaN only in rank 1's slice: both ranks must skip, and nothing moves.
-            before = [f.detach().clone() for f in flats]
-            for flat in flats:
-                flat.grad = torch.zeros_like(flat)
-            if rank == 1:
-                flats[-1].grad[0] = float("nan")
-            opt.step()
-            ok = opt.last_step_skipped and all(torch.equal(f.detach(), b) for f, b in zip(flats, before))
-            worst = torch.tensor([diff, -moved, float(not ok)])
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-            results[f"{name}/{style}"] = dict(diff=float(worst[0]), moved=-float(worst[1]),
-                                              skipped_everywhere=worst[2].item() == 0.0)
+                ok = opt.last_step_skipped and all(torch.equal(f.detach(), b) for f, b in zip(flats, before))
+                worst = torch.tensor([diff, -moved, float(not ok)])
+                dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                results[f"{name}/{style}" + ("/frozen" if frozen else "")] = dict(
+                    diff=float(worst[0]), moved=-float(worst[1]), skipped_everywhere=worst[2].item() == 0.0)
     return results
+
+
+def test_frozen_partitions_step_as_whole_tensors_without_gradient():
+    """In process (a 1-rank gloo group, so the sharded code path and its collectives run): parameters
+    named to set_frozen for the first steps, with nonzero gradients all along, end where whole tensors
+    with no gradient while frozen end, weight decay included; each parameter counts its own steps (a
+    block unfrozen at step 3 takes step 1 of bias correction / beta2_t there), and the state of a frozen
+    parameter does not change. Without set_frozen the runs differ by > 1e-3."""
+    import torch.distributed as dist
+
+    from engine import optim
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        init = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(SHAPES)]
+        for _, cls_name, kw in OPTIMS:
+            cls = getattr(optim, cls_name)
+            whole = _whole_run(cls, kw, init, FROZEN)
+            for style in ("zero12", "zero3"):
+                opt, flats, _, cut = _partition_run(cls, kw, init, style, 0, 1, dist.group.WORLD, FROZEN)
+                for f, (e, _, _) in zip(flats, cut([p.detach() for p in whole], 0, 1)):
+                    torch.testing.assert_close(f.detach(), e, rtol=1e-6, atol=1e-7, msg=f"{cls_name}/{style}")
+                steps = {k: v for st in opt.state.values() for k, v in st.items() if k.startswith("step")}
+                assert steps == {f"step:p{j}": STEPS - (UNFREEZE if j in FROZEN else 0) for j in range(len(SHAPES))}
+                # Not telling the optimizer: the frozen parameters' gradients are stepped (and the clock runs).
+                _, unfrozen, _, _ = _partition_run(cls, kw, init, style, 0, 1, dist.group.WORLD)
+                assert max(float((a - b).detach().abs().max()) for a, b in zip(unfrozen, flats)) > 1e-3
+            # Frozen parameters' state (and weights) stay as they are while frozen, also once they had state.
+            opt, flats, _, _ = _partition_run(cls, kw, init, "zero12", 0, 1, dist.group.WORLD)
+            state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[flats[0]].items()}
+            before = flats[0].detach().clone()
+            opt.set_frozen([f"p{j}" for j in range(len(SHAPES))])
+            flats[0].grad = torch.randn(flats[0].shape)
+            opt.step()
+            assert torch.equal(flats[0].detach(), before)
+            after = opt.state[flats[0]]
+            assert after.keys() == state.keys()
+            for k, v in state.items():
+                assert torch.equal(after[k], v) if torch.is_tensor(v) else after[k] == v, k
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def test_set_frozen_on_whole_tensors_and_unknown_names():
+    """Whole tensors (local engine, ZeRO 0) are frozen by the names the engine gives them; a name the
+    optimizer does not hold is refused rather than silently ignored."""
+    import pytest
+
+    from engine.optim import AdamWScale
+
+    init = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(SHAPES)]
+    whole = _whole_run(AdamWScale, OPTIMS[1][2], init, FROZEN)
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = AdamWScale(params, **OPTIMS[1][2])
+    opt.name_whole_tensors((f"p{j}", p) for j, p in enumerate(params))
+    for step in range(STEPS):
+        opt.set_frozen([f"p{j}" for j in FROZEN] if step < UNFREEZE else [])
+        for p, g in zip(params, _grads(step)):
+            p.grad = g  # zero under DeepSpeed's mask; nonzero here, still ignored
+        opt.step()
+    for a, b in zip(params, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [opt.state[p]["step"] for p in params] == [STEPS - (UNFREEZE if j in FROZEN else 0)
+                                                      for j in range(len(SHAPES))]
+    with pytest.raises(ValueError, match="not held by this optimizer, e.g. 'decoder.block.0.x'"):
+        opt.set_frozen(["p0", "decoder.block.0.x"])
 
 
 def test_whole_tensors_match_independent_references():
@@ -208,7 +305,7 @@ def test_zero_partitions_keep_per_parameter_statistics(tmp_path):
     assert proc.returncode == 0, output[-4000:]
     losses = json.loads(out.read_text())
     shards = losses.pop("shards")
-    assert len(shards) == 4, shards
+    assert len(shards) == 8, shards
     for key, res in shards.items():
         assert res["moved"] > 1e-3, (key, res)  # the steps did something on every rank ...
         assert res["diff"] < 1e-6, (key, res)  # ... and the same as on whole tensors
