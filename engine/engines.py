@@ -155,6 +155,10 @@ def init_distributed(device: torch.device) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # A group made by someone else (a benchmark in this process, a test): DeepSpeed reads these.
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))  # launchers set it; else one host
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
         return
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
