@@ -29,3 +29,19 @@ def device():
     import torch
 
     return torch.device("cuda" if os.environ.get("T5FORGE_COMPILED") == "1" and torch.cuda.is_available() else "cpu")
+
+
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _launch_environment():
+    """A test that runs DeepSpeed in this process (a world of one) sets the launcher's variables; without
+    restoring them, a later `t5forge pretrain` in the same process would think it runs under a launcher."""
+    saved = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
