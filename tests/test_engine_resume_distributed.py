@@ -24,7 +24,7 @@ from test_engine_train import SMALL, _synthetic_trainer, _wait_for_step
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import shared_file  # noqa: E402
 
-STEPS = 20
+STEPS = 60  # room for the stops: the front-end one polls, and steps take ~20 ms
 
 
 def _cmd(run_dir, stage):
