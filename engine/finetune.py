@@ -504,7 +504,10 @@ def finetune_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    from engine.train import watch_launcher
+
     try:
+        watch_launcher()  # stop and save when the deepspeed launcher dies (it forwards no signal on one node)
         trainer, summary = build_finetune(argv)
         resumed = trainer.resume()
         if trainer.is_main:

@@ -163,12 +163,14 @@ def test_deepspeed_features_match_single_rank(tmp_path):
 
     runs = {"2:accum": "accum", "2:clip": "clip", "3:ckpt_zloss": "ckpt_zloss", "2:offload": "offload",
             "3:offload_all": "offload_all"}
-    out = tmp_path / "losses.json"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tests/engine_ds_worker.py"),
+    out, port = tmp_path / "losses.json", _free_port()
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(REPO / "tests/engine_ds_worker.py"),
            str(out), str(tmp_path), *runs]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads(out.read_text())
+    # DeepSpeed's CPU all-reduce buffers (66 MB per rank in RAM-backed /dev/shm) are not left behind.
+    assert not list(pathlib.Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
     for run, feature in runs.items():
         extra = [] if feature.startswith("offload") else FEATURES[feature]

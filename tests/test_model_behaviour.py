@@ -10,13 +10,7 @@ from models import PRESETS, T5Config, T5ForConditionalGeneration
 from models.t5 import segment_positions, shift_right
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: a second OpenMP thread only adds synchronisation (and the CI cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(proj: str = "gated-gelu", **kw) -> T5Config:

@@ -19,12 +19,7 @@ FIELDS = dict(vocab_size=61, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_dec
 LIMIT = torch.finfo(torch.float16).max
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch():

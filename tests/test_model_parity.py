@@ -12,13 +12,7 @@ from models import T5Config, T5ForConditionalGeneration, hf_state_dict, load_hf_
 from models.checkpoint import from_pretrained  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: a second OpenMP thread only adds synchronisation (and the CI cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Ragged on purpose: heads not a power of two, d_kv != d_model / heads, several bucket settings
 # (small ones so that sequences reach the logarithmic buckets and the clamp), unequal depths.
