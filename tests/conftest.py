@@ -57,3 +57,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# A small made-up language for data tests (tests/test_data_pipeline.py, test_data_workers.py).
+WORDS = "the of and to in is was for on that with as by at from river stone light model token quick".split()
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """A 150-piece SentencePiece tokenizer trained on sentences of WORDS (trained once per session)."""
+    import random
+
+    from engine.tokenizer import Tokenizer, train_tokenizer
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(2000)]
+    return Tokenizer(train_tokenizer(iter(lines), 150, str(tmp_path_factory.mktemp("tok") / "spm")))

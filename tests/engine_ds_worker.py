@@ -48,6 +48,19 @@ FEATURES = {
 }
 
 
+def save_gathered(model, path: str) -> None:
+    """Every rank gathers each ZeRO-3 parameter in turn (a collective); rank 0 saves the whole weights."""
+    import deepspeed
+    from safetensors.torch import save_file
+
+    state = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            state[name] = p.data.detach().clone()
+    if int(os.environ["RANK"]) == 0:
+        save_file(state, path)
+
+
 def check_partitioned_build(run_root: str, precision: str) -> dict:
     """Build the model as build_trainer does at ZeRO-3 and report how it was held: per parameter its
     shard sizes right after the build, and the peak of whole-parameter elements this rank held at once
@@ -55,7 +68,6 @@ def check_partitioned_build(run_root: str, precision: str) -> dict:
     gathered weights to RUN_ROOT/init_PRECISION.safetensors for the test to compare with a plain build."""
     import deepspeed
     import torch
-    from safetensors.torch import save_file
 
     from engine.train import build_model_config, seed_everything
     from engine.zero3 import build_model
@@ -91,12 +103,7 @@ def check_partitioned_build(run_root: str, precision: str) -> dict:
     shards = {name: [p.numel(), p.ds_numel, p.ds_tensor.numel(), str(p.ds_tensor.dtype)]
               for name, p in model.named_parameters()}
     largest_module = max(sum(p.ds_numel for p in m.parameters()) for m in model.init_order())
-    state = {}
-    for name, p in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([p]):
-            state[name] = p.data.detach().clone()
-    if int(os.environ["RANK"]) == 0:
-        save_file(state, f"{run_root}/init_{precision}.safetensors")
+    save_gathered(model, f"{run_root}/init_{precision}.safetensors")
     return {"shards": shards, "peak": peak[0], "total": sum(p.ds_numel for p in model.parameters()),
             "largest_module": largest_module, "registered": len(seen)}
 
@@ -106,10 +113,8 @@ def check_partitioned_load(run_root: str) -> dict:
     local-engine checkpoint RUN_ROOT/ours: whether every parameter is a shard with empty data; rank 0
     saves the gathered weights to RUN_ROOT/loaded{0,1}.safetensors. RUN_ROOT/hf_bad does not fit its
     config: every rank's error message."""
-    import deepspeed
     import torch
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
     from engine.finetune import FinetuneSection, load_init_model
 
@@ -119,12 +124,7 @@ def check_partitioned_load(run_root: str) -> dict:
     for i, init in enumerate(("hf", "ours")):
         model, _ = load_init_model(FinetuneSection(init=f"{run_root}/{init}"), cfg, "deepspeed", torch.device("cpu"))
         sharded.append(all(p.numel() == 0 and p.ds_tensor.numel() == -(-p.ds_numel // 2) for p in model.parameters()))
-        state = {}
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p]):
-                state[name] = p.data.detach().clone()
-        if int(os.environ["RANK"]) == 0:
-            save_file(state, f"{run_root}/loaded{i}.safetensors")
+        save_gathered(model, f"{run_root}/loaded{i}.safetensors")
     try:
         load_init_model(FinetuneSection(init=f"{run_root}/hf_bad"), cfg, "deepspeed", torch.device("cpu"))
         error = ""

@@ -9,17 +9,8 @@ import torch
 from engine.data.c4 import C4Reader
 from engine.data.packing import unpack_batch
 from engine.data.pipeline import build_pretrain_dataset
-from engine.tokenizer import Tokenizer, train_tokenizer
 
-WORDS = "the of and to in is was for on that with as by at from river stone light model token quick".split()
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(2000)]
-    return Tokenizer(train_tokenizer(iter(lines), 150, str(d / "spm")))
+from conftest import WORDS  # noqa: E402  (the `tok` fixture is conftest's too)
 
 
 def _corpus(tmp_path, n_files, n_docs=240):
