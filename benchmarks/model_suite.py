@@ -363,13 +363,10 @@ def one_rank_world(device: torch.device):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     try:
         if not dist.is_initialized():
-            import deepspeed
+            from engine.engines import start_process_group
 
             os.environ["MASTER_PORT"] = str(_free_port())  # other jobs on this machine may hold a fixed one
-            from engine.engines import release_shm_buffer
-
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-            release_shm_buffer()
+            start_process_group(device)
         elif dist.get_world_size() != 1:
             raise ValueError("benchmarks/model_suite.py: the model suite measures one rank; run it without a "
                              f"launcher (this process is in a world of {dist.get_world_size()})")

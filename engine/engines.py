@@ -165,8 +165,33 @@ def init_distributed(device: torch.device) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29511")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    start_process_group(device)
+
+
+def start_process_group(device: torch.device) -> None:
+    """deepspeed.init_distributed (gloo on the CPU, NCCL on GPUs) from the launcher variables already in
+    the environment, with this module's two clean-ups: the /dev/shm buffer is unlinked at once, and a gloo
+    group is destroyed at interpreter exit."""
+    import atexit
+
+    import deepspeed
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
     release_shm_buffer()
+    if backend == "gloo":  # NCCL's teardown can wait on a peer's collective; only gloo needs this one
+        atexit.register(destroy_process_group)
+
+
+def destroy_process_group() -> None:
+    """Tear the default group down while the interpreter is still whole. Left to interpreter finalization,
+    a gloo group can still hold finished asynchronous work (ZeRO-3's prefetching all-gathers) whose tensors
+    are freed from a C++ thread after Python is gone: the rank dies with SIGABRT ("terminate called without
+    an active exception") after its run succeeded, and the launcher reports the job failed."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def release_shm_buffer() -> None:

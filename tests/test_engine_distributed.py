@@ -35,6 +35,26 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def test_process_group_is_destroyed_before_interpreter_exit():
+    """A gloo group left to interpreter finalization can abort a rank whose run succeeded (SIGABRT,
+    "terminate called without an active exception", seen in CI after a ZeRO-3 run): the group the engine
+    starts is torn down by an exit handler, before handlers registered earlier run and before finalization."""
+    script = (
+        "import atexit, os, sys, torch, torch.distributed as dist\n"
+        "atexit.register(lambda: print('group at exit:', dist.is_initialized(), flush=True))\n"
+        "from engine.engines import start_process_group\n"
+        "start_process_group(torch.device('cpu'))\n"
+        "print('group after start:', dist.is_initialized(), dist.get_world_size(), flush=True)\n"
+    )
+    env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "group after start: True 1" in proc.stdout and "group at exit: False" in proc.stdout, proc.stdout
+    assert not [f for f in os.listdir("/dev/shm") if env["MASTER_PORT"] in f]
+
+
 def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
     from engine.config import load_run_config
     from engine.train import build_trainer
