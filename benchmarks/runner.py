@@ -7,7 +7,8 @@
     t5forge bench model --presets t5-11b --offload never     # depth-reduced extrapolation, no CPU offload
 
 The model suite's `t5forge` provider trains through DeepSpeed on one rank with each preset's ready config
-(engine/configs/<preset>.toml) and --batch-size as its micro-batch; see benchmarks/model_suite.py.
+(engine/configs/<preset>.toml) and --batch-size as its micro-batch; see benchmarks/model_providers.py
+(how each provider is built and timed) and benchmarks/model_suite.py (how each preset is measured).
 
 Kernel benchmarks are modules `benchmarks/kernels/bench_*.py`, each exposing
 `run(smoke: bool, out_dir) -> list[dict]` records ({"kernel", "provider", "shape", "pass", "ms",
@@ -26,7 +27,7 @@ import sys
 
 import torch
 
-from benchmarks import devices, model_suite, report
+from benchmarks import devices, model_providers, model_suite, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KERNEL_MODULES = ("bench_rms_norm", "bench_gated_ffn", "bench_attention")
@@ -97,8 +98,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", help="results directory (default benchmarks/results/<device>)")
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     ap.add_argument("--presets", help="comma-separated presets (default: all ten; --smoke: tiny)")
-    ap.add_argument("--providers", default=",".join(model_suite.PROVIDERS),
-                    help=f"comma-separated, from {','.join(model_suite.PROVIDERS)}")
+    ap.add_argument("--providers", default=",".join(model_providers.PROVIDERS),
+                    help=f"comma-separated, from {','.join(model_providers.PROVIDERS)}")
     ap.add_argument("--batch-size", type=int, help="sequences per step (default 8; --smoke 2)")
     ap.add_argument("--inputs-length", type=int, help="default 512 (--smoke 32)")
     ap.add_argument("--targets-length", type=int, help="default 114 (--smoke 8)")
@@ -122,9 +123,10 @@ def suite_config(args: argparse.Namespace) -> model_suite.ModelSuiteConfig:
     presets = tuple(p for p in (args.presets or ("tiny" if args.smoke else ",".join(model_suite.PRESETS))).split(",")
                     if p)
     providers = tuple(p for p in args.providers.split(",") if p)
-    unknown = [p for p in providers if p not in model_suite.PROVIDERS]
+    unknown = [p for p in providers if p not in model_providers.PROVIDERS]
     if unknown:
-        raise ValueError(f"--providers: unknown {', '.join(unknown)}; one of {', '.join(model_suite.PROVIDERS)}")
+        raise ValueError(f"--providers: unknown {', '.join(unknown)}; "
+                         f"one of {', '.join(model_providers.PROVIDERS)}")
     from models.config import PRESETS
 
     unknown = [p for p in presets if p not in PRESETS]

@@ -69,7 +69,7 @@ def test_plan_says_what_fits():
 
 
 def _measured_and_predicted(preset, batch, li, lt, checkpointing):
-    from benchmarks.model_suite import make_batch
+    from benchmarks.model_providers import make_batch
     from models.t5 import T5ForConditionalGeneration
 
     # A small vocabulary keeps the test fast; the loss term scales with it and stays in the count.

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from benchmarks import devices, model_suite, report, runner
+from benchmarks import devices, model_providers, model_suite, report, runner
 
 
 def test_device_peak_table():
@@ -141,8 +141,9 @@ def _gpu(memory_gb: float) -> devices.DeviceInfo:
 ])
 def test_engine_plan_chooses_own_config_offload_or_extrapolation(preset, gpu_gb, host_gb, offload, method):
     scfg = model_suite.ModelSuiteConfig(batch_size=8, host_memory_limit_gb=host_gb, offload=offload)
-    run_cfg = model_suite.engine_run_config(preset, scfg, on_cpu=False)
-    got = model_suite.plan_engine_run(model_suite.engine_model_config(preset, run_cfg), run_cfg, scfg, _gpu(gpu_gb))
+    run_cfg = model_providers.engine_run_config(preset, scfg, on_cpu=False)
+    mcfg = model_providers.engine_model_config(preset, run_cfg)
+    got = model_suite.plan_engine_run(mcfg, run_cfg, scfg, _gpu(gpu_gb))
     assert got["method"] == method, got["plan"]
     if method == "extrapolated":
         assert "does not fit" in got["plan"]
@@ -150,15 +151,15 @@ def test_engine_plan_chooses_own_config_offload_or_extrapolation(preset, gpu_gb,
 
 def test_cpu_device_never_offloads_automatically():
     scfg = model_suite.ModelSuiteConfig(batch_size=8, memory_limit_gb=0.001, host_memory_limit_gb=4096)
-    run_cfg = model_suite.engine_run_config("t5-small", scfg, on_cpu=True)
+    run_cfg = model_providers.engine_run_config("t5-small", scfg, on_cpu=True)
     cpu = devices.detect_device("cpu")
-    got = model_suite.plan_engine_run(model_suite.engine_model_config("t5-small", run_cfg), run_cfg, scfg, cpu)
+    got = model_suite.plan_engine_run(model_providers.engine_model_config("t5-small", run_cfg), run_cfg, scfg, cpu)
     assert got["method"] == "extrapolated" and "no offload on a CPU device" in got["plan"]
 
 
 def test_baseline_follows_the_ready_configs_checkpointing():
-    cfg = model_suite.load_config("tiny", depth=1, on_cpu=True, checkpointing=True)
-    hf = model_suite.build_model("hf-sdpa", cfg, __import__("torch").device("cpu"), __import__("torch").float32)
+    cfg = model_providers.load_config("tiny", depth=1, on_cpu=True, checkpointing=True)
+    hf = model_providers.build_model("hf-sdpa", cfg, __import__("torch").device("cpu"), __import__("torch").float32)
     assert getattr(hf, "is_activation_checkpointing", None) or hf.is_gradient_checkpointing
 
 
