@@ -114,12 +114,28 @@ def engine_label(rec: dict) -> str:
 # Plots
 # ----------------------------------------------------------------------------------------------------
 
-def _plot_model(results: dict, out_dir: pathlib.Path, name: str) -> list[pathlib.Path]:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: pathlib.Path) -> pathlib.Path:
+    """Lay the figure out, write it as a PNG at 110 dpi and close it; returns `path`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_model(results: dict, out_dir: pathlib.Path, name: str) -> list[pathlib.Path]:
+    plt = _pyplot()
     recs = [r for r in model_rows(results) if r.get("status") == "ok"]
     if not recs:
         return []
@@ -147,20 +163,12 @@ def _plot_model(results: dict, out_dir: pathlib.Path, name: str) -> list[pathlib
             ax.set_yscale("log")
         ax.set_title(f"{ylabel} per preset, {results['device']['name']} (//: extrapolated, ..: CPU offload)", fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{name}-model-{fname}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(fig, out_dir / f"{name}-model-{fname}.png"))
     return paths
 
 
 def _plot_kernels(results: dict, out_dir: pathlib.Path, name: str) -> list[pathlib.Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = kernel_speedups(results)
     if not rows:
         return []
@@ -181,11 +189,7 @@ def _plot_kernels(results: dict, out_dir: pathlib.Path, name: str) -> list[pathl
         ax.set_ylabel("speed-up (x)")
         ax.set_title(f"{kernel}: baseline time / ours", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / f"{name}-kernel-speedups.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save_figure(fig, out_dir / f"{name}-kernel-speedups.png")]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -201,21 +201,29 @@ def _set(cfg: RunConfig, dotted: str, value, where: str = "") -> None:
     setattr(section, key, _convert(dotted, value, types[key], where))
 
 
-def apply_toml(cfg: RunConfig, path: str | pathlib.Path) -> None:
+def read_toml(path: str | pathlib.Path) -> dict:
+    """A config file's TOML document; a missing file or invalid TOML is a one-line error."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: invalid TOML: {err}") from None
-    where = f"{path}: "
+
+
+def apply_sections(cfg: RunConfig, doc: dict, where: str = "") -> None:
+    """Set every `[section] key = value` of `doc` on `cfg`; `where` (e.g. "FILE: ") starts each error."""
     for section_name, table in doc.items():
         if not isinstance(table, dict):
             raise ValueError(f"{where}top-level key '{section_name}' must be a [section] table")
         for key, value in table.items():
             _set(cfg, f"{section_name}.{key}", value, where)
+
+
+def apply_toml(cfg: RunConfig, path: str | pathlib.Path) -> None:
+    apply_sections(cfg, read_toml(path), f"{pathlib.Path(path)}: ")
 
 
 def parse_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
@@ -299,8 +307,6 @@ def load_run_config(argv: list[str]) -> RunConfig:
 def config_from_dict(doc: dict) -> RunConfig:
     """Rebuild a RunConfig saved with `to_dict` (checkpoints store the run config)."""
     cfg = RunConfig()
-    for section_name, table in doc.items():
-        for key, value in table.items():
-            _set(cfg, f"{section_name}.{key}", value)
+    apply_sections(cfg, doc)
     validate(cfg)
     return cfg

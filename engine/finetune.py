@@ -35,7 +35,6 @@ import itertools
 import json
 import pathlib
 import sys
-import tomllib
 from dataclasses import dataclass, field
 
 import torch
@@ -107,14 +106,8 @@ def parse_finetune_config(argv: list[str]):
     # T5 fine-tunes at a constant 1e-3 (Adafactor), no warm-up: the pretrained model needs none.
     cfg.schedule.name, cfg.schedule.warmup_steps, cfg.optim.lr = "constant", 0, 1e-3
     for path in configs:
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: invalid TOML: {err}") from None
-        where = f"{path}: "
+        doc = run_config.read_toml(path)
+        where = f"{pathlib.Path(path)}: "
         _set_dataclass(ft, doc.pop("finetune", {}), where, "finetune.")
         entries = doc.pop("tasks", [])
         if entries:
@@ -123,11 +116,7 @@ def parse_finetune_config(argv: list[str]):
             task = TaskEntry()
             _set_dataclass(task, entry, where, f"tasks[{number}].")
             tasks.append(task)
-        for section, table in doc.items():
-            if not isinstance(table, dict):
-                raise ValueError(f"{where}top-level key '{section}' must be a [section] table")
-            for key, value in table.items():
-                run_config._set(cfg, f"{section}.{key}", value, where)
+        run_config.apply_sections(cfg, doc, where)  # every other section is the run config's
     for key, words in overrides:
         if key.startswith("finetune."):
             _set_dataclass(ft, {key.split(".", 1)[1]: words if len(words) > 1 else words[0]}, "", "finetune.")

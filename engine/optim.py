@@ -234,6 +234,19 @@ class _PartitionAware(torch.optim.Optimizer):
         self.skipped_steps += int(skipped)
         return skipped
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Reduce the statistics, skip the whole step on a non-finite gradient, else `_step_units`."""
+        loss = closure() if closure is not None else None
+        reduced = self._reduced_stats()
+        if reduced is not None:
+            self._step_units(*reduced)
+        return loss
+
+    def _step_units(self, units: list, stats: list) -> None:
+        """Update every (group, tensor, layout) unit, given its all-reduced statistics."""
+        raise NotImplementedError
+
 
 def _sumsq(x: torch.Tensor) -> torch.Tensor:
     # A fp32 norm reads bf16 / fp32 in place: no partition-sized temporary for x.float().square().
@@ -343,13 +356,7 @@ class Adafactor(_PartitionAware):
         if p32 is not p:
             p.copy_(p32)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        reduced = self._reduced_stats()
-        if reduced is None:
-            return loss
-        units, stats = reduced
+    def _step_units(self, units: list, stats: list) -> None:
         sharded = []
         for (group, t, layout), st in zip(units, stats):
             if t.grad is None:  # a rank with no gradient still joins the collective below
@@ -373,7 +380,6 @@ class Adafactor(_PartitionAware):
                 continue
             for s in layout.slices:
                 self._apply(group, t, layout, s, self._update(group, t, layout, s, factors), st, usq[s.param])
-        return loss
 
 
 class AdamWScale(_PartitionAware):
@@ -405,13 +411,7 @@ class AdamWScale(_PartitionAware):
                 buf[1 + s.param] += _sumsq(_slice_of(t, s))
         return buf
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        reduced = self._reduced_stats()
-        if reduced is None:
-            return loss
-        units, stats = reduced
+    def _step_units(self, units: list, stats: list) -> None:
         for (group, t, layout), st in zip(units, stats):
             if t.grad is None:
                 continue
@@ -448,7 +448,6 @@ class AdamWScale(_PartitionAware):
                     p32.addcdiv_(_slice_of(m, s), d, value=-step_size)
                 if p32 is not p:
                     p.copy_(p32)
-        return loss
 
 
 def build_optimizer(params, cfg: OptimSection) -> torch.optim.Optimizer:

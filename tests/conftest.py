@@ -73,3 +73,20 @@ def tok(tmp_path_factory):
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(2000)]
     return Tokenizer(train_tokenizer(iter(lines), 150, str(tmp_path_factory.mktemp("tok") / "spm")))
+
+
+def merge_spans(inputs, targets, tok) -> list:
+    """The token stream a span-corruption example was cut from: each sentinel in `inputs` (ids from
+    tok.num_pieces up) replaced by the span that follows the same sentinel in `targets`; the EOS dropped."""
+    first_sentinel = tok.num_pieces
+    spans, cur = {}, None
+    for t in targets[:-1]:
+        if t >= first_sentinel:
+            cur = t
+            spans[cur] = []
+        else:
+            spans[cur].append(t)
+    out = []
+    for t in inputs[:-1]:
+        out.extend(spans[t] if t >= first_sentinel else [t])
+    return out

@@ -9,7 +9,7 @@ import torch
 from engine.data.packing import PACKED_KEYS, UNPACKED_KEYS, unpack_batch
 from engine.data.pipeline import build_pretrain_dataset
 
-from conftest import WORDS  # noqa: E402  (the `tok` fixture is conftest's too)
+from conftest import WORDS, merge_spans  # noqa: E402  (the `tok` fixture is conftest's too)
 
 
 @pytest.fixture
@@ -24,21 +24,6 @@ def corpus(tmp_path):
     return paths, docs
 
 
-def _merge(inp, tgt, tok):
-    lo = tok.num_pieces  # sentinels are the ids above the pieces
-    spans, cur = {}, None
-    for t in tgt[:-1]:
-        if t >= lo:
-            cur = t
-            spans[cur] = []
-        else:
-            spans[cur].append(t)
-    out = []
-    for t in inp[:-1]:
-        out.extend(spans[t] if t >= lo else [t])
-    return out
-
-
 def test_span_corruption_batches_use_every_token_once(tok, corpus):
     paths, docs = corpus
     ds = build_pretrain_dataset(paths, tok, "span_corruption", inputs_length=64, targets_length=16, batch_size=4,
@@ -49,7 +34,7 @@ def test_span_corruption_batches_use_every_token_once(tok, corpus):
         assert tuple(batch) == PACKED_KEYS and all(v.dtype == torch.int64 for v in batch.values())
         assert batch["input_ids"].shape == (4, 64) and batch["labels"].shape == (4, 16)
         for inp, tgt in unpack_batch({k: v.numpy() for k, v in batch.items()}):
-            stream += _merge(inp.tolist(), tgt.tolist(), tok)
+            stream += merge_spans(inp.tolist(), tgt.tolist(), tok)
     files_order = ds.reader.epoch_files(0)
     ordered = [d for p in files_order for d in (json.loads(line)["text"] for line in open(p))]
     expect = [t for ids in tok.encode_batch(ordered, add_eos=True) for t in ids]

@@ -10,7 +10,7 @@ from engine.data.c4 import C4Reader
 from engine.data.packing import unpack_batch
 from engine.data.pipeline import build_pretrain_dataset
 
-from conftest import WORDS  # noqa: E402  (the `tok` fixture is conftest's too)
+from conftest import WORDS, merge_spans  # noqa: E402  (the `tok` fixture is conftest's too)
 
 
 def _corpus(tmp_path, n_files, n_docs=240):
@@ -23,20 +23,6 @@ def _corpus(tmp_path, n_files, n_docs=240):
         p.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[k::n_files]), encoding="utf-8")
         paths.append(str(p))
     return paths, docs
-
-
-def _merge(inp, tgt, first_sentinel):
-    spans, cur = {}, None
-    for t in tgt[:-1]:
-        if t >= first_sentinel - 99:
-            cur = t
-            spans[cur] = []
-        else:
-            spans[cur].append(t)
-    out = []
-    for t in inp[:-1]:
-        out.extend(spans[t] if t >= first_sentinel - 99 else [t])
-    return out
 
 
 def _equal(a, b):
@@ -57,7 +43,6 @@ def test_one_worker_gives_the_single_process_batches(tok, tmp_path):
 def test_ranks_x_workers_read_every_document_once(tok, tmp_path, n_files):
     paths, docs = _corpus(tmp_path, n_files)
     world, workers, batch = 2, 2, 2
-    first_sentinel = tok.sentinel_id(0)
     shard_docs = []
     for rank in range(world):
         ds = build_pretrain_dataset(paths, tok, "span_corruption", inputs_length=32, targets_length=8,
@@ -66,7 +51,7 @@ def test_ranks_x_workers_read_every_document_once(tok, tmp_path, n_files):
         streams = {w: [] for w in range(workers)}
         for b in ds:
             for inp, tgt in unpack_batch({k: v.numpy() for k, v in b.items()}):
-                streams[ds.last_worker] += _merge(inp.tolist(), tgt.tolist(), first_sentinel)
+                streams[ds.last_worker] += merge_spans(inp.tolist(), tgt.tolist(), tok)
         for w in range(workers):
             # each worker's batches are exactly its reader shard's documents, tokenized, in order
             mine = list(C4Reader(paths, shuffle_buffer=0, shard_index=rank * workers + w, num_shards=world * workers))

@@ -10,16 +10,16 @@ from __future__ import annotations
 from tests.aot_compile import run_compile_script
 
 _SCRIPT = r'''
-import json, os, re, subprocess, sys, tempfile
+import json
 import triton
 from triton.backends.compiler import GPUTarget
 from kernels import _t5_attention_kernels as K
 from kernels.t5_attention import _blocks
+from tests.aot_compile import resource_usage
 
 ACT = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 F32 = {"LSE", "DELTA", "TABLE", "DBIAS"}   # the learned table: fp32 master weights
 I32P = {"BUCKET_LUT", "QPOS", "KPOS", "QSEG", "KSEG", "PREFIX"}
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def signature(fn, dtype, consts):
@@ -31,12 +31,7 @@ def signature(fn, dtype, consts):
 
 
 def stack_bytes(kernel):
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-    out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    m = re.search(r"STACK:(\d+)", out)
-    return int(m.group(1)) if m else -1
+    return resource_usage(kernel)[0]
 
 
 def compile_one(fn, dtype, consts, warps, stages):

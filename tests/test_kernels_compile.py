@@ -20,12 +20,12 @@ from tests.aot_compile import run_compile_script
 H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
 _SCRIPT = r'''
-import json, os, re, subprocess, sys, tempfile
+import json
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from kernels import rms_norm as R, gated_ffn as G
+from tests.aot_compile import resource_usage
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TOKENS = 16384  # rows: 16k tokens, divisible by 16 like any real batch x length product
 SEEN = set()
 
@@ -54,20 +54,10 @@ def compile_one(fn, ptrs, ints, consts, warps, stages):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
-def stack_bytes(kernel):
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-    out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    m = re.search(r"STACK:(\d+)", out)
-    regs = re.search(r"REG:(\d+)", out)
-    return (int(m.group(1)) if m else -1), (int(regs.group(1)) if regs else -1)
-
-
 def emit(kind, name, dtype, shape, kernel, warps, stages, consts, autotuned=False):
     if kernel is None:
         return
-    stack, regs = stack_bytes(kernel)
+    stack, regs = resource_usage(kernel)
     ptx = kernel.asm["ptx"]
     print(json.dumps(dict(kind=kind, name=name, dtype=dtype, shape=shape, stack=stack, regs=regs,
                           shared=kernel.metadata.shared, warps=warps, stages=stages, autotuned=autotuned,

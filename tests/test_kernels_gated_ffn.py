@@ -7,25 +7,13 @@ import pytest
 import torch
 
 from kernels.gated_ffn import ffn, ffn_ref, gelu_tanh_gate, gelu_tanh_gate_ref
+from tests.kernel_checks import assert_like_torch
 
 # The interpreter evaluates sigmoid(u) = 1 / (1 + exp(-u)) in numpy: exp overflows to inf for u << 0 and
 # the result is the correct 0, but numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _err(a, ref):
-    return (a.double() - ref).abs().max().item() if a.numel() else 0.0
-
-
-def assert_like_torch(name, ours, torch_lowp, ref64, dtype):
-    """ours vs fp64 within 2x PyTorch's own error in `dtype`, plus a floor of a few fp32 ulps of the scale
-    (fp32 accumulation order differs from PyTorch's; for half dtypes the 2x term dominates)."""
-    scale = ref64.abs().max().item() if ref64.numel() else 0.0
-    floor = 16 * torch.finfo(torch.float32).eps * (scale + 1.0)
-    err, base = _err(ours, ref64), _err(torch_lowp, ref64)
-    assert err <= 2 * base + floor, f"{name}: error {err:.3e} vs torch {dtype} error {base:.3e} (floor {floor:.1e})"
 
 
 def _weights(d_model, d_ff, gated, dtype, device, gen):

@@ -8,21 +8,9 @@ import pytest
 import torch
 
 from kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+from tests.kernel_checks import assert_like_torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.double() - ref).abs().max().item() if a.numel() else 0.0
-
-
-def assert_like_torch(name, ours, torch_lowp, ref64, dtype):
-    """ours vs fp64 within 2x PyTorch's own error in `dtype`, plus a floor of a few fp32 ulps of the scale
-    (fp32 accumulation order differs from PyTorch's; for half dtypes the 2x term dominates)."""
-    scale = ref64.abs().max().item() if ref64.numel() else 0.0
-    floor = 16 * torch.finfo(torch.float32).eps * (scale + 1.0)
-    err, base = _err(ours, ref64), _err(torch_lowp, ref64)
-    assert err <= 2 * base + floor, f"{name}: error {err:.3e} vs torch {dtype} error {base:.3e} (floor {floor:.1e})"
 
 
 def _leaves(*tensors):
