@@ -29,15 +29,33 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _tile_mask_and_index(qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix, D_MAX,
-                         CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
-    """Visibility of a tile and its index into the bias/bucket tables, from broadcastable query-side
-    (qi, qpos, qseg) and key-side operands.
+def _block_pos_seg(POS, SEG, offs, L, pos_offset, HAS_POS: tl.constexpr, LOAD_SEG: tl.constexpr):
+    """Positions and segment ids of the query or key indices `offs` (POS/SEG: the batch's row).
 
-    Callers pass row/column-expanded vectors, so the same code serves the [M, N] orientation and the
-    transposed [N, M] one of the dk/dv kernel. The index is the relative position clamped to
-    [-D_MAX, D_MAX] and shifted to be >= 0 (never a negative index). One helper, not two: under the
-    interpreter every device-function call re-patches triton.language, which dominates the test time.
+    Without explicit positions a position is the index plus `pos_offset` (q_offset for queries, 0 for
+    keys). Without loaded ids `seg` is the index itself, a placeholder only compile-time-dead code reads.
+    """
+    if HAS_POS:
+        pos = tl.load(POS + offs, mask=offs < L, other=0)
+    else:
+        pos = offs + pos_offset
+    seg = offs
+    if LOAD_SEG:
+        seg = tl.load(SEG + offs, mask=offs < L, other=0)
+    return pos, seg
+
+
+@triton.jit
+def _tile_scores(s, qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix, D_MAX, tab_h, stride_tb, BUCKET_LUT, bias_const,
+                 BIAS_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
+    """The tile's scores `s` (log2 units) plus the bias, their visibility, and their buckets (BIAS_MODE 1;
+    otherwise the unread table index), from broadcastable query-side (qi, qpos, qseg) and key-side operands.
+
+    BIAS_MODE 0: no bias, 1: gathered at the relative position clamped to [-D_MAX, D_MAX] and shifted to
+    be >= 0 (never a negative index), 2: `bias_const` (a far segment). Callers pass row/column-expanded
+    vectors, so the same code serves the [M, N] orientation and the transposed [N, M] one of the dk/dv
+    kernel. Mask and bias in one helper: under the interpreter every device-function call re-patches
+    triton.language, which dominates the test time.
     """
     vis = (qi < Lq) & (kj < Lk)
     if CAUSAL:
@@ -49,8 +67,14 @@ def _tile_mask_and_index(qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix, D_MAX,
         vis = vis & (qseg == kseg) & (kseg != 0)
     elif HAS_SEG == 1:    # key padding only: a [1, N] (or [N, 1]) vector, no query-side compare
         vis = vis & (kseg != 0)
-    rel = tl.minimum(tl.maximum(kpos - qpos, -D_MAX), D_MAX)
-    return vis, rel + D_MAX
+    idx = tl.minimum(tl.maximum(kpos - qpos, -D_MAX), D_MAX) + D_MAX
+    bucket = idx
+    if BIAS_MODE == 1:
+        bucket = tl.load(BUCKET_LUT + idx)
+        s += tl.load(tab_h + bucket * stride_tb).to(tl.float32) * _LOG2E
+    elif BIAS_MODE == 2:
+        s += bias_const
+    return s, vis, bucket
 
 
 @triton.jit
@@ -84,7 +108,7 @@ def _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start
 
 @triton.jit
 def _bias_at(tab_h, stride_tb, BUCKET_LUT, idx):
-    """The head's bias (log2 units, fp32) at table index `idx` (a tile or a scalar)."""
+    """The head's bias (log2 units, fp32) at table index `idx`: the one bias of a far segment."""
     return tl.load(tab_h + tl.load(BUCKET_LUT + idx) * stride_tb).to(tl.float32) * _LOG2E
 
 
@@ -134,42 +158,63 @@ def _segment_bounds(lo, hi, q_first, q_last, k_first_off, k_last_off, D_MAX, BLO
 
 
 @triton.jit
+def _program_block(seed, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr):
+    """A program's batch and head (grid axes 2 and 1), its dropout stream, and the first row and rows of the
+    block it owns along axis 0. LAST_FIRST launches the last block first (causal, index-ordered positions:
+    the last query blocks see the most keys)."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    seed_bh = seed + b * H + h   # one dropout stream per (batch, head)
+    if LAST_FIRST:
+        pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid = tl.program_id(0)
+    start = pid * BLOCK
+    return b, h, seed_bh, start, start + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _query_block(QPOS, QSEG, PREFIX, b, start_m, offs_m, Lq, Lk, q_offset, BLOCK_M: tl.constexpr,
+                 HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_PREFIX: tl.constexpr):
+    """What a forward or dq program needs of its query block besides the tiles: the rows' positions and
+    segments, the batch's prefix length, and the end of the key loop (causal with index-ordered positions:
+    just past the block's last query position, or past the prefix when that is longer)."""
+    qpos, qseg = _block_pos_seg(QPOS, QSEG, offs_m, Lq, q_offset, HAS_QPOS, HAS_SEG == 2)
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b)
+    hi = Lk
+    if CAUSAL and not HAS_QPOS and not HAS_KPOS:
+        hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
+        if HAS_PREFIX:
+            hi = tl.maximum(hi, tl.minimum(prefix, Lk))
+    return qpos, qseg, prefix, hi
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KPOS, KSEG, lut_row, stride_tb,
-               BUCKET_LUT,
-               stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
+               BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
                BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr,
-               seed_bh, dropout_p, DROPOUT: tl.constexpr):
-    """Online-softmax over key blocks [lo, hi). BIAS_MODE 0: no bias, 1: gathered, 2: `bias_const`."""
+               INPUT_PRECISION: tl.constexpr, seed_bh, dropout_p, DROPOUT: tl.constexpr):
+    """Online-softmax over key blocks [lo, hi). BIAS_MODE as in `_tile_scores`."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
-        if HAS_KPOS:
-            kpos = tl.load(KPOS + offs_n, mask=offs_n < Lk, other=0)
-        else:
-            kpos = offs_n
-        kseg = offs_n
-        if HAS_SEG:
-            kseg = tl.load(KSEG + offs_n, mask=offs_n < Lk, other=0)
-        empty = False
-        if HAS_SEG or CAUSAL:
-            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
-                                   CAUSAL, HAS_PREFIX, HAS_SEG)
+        kpos, kseg = _block_pos_seg(KPOS, KSEG, offs_n, Lk, 0, HAS_KPOS, HAS_SEG)
+        empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n, CAUSAL, HAS_PREFIX,
+                               HAS_SEG) if HAS_SEG or CAUSAL else False
         if not empty:
             kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=offs_n[None, :] < Lk, other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=offs_n[:, None] < Lk, other=0.0)
             if UPCAST:
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
-            vis, idx = _tile_mask_and_index(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None],
-                                            kpos[None, :], qseg[:, None], kseg[None, :], prefix, D_MAX,
-                                            CAUSAL, HAS_PREFIX, HAS_SEG)
-            if BIAS_MODE == 1:
-                s += tl.load(lut_row + tl.load(BUCKET_LUT + idx) * stride_tb).to(tl.float32) * _LOG2E
-            elif BIAS_MODE == 2:
-                s += bias_const
+            s, vis, _ = _tile_scores(tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale, offs_m[:, None],
+                                     offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :], qseg[:, None],
+                                     kseg[None, :], prefix, D_MAX, lut_row, stride_tb, BUCKET_LUT, bias_const,
+                                     BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -198,17 +243,9 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREF
                 HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
                 HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    seed_bh = seed + b * H + h   # one dropout stream per (batch, head)
+    """One program per query block: online softmax over the key blocks; stores O and the LSE."""
     INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
-    # Causal with index-ordered positions: the last query blocks see the most keys, launch them first.
-    if CAUSAL and INDEX_POS:
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    b, h, seed_bh, start_m, offs_m = _program_block(seed, H, BLOCK_M, CAUSAL and INDEX_POS)
     offs_d = tl.arange(0, HEAD_DIM)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -220,21 +257,9 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREF
     kt_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[:, None] * stride_kd
     v_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[None, :] * stride_vd
 
-    if HAS_QPOS:
-        qpos = tl.load(QPOS + b * stride_qpos_b + offs_m, mask=offs_m < Lq, other=0)
-    else:
-        qpos = offs_m + q_offset
-    qseg = offs_m
-    if HAS_SEG == 2:
-        qseg = tl.load(QSEG + b * stride_qseg_b + offs_m, mask=offs_m < Lq, other=0)
-    prefix = 0
-    if HAS_PREFIX:
-        prefix = tl.load(PREFIX + b)
-    hi = Lk
-    if CAUSAL and INDEX_POS:
-        hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
-        if HAS_PREFIX:
-            hi = tl.maximum(hi, tl.minimum(prefix, Lk))
+    qpos, qseg, prefix, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, PREFIX, b, start_m,
+                                          offs_m, Lq, Lk, q_offset, BLOCK_M, HAS_QPOS, HAS_KPOS, HAS_SEG, CAUSAL,
+                                          HAS_PREFIX)
     lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
     kpos_row = KPOS + b * stride_kpos_b
     kseg_row = KSEG + b * stride_kseg_b
@@ -242,33 +267,26 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREF
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if not HAS_BIAS:
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
-                                   kseg_row, lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
-                                   0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
-                       seed_bh, dropout_p, DROPOUT)
-    elif not INDEX_POS:
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
-                                   kseg_row, lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
-                                   1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
-                       seed_bh, dropout_p, DROPOUT)
-    else:
+    if not HAS_BIAS or not INDEX_POS:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
+                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   0.0, 0, hi, 1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX,
+                                   UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+    else:   # far-before (one bias: the first table entry), near (gathered), far-after (the last entry)
         b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
-                                   kseg_row, lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX,
-                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), 0, b1,
-                                   2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
-                       seed_bh, dropout_p, DROPOUT)
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
-                                   kseg_row, lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
-                                   1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
-                       seed_bh, dropout_p, DROPOUT)
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row,
-                                   kseg_row, lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, b, Lq, Lk, qk_scale, D_MAX,
-                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi,
-                                   2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
-                       seed_bh, dropout_p, DROPOUT)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
+                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), 0, b1, 2, BLOCK_N, HAS_KPOS,
+                                   HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
+                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   0.0, b1, b2, 1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX,
+                                   UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
+                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi, 2, BLOCK_N, HAS_KPOS,
+                                   HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
 
     has_any = l_i > 0.0
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]
@@ -315,17 +333,9 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
     offs_bk = tl.arange(0, NB_PAD)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_mb
-        if HAS_QPOS:
-            qpos = tl.load(QPOS + offs_m, mask=offs_m < Lq, other=0)
-        else:
-            qpos = offs_m + q_offset
-        qseg = offs_m
-        if HAS_SEG == 2:
-            qseg = tl.load(QSEG + offs_m, mask=offs_m < Lq, other=0)
-        empty = False
-        if HAS_SEG or CAUSAL:
-            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
-                                   CAUSAL, HAS_PREFIX, HAS_SEG)
+        qpos, qseg = _block_pos_seg(QPOS, QSEG, offs_m, Lq, q_offset, HAS_QPOS, HAS_SEG == 2)
+        empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n, CAUSAL, HAS_PREFIX,
+                               HAS_SEG) if HAS_SEG or CAUSAL else False
         if not empty:
             m_ok = offs_m[:, None] < Lq
             q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=m_ok, other=0.0)
@@ -335,15 +345,10 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
                 do = do.to(tl.float32)
             lse = tl.load(lse_row + offs_m, mask=offs_m < Lq, other=0.0)
             delta = tl.load(delta_row + offs_m, mask=offs_m < Lq, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale      # [N, M]
-            vis, idx = _tile_mask_and_index(offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :],
-                                            kpos[:, None], qseg[None, :], kseg[:, None], prefix, D_MAX,
-                                            CAUSAL, HAS_PREFIX, HAS_SEG)
-            if BIAS_MODE == 1:
-                bucket = tl.load(BUCKET_LUT + idx)
-                st += tl.load(lut_row + bucket * stride_tb).to(tl.float32) * _LOG2E
-            elif BIAS_MODE == 2:
-                st += bias_const
+            st, vis, bucket = _tile_scores(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale,
+                                           offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :], kpos[:, None],
+                                           qseg[None, :], kseg[:, None], prefix, D_MAX, lut_row, stride_tb,
+                                           BUCKET_LUT, bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)  # [N, M]
             pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
             if DROPOUT:   # dv = (P o Z)^T dO, dP = (dO V^T) o Z; delta = rowsum(dO o O) still holds
                 zt = _dropout_scale(seed_bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
@@ -392,17 +397,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
     own slot of a partial buffer (deterministic; the host sums in a fixed order) or with NB_PAD atomic
     adds (fast mode). Never one atomic per score.
     """
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    seed_bh = seed + b * H + h   # one dropout stream per (batch, head)
-    pid_n = tl.program_id(0)
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
+    b, h, seed_bh, start_n, offs_n = _program_block(seed, H, BLOCK_N, False)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_bk = tl.arange(0, NB_PAD)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
 
     n_ok = offs_n[:, None] < Lk
     k = tl.load(K + b64 * stride_kb + h64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -418,13 +418,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
     lse_row = LSE + row_base
     delta_row = DELTA + row_base
 
-    if HAS_KPOS:
-        kpos = tl.load(KPOS + b * stride_kpos_b + offs_n, mask=offs_n < Lk, other=0)
-    else:
-        kpos = offs_n
-    kseg = offs_n
-    if HAS_SEG:
-        kseg = tl.load(KSEG + b * stride_kseg_b + offs_n, mask=offs_n < Lk, other=0)
+    kpos, kseg = _block_pos_seg(KPOS + b * stride_kpos_b, KSEG + b * stride_kseg_b, offs_n, Lk, 0, HAS_KPOS, HAS_SEG)
     prefix = 0
     if HAS_PREFIX:
         prefix = tl.load(PREFIX + b)
@@ -447,8 +441,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
                                     lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, lo, Lq,
                                     1 if HAS_BIAS else 0, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION,
-                       seed_bh, dropout_p, DROPOUT)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
     else:
         # Early query blocks see these keys at rel = k - q >= D_MAX (last table entry), late ones at <= -D_MAX.
         b1, b2 = _segment_bounds(lo, Lq, q_offset, 0, start_n, start_n + BLOCK_N - 1, D_MAX, BLOCK_M,
@@ -456,24 +449,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
         last = 2 * D_MAX
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
-                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, _bias_at(lut_row, stride_tb, BUCKET_LUT, last),
-                                    tl.load(BUCKET_LUT + last), lo, b1,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
+                                    _bias_at(lut_row, stride_tb, BUCKET_LUT, last), tl.load(BUCKET_LUT + last), lo, b1,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION,
-                       seed_bh, dropout_p, DROPOUT)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, b1, b2,
                                     1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION,
-                       seed_bh, dropout_p, DROPOUT)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
-                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, _bias_at(lut_row, stride_tb, BUCKET_LUT, 0),
-                                    tl.load(BUCKET_LUT), b2, Lq,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
+                                    _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), tl.load(BUCKET_LUT), b2, Lq,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION,
-                       seed_bh, dropout_p, DROPOUT)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
 
     dk_ptrs = DK + b64 * stride_dkb + h64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b64 * stride_dvb + h64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
@@ -482,7 +472,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
     if BIAS_GRAD:
         dbias = tl.sum(dbias, 0)
         if DETERMINISTIC:
-            slot = ((b64 * H + h) * tl.num_programs(0) + pid_n) * NB_PAD
+            slot = ((b64 * H + h) * tl.num_programs(0) + tl.program_id(0)) * NB_PAD
             tl.store(DBIAS + slot + offs_bk, dbias)
         else:
             tl.atomic_add(DBIAS + h * NB_PAD + offs_bk, dbias, mask=offs_bk < NUM_BUCKETS)
@@ -490,41 +480,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, KPOS, KSEG, lut_row, stride_tb,
-              BUCKET_LUT,
-              stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
+              BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
               BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr,
-              seed_bh, dropout_p, DROPOUT: tl.constexpr):
-    """dq over key blocks [lo, hi), P recomputed from the stored LSE. BIAS_MODE as in `_fwd_inner`."""
+              INPUT_PRECISION: tl.constexpr, seed_bh, dropout_p, DROPOUT: tl.constexpr):
+    """dq over key blocks [lo, hi), P recomputed from the stored LSE. BIAS_MODE as in `_tile_scores`."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
-        if HAS_KPOS:
-            kpos = tl.load(KPOS + offs_n, mask=offs_n < Lk, other=0)
-        else:
-            kpos = offs_n
-        kseg = offs_n
-        if HAS_SEG:
-            kseg = tl.load(KSEG + offs_n, mask=offs_n < Lk, other=0)
-        empty = False
-        if HAS_SEG or CAUSAL:
-            empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
-                                   CAUSAL, HAS_PREFIX, HAS_SEG)
+        kpos, kseg = _block_pos_seg(KPOS, KSEG, offs_n, Lk, 0, HAS_KPOS, HAS_SEG)
+        empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n, CAUSAL, HAS_PREFIX,
+                               HAS_SEG) if HAS_SEG or CAUSAL else False
         if not empty:
             k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=offs_n[:, None] < Lk, other=0.0)
             vt = tl.load(vt_base + offs_n[None, :] * stride_vn, mask=offs_n[None, :] < Lk, other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
                 vt = vt.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-            vis, idx = _tile_mask_and_index(offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None],
-                                            kpos[None, :], qseg[:, None], kseg[None, :], prefix, D_MAX,
-                                            CAUSAL, HAS_PREFIX, HAS_SEG)
-            if BIAS_MODE == 1:
-                s += tl.load(lut_row + tl.load(BUCKET_LUT + idx) * stride_tb).to(tl.float32) * _LOG2E
-            elif BIAS_MODE == 2:
-                s += bias_const
+            s, vis, _ = _tile_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale,
+                                     offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :],
+                                     qseg[:, None], kseg[None, :], prefix, D_MAX, lut_row, stride_tb, BUCKET_LUT,
+                                     bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)
             p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
             if DROPOUT:
@@ -548,16 +524,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, Q
                    HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per query block: recomputes P from the stored LSE and accumulates dq (no atomics)."""
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    seed_bh = seed + b * H + h   # one dropout stream per (batch, head)
     INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
-    if CAUSAL and INDEX_POS:
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    b, h, seed_bh, start_m, offs_m = _program_block(seed, H, BLOCK_M, CAUSAL and INDEX_POS)
     offs_d = tl.arange(0, HEAD_DIM)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -576,21 +544,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, Q
     k_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[None, :] * stride_kd
     vt_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[:, None] * stride_vd
 
-    if HAS_QPOS:
-        qpos = tl.load(QPOS + b * stride_qpos_b + offs_m, mask=offs_m < Lq, other=0)
-    else:
-        qpos = offs_m + q_offset
-    qseg = offs_m
-    if HAS_SEG == 2:
-        qseg = tl.load(QSEG + b * stride_qseg_b + offs_m, mask=offs_m < Lq, other=0)
-    prefix = 0
-    if HAS_PREFIX:
-        prefix = tl.load(PREFIX + b)
-    hi = Lk
-    if CAUSAL and INDEX_POS:
-        hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
-        if HAS_PREFIX:
-            hi = tl.maximum(hi, tl.minimum(prefix, Lk))
+    qpos, qseg, prefix, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, PREFIX, b, start_m,
+                                          offs_m, Lq, Lk, q_offset, BLOCK_M, HAS_QPOS, HAS_KPOS, HAS_SEG, CAUSAL,
+                                          HAS_PREFIX)
     lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
     kpos_row = KPOS + b * stride_kpos_b
     kseg_row = KSEG + b * stride_kseg_b
@@ -601,11 +557,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, Q
                        lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
                        1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
-    else:
+    else:   # the forward's three segments
         b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), 0, b1,
+                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                       _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), 0, b1,
                        2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
@@ -613,7 +570,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, Q
                        1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, _bias_at(lut_row, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi,
+                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                       _bias_at(lut_row, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi,
                        2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
 
