@@ -151,7 +151,6 @@ class LocalEngine:
 def init_distributed(device: torch.device) -> None:
     """The process group (once): the launcher's, or without a launcher (a plain `t5forge pretrain
     --run.engine deepspeed`) a world of one. Gloo on the CPU, NCCL on GPUs."""
-    import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -30,7 +30,6 @@ Tasks of your own: `task_modules = ["my_tasks.py"]` in [finetune] imports a file
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import pathlib

@@ -1,7 +1,6 @@
 """C4 reader: sharding covers every document once, exact resume, every bad-input case, clear errors."""
 import gzip
 import json
-import zlib
 
 import pytest
 

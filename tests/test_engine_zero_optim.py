@@ -43,7 +43,7 @@ def _grads(step: int) -> list:
 
 def _zero12_partitions(params, rank, world):
     """One flat of all parameters, padded to a multiple of `world`, this rank's contiguous cut."""
-    from engine.optim import ParamSlice, PartitionLayout
+    from engine.optim import ParamSlice
 
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     part = -(-flat.numel() // world)

@@ -4,7 +4,6 @@ layer norms, and config mistakes are one-line errors."""
 import json
 import random
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -14,7 +14,6 @@ import pathlib
 import random
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch

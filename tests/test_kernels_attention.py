@@ -78,7 +78,7 @@ def _packed(batch: int, length: int, gen: torch.Generator, pad: bool):
 
 
 def _mask_kwargs(case: Case, gen: torch.Generator, device) -> dict:
-    B, Lq, Lk = case.batch, case.q_len, case.kv_len
+    B, Lk = case.batch, case.kv_len
     out = {}
     if case.masks.startswith("pad"):
         kpm = torch.rand(B, Lk, generator=gen) > 0.3

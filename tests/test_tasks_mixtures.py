@@ -4,7 +4,6 @@ import itertools
 import random
 
 import pytest
-import torch
 
 from conftest import shared_file
 from engine.mixtures import Mixture, MixtureSource, collate, mixing_rates, text_task_source

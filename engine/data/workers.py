@@ -29,7 +29,6 @@ import dataclasses
 import logging
 from typing import Iterator
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger("t5forge.data")
