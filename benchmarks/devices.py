@@ -3,7 +3,7 @@
 MFU is only as honest as its denominator. We report it against the vendor's dense (no 2:4 sparsity)
 bf16 peak, and put the matmul ceiling measured in the same run beside it, because no real kernel reaches
 the datasheet: on an H100 80GB HBM3 a bf16 8192^3 matmul reaches about 798 of the 989 TFLOP/s
-(shared/reference/ANCHORS.md). CPUs have no datasheet row; there the measured ceiling is the peak and
+(docs/ANCHORS.md). CPUs have no datasheet row; there the measured ceiling is the peak and
 the report says so.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
     t5forge tokenizer train --input c4-train.*.json.gz --vocab-size 32000 --out my_spm
     # -> my_spm.model, my_spm.vocab (pad 0, eos 1, unk 2, as T5)
 
-Ids are laid out as in the released T5 vocabulary (shared/reference/T5.md): the SentencePiece pieces
+Ids are laid out as in the released T5 vocabulary (docs/T5.md): the SentencePiece pieces
 first (`<pad>`=0, `</s>`=1, `<unk>`=2), then the sentinels counting DOWN from the top, so
 `<extra_id_0>` = vocab_size - 1 (32099 with the real vocabulary) and `<extra_id_99>` = 32000. The
 model's embedding has 32128 rows (rounded up to a multiple of 128); `vocab_size` here is 32100.

@@ -93,10 +93,10 @@ def num_programs_persistent(device: torch.device, work_items: int, per_sm: int =
 
 
 def autotune_configs(configs: list) -> list:
-    """Autotuning multiplies the interpreter's cost (MACHINE_NOTES.md): keep only the first config there."""
+    """Autotuning multiplies the interpreter's cost (docs/MACHINE_NOTES.md): keep only the first config there."""
     return configs[:1] if is_interpreter() else configs
 
 
 def needs_dot_upcast(dtype: torch.dtype) -> bool:
-    """`tl.dot` on bf16 operands returns garbage in the interpreter (MACHINE_NOTES.md): upcast there."""
+    """`tl.dot` on bf16 operands returns garbage in the interpreter (docs/MACHINE_NOTES.md): upcast there."""
     return dtype == torch.bfloat16 and is_interpreter()

@@ -148,7 +148,7 @@ def _ffn_up_kernel(X, W, G, H, DG, DH, M, N, K, stride_xm, stride_wn, stride_gm,
         k_ok = (k0 + rk) < K
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wa = tl.load(wa_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:  # bf16 tl.dot is wrong in the interpreter (MACHINE_NOTES.md)
+        if UPCAST:  # bf16 tl.dot is wrong in the interpreter (docs/MACHINE_NOTES.md)
             x = x.to(tl.float32)
             wa = wa.to(tl.float32)
         acc_a = tl.dot(x, wa, acc_a, input_precision=DOT_PRECISION)

@@ -1,6 +1,6 @@
 """RMSNorm as T5 defines it ("T5LayerNorm"), and the fused residual-add variant.
 
-T5 semantics (shared/reference/T5.md): no mean subtraction, no bias, variance computed in fp32,
+T5 semantics (docs/T5.md): no mean subtraction, no bias, variance computed in fp32,
 `x * rsqrt(mean(x^2) + eps)`, cast to the weight's dtype when that is half precision, then `* weight`.
 
 Triton path (forward + backward, any leading shape, widths up to 65536, fp32 / fp16 / bf16):

@@ -1,7 +1,7 @@
 """`T5Config`: the architecture of one T5 model, its presets, parameter count and training FLOPs.
 
 Field names are Hugging Face's (so `config.json` files map one to one); `kernel_backend` and
-`gradient_checkpointing` are ours. Sizes of the presets: shared/reference/T5.md.
+`gradient_checkpointing` are ours. Sizes of the presets: docs/T5.md.
 
     cfg = T5Config.from_preset("t5-v1_1-base")
     cfg.num_parameters()            # 247,577,856
@@ -136,7 +136,7 @@ class T5Config:
         Norms, softmax and the embedding lookup are negligible and left out. Backward costs 2x forward.
         The full causal Lt^2 is counted, as implementations compute it (PaLM's MFU convention).
         Counting cross k/v over the encoder length is exact; the common "6 * N * tokens" shortcut counts
-        them over the targets and gives ~0.39 TFLOP for v1.1-base at 512/114 (ANCHORS.md) where this
+        them over the targets and gives ~0.39 TFLOP for v1.1-base at 512/114 (docs/ANCHORS.md) where this
         gives ~0.43 TFLOP.
         """
         li, lt, inner = inputs_length, targets_length, self.inner_dim
@@ -198,12 +198,12 @@ def _v10(d_model: int, d_ff: int, d_kv: int, heads: int, layers: int) -> dict[st
 
 
 def _v11(d_model: int, d_ff: int, d_kv: int, heads: int, layers: int) -> dict[str, Any]:
-    # v1.1 was pretrained without dropout (T5.md); fine-tuning sets dropout_rate=0.1 explicitly.
+    # v1.1 was pretrained without dropout (docs/T5.md); fine-tuning sets dropout_rate=0.1 explicitly.
     return dict(d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=heads, num_layers=layers,
                 feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
 
 
-# shared/reference/T5.md "Sizes" (vocab 32128, 32 buckets, max distance 128 are the dataclass defaults).
+# docs/T5.md "Sizes" (vocab 32128, 32 buckets, max distance 128 are the dataclass defaults).
 PRESETS: dict[str, dict[str, Any]] = {
     "t5-small": _v10(512, 2048, 64, 8, 6),
     "t5-base": _v10(768, 3072, 64, 12, 12),

@@ -1,6 +1,6 @@
 """T5 (v1.0 and v1.1) encoder-decoder: our own implementation, parameter names as in Hugging Face.
 
-Architecture (shared/reference/T5.md): pre-norm blocks `x + SubLayer(RMSNorm(x))`, no biases, no
+Architecture (docs/T5.md): pre-norm blocks `x + SubLayer(RMSNorm(x))`, no biases, no
 1/sqrt(d) attention scaling, a learned relative position bias owned by the first block of each stack and
 reused by every block, ReLU FFN (v1.0, tied head scaled by d_model**-0.5) or gated-GELU (v1.1, untied).
 
@@ -76,7 +76,7 @@ _FP16_MAX = torch.finfo(torch.float16).max
 def saturate_fp16(t: torch.Tensor) -> torch.Tensor:
     """Clamp an fp16 tensor to the finite fp16 range (inf -> +-65504); other dtypes pass through untouched.
 
-    T5's fp16 overflow trap (T5.md): the FFN output `wo` can exceed 65,504, and an inf in the residual
+    T5's fp16 overflow trap (docs/T5.md): the FFN output `wo` can exceed 65,504, and an inf in the residual
     stream turns every later norm into NaN. Saturating instead keeps the forward finite; the clamped
     elements get no gradient.
     """
@@ -87,7 +87,7 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int,
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Decoder inputs from labels: shifted one to the right, `start_id` first, -100 -> pad.
 
-    With packing (`segment_ids`), every segment restarts with `start_id` (T5.md: decoder inputs restart
+    With packing (`segment_ids`), every segment restarts with `start_id` (docs/T5.md: decoder inputs restart
     with 0 at each segment start), so no target token leaks into the next example.
     """
     shifted = labels.new_full(labels.shape, start_id)
@@ -241,7 +241,7 @@ class T5DenseReluDense(nn.Module):
         cfg = self.config
         wi = self.wi_fused.weight if cfg.is_gated else self.wi.weight
         fn = _backend(cfg, x, "gated_ffn", "ffn") or ffn_ref
-        # fp16 safety (T5.md): when `wo` is kept in fp32 (`to_dtype(torch.float16)`), the hidden state is
+        # fp16 safety (docs/T5.md): when `wo` is kept in fp32 (`to_dtype(torch.float16)`), the hidden state is
         # cast to fp32 before `wo` and the output stays fp32, so the residual stream cannot overflow.
         return fn(x, wi, self.wo.weight, gated=cfg.is_gated, activation="gelu_tanh" if cfg.is_gated else "relu",
                   dropout_p=cfg.dropout_rate, training=self.training)
@@ -409,7 +409,7 @@ class T5ForConditionalGeneration(nn.Module):
             m.weight.normal_(0.0, f)
         elif m is getattr(self, "lm_head", None):
             # Mesh-TF's untied logits layer is a fan-in-scaled dense (std d_model**-0.5). Hugging Face uses
-            # std 1.0 here, which starts training at a loss of ~200 (MACHINE_NOTES.md); we keep Mesh-TF's.
+            # std 1.0 here, which starts training at a loss of ~200 (docs/MACHINE_NOTES.md); we keep Mesh-TF's.
             m.weight.normal_(0.0, f * d ** -0.5)
         else:
             raise ValueError(f"init_module: {type(m).__name__} is not in init_order()")

@@ -1,7 +1,7 @@
 """Test set-up shared by the whole suite.
 
 TRITON_INTERPRET must be in the environment before `triton` is first imported (see
-shared/reference/MACHINE_NOTES.md), so it is set here, before any project import. On a machine with a
+docs/MACHINE_NOTES.md), so it is set here, before any project import. On a machine with a
 GPU, run with T5FORGE_COMPILED=1 to test the compiled kernels instead.
 """
 import os

@@ -38,7 +38,7 @@ def test_zero_states_agree_with_deepspeed_and_public_figures():
     cfg = T5Config.from_preset("t5-11b")
     total, largest = plan.count_params(cfg)
     opts = {o.name: o for o in plan.zero_options(total, largest, gpus_per_node=8, nodes=1)}
-    # ANCHORS.md: ZeRO-3 ~24 GiB/GPU on 8 GPUs; with optimizer offload ~3 GiB/GPU + ~253 GiB host.
+    # docs/ANCHORS.md: ZeRO-3 ~24 GiB/GPU on 8 GPUs; with optimizer offload ~3 GiB/GPU + ~253 GiB host.
     assert opts["ZeRO-3"].gpu_bytes / GIB == pytest.approx(24, abs=1)
     assert opts["ZeRO-3 + offload optimizer"].gpu_bytes / GIB == pytest.approx(3, abs=0.5)
     assert opts["ZeRO-3 + offload optimizer"].host_bytes_per_node / GIB == pytest.approx(253, abs=2)

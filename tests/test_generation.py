@@ -29,7 +29,7 @@ def _pair(family: str, seed: int = 0):
         **kwargs, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
     with torch.no_grad():
         if not kwargs["tie_word_embeddings"]:
-            # HF's untied head starts with std 1 (huge logits, MACHINE_NOTES.md): shrink it.
+            # HF's untied head starts with std 1 (huge logits, docs/MACHINE_NOTES.md): shrink it.
             hf.lm_head.weight.mul_(kwargs["d_model"] ** -0.5)
         # A random model rarely says EOS. Give EOS the head row of the token it emits most often
         # (slightly larger), so sequences end, at different lengths.

@@ -1,9 +1,9 @@
-"""T5Config: presets against shared/reference/T5.md, validation, FLOPs, Hugging Face config.json."""
+"""T5Config: presets against docs/T5.md, validation, FLOPs, Hugging Face config.json."""
 import pytest
 
 from models import PRESETS, T5Config
 
-# shared/reference/T5.md "Sizes": preset -> parameter count.
+# docs/T5.md "Sizes": preset -> parameter count.
 T5_MD_PARAMS = {
     "t5-small": 60.5e6, "t5-base": 222.9e6, "t5-large": 737.7e6, "t5-3b": 2.85e9, "t5-11b": 11.31e9,
     "t5-v1_1-small": 77.0e6, "t5-v1_1-base": 247.6e6, "t5-v1_1-large": 783e6, "t5-v1_1-xl": 2.85e9,
@@ -42,7 +42,7 @@ def test_exact_parameter_count_of_t5_small():
 def test_flops_per_token_matches_anchors_within_the_documented_cross_kv_difference():
     base = T5Config.from_preset("t5-v1_1-base")
     per_seq = base.flops_per_sequence(512, 114)
-    # ANCHORS.md: ~0.39 TFLOP per 512/114 sequence; ours also counts cross-attention k/v over the 512
+    # docs/ANCHORS.md: ~0.39 TFLOP per 512/114 sequence; ours also counts cross-attention k/v over the 512
     # encoder positions (12 layers * 2 * 2*768*768 * (512-114) * 3 = 33.8 GFLOP more).
     cross_kv_extra = 12 * 2 * (2 * 768 * 768) * (512 - 114) * 3
     assert abs((per_seq - cross_kv_extra) / 0.39e12 - 1) < 0.02

@@ -1,4 +1,4 @@
-"""T5's fp16 overflow trap (T5.md): an FFN output beyond 65,504 must not put inf into the residual stream.
+"""T5's fp16 overflow trap (docs/T5.md): an FFN output beyond 65,504 must not put inf into the residual stream.
 
 The model saturates fp16 residual adds to the finite range (`models.t5.saturate_fp16`). A tiny T5 whose
 first encoder `wo` is scaled up overflows fp16: unprotected it gives non-finite logits; protected it is

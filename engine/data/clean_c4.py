@@ -1,4 +1,4 @@
-"""C4's cleaning rules (T5 paper section 2.2; T5.md) applied to Common Crawl WET files.
+"""C4's cleaning rules (T5 paper section 2.2; docs/T5.md) applied to Common Crawl WET files.
 
     t5forge data clean-c4 CC-MAIN-*.warc.wet.gz --out c4-shard.json.gz [--bad-words en.txt]
 

@@ -1,4 +1,4 @@
-"""Pretraining objectives of the T5 paper (Raffel et al., sections 3.3 and 3.4; facts in T5.md).
+"""Pretraining objectives of the T5 paper (Raffel et al., sections 3.3 and 3.4; facts in docs/T5.md).
 
 Every objective maps one 1-D array of token ids (a raw chunk of the concatenated corpus) and a numpy
 `Generator` to `(inputs, targets)`, both ending in EOS. They are selected by name from `OBJECTIVES`:

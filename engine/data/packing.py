@@ -1,6 +1,6 @@
 """Packing (inputs, targets) examples into fixed-size rows, and the batch dicts the trainer consumes.
 
-Packed batch (T5.md: several examples per row; attention never crosses segments; relative positions
+Packed batch (docs/T5.md: several examples per row; attention never crosses segments; relative positions
 restart per segment; decoder inputs restart with 0 at each segment start), all int64 numpy arrays:
 
     input_ids            (B, L_in)   examples' inputs one after another, 0 = padding

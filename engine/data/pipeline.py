@@ -9,7 +9,7 @@
         ckpt["data"] = data.state_dict()
     data.load_state_dict(ckpt["data"])   # the next batch is the one that would have come next
 
-T5.md: documents are tokenized, each followed by EOS, concatenated, and cut into raw chunks of
+docs/T5.md: documents are tokenized, each followed by EOS, concatenated, and cut into raw chunks of
 `objective.raw_length(inputs_length, targets_length)` tokens (568 for span corruption at 512/114);
 each chunk becomes one (inputs, targets) example. Span corruption fills a 512/114 row exactly, so
 it runs dense and vectorised (one numpy pass per batch); other objectives give examples of varying
