@@ -37,8 +37,9 @@ def _is_gated(cfg) -> bool:
 def param_inventory(cfg) -> dict[str, int]:
     """Parameters per module (the unit ZeRO-3 gathers), named as in models/t5.py.
 
-    Works on any object with the Hugging Face T5 field names (ours or transformers'). The gated FFN's
-    `wi_0 | wi_1` are one fused module (`wi_fused`), so it is the largest layer of several presets.
+    Works on any object with the Hugging Face T5 field names (ours or transformers'). Fused modules count
+    as one: the gated FFN's `wi_0 | wi_1` (`wi_fused`, the largest layer of several presets), self-attention's
+    `q | k | v` (`qkv`) and cross-attention's `k | v` (`kv`).
     """
     d, inner, dff = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
     dec_layers = cfg.num_decoder_layers if cfg.num_decoder_layers is not None else cfg.num_layers
@@ -49,15 +50,16 @@ def param_inventory(cfg) -> dict[str, int]:
     for stack, n_layers, cross in (("encoder", cfg.num_layers, False), ("decoder", dec_layers, True)):
         for i in range(n_layers):
             prefix = f"{stack}.block.{i}.layer"
-            for proj in "qkvo":
-                inv[f"{prefix}.0.SelfAttention.{proj}"] = d * inner
+            inv[f"{prefix}.0.SelfAttention.qkv"] = 3 * d * inner
+            inv[f"{prefix}.0.SelfAttention.o"] = d * inner
             if i == 0:
                 inv[f"{prefix}.0.SelfAttention.relative_attention_bias"] = bias
             inv[f"{prefix}.0.layer_norm"] = d
             ffn_index = 1
             if cross:
-                for proj in "qkvo":
-                    inv[f"{prefix}.1.EncDecAttention.{proj}"] = d * inner
+                inv[f"{prefix}.1.EncDecAttention.q"] = d * inner
+                inv[f"{prefix}.1.EncDecAttention.kv"] = 2 * d * inner
+                inv[f"{prefix}.1.EncDecAttention.o"] = d * inner
                 inv[f"{prefix}.1.layer_norm"] = d
                 ffn_index = 2
             for name, n in ffn.items():

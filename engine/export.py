@@ -5,8 +5,8 @@
 
 ZeRO-sharded checkpoints (stages 1-3, any number of ranks) are consolidated to fp32 with DeepSpeed's own
 `deepspeed.utils.zero_to_fp32`; local-engine checkpoints hold the whole model already. The output has
-`config.json`, safetensors weights (Hugging Face names: the fused gated-FFN weight is split back into
-`wi_0` / `wi_1`) and the run's SentencePiece model as `spiece.model`.
+`config.json`, safetensors weights (Hugging Face names: the fused weights are split back into `wi_0` /
+`wi_1` and `q` / `k` / `v`) and the run's SentencePiece model as `spiece.model`.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Helpers shared by the Triton kernels: the import guard, interpreter detection, launch sizing.
 
 Triton is optional: without it (or on a CPU without TRITON_INTERPRET=1) the kernel modules still import,
-their `*_ref` functions work, and `triton_available(t)` tells a caller (the model's "auto" backend) to
-fall back to the references.
+their `*_ref` functions work, and `why_triton_cannot_run(device)` is the one place that says whether the
+kernels can run on a device (models/backends.py decides the model's kernels with it).
 """
 from __future__ import annotations
 
@@ -46,18 +46,29 @@ def cast_to(x, DTYPE: tl.constexpr, RNE_BF16: tl.constexpr):
     return x.to(DTYPE)
 
 
+# Triton reads TRITON_INTERPRET when it is imported (docs/MACHINE_NOTES.md), so it is read once here too:
+# a constant that torch.compile folds instead of guarding on the environment.
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def is_interpreter() -> bool:
-    """True when Triton runs kernels on the CPU (must be set before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1 set before triton was imported)."""
+    return _INTERPRETER
+
+
+def why_triton_cannot_run(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on `device`; otherwise the reason, as one clause."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and _INTERPRETER):
+        return None
+    return (f"Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
+            f"imported (got device {device})")
 
 
 def triton_available(t: torch.Tensor) -> bool:
     """Can the Triton kernels run on tensor `t`'s device?"""
-    if not HAS_TRITON:
-        return False
-    if t.device.type == "cuda":
-        return True
-    return t.device.type == "cpu" and is_interpreter()
+    return why_triton_cannot_run(t.device) is None
 
 
 def check_device(name: str, *tensors: torch.Tensor) -> None:
@@ -69,9 +80,9 @@ def check_device(name: str, *tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.device != dev:
             raise ValueError(f"kernels/{name}: all tensors must be on one device, got {dev} and {t.device}")
-    if not triton_available(tensors[0]):
-        raise ValueError(f"kernels/{name}: Triton kernels need CUDA tensors, or CPU tensors with "
-                         f"TRITON_INTERPRET=1 set before triton is imported (got device {dev})")
+    why = why_triton_cannot_run(dev)
+    if why is not None:
+        raise ValueError(f"kernels/{name}: {why}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,13 +101,3 @@ def num_programs_persistent(device: torch.device, work_items: int, per_sm: int =
     else:
         cap = 4
     return max(1, min(cap, work_items))
-
-
-def autotune_configs(configs: list) -> list:
-    """Autotuning multiplies the interpreter's cost (docs/MACHINE_NOTES.md): keep only the first config there."""
-    return configs[:1] if is_interpreter() else configs
-
-
-def needs_dot_upcast(dtype: torch.dtype) -> bool:
-    """`tl.dot` on bf16 operands returns garbage in the interpreter (docs/MACHINE_NOTES.md): upcast there."""
-    return dtype == torch.bfloat16 and is_interpreter()

@@ -4,11 +4,13 @@ A directory holds `config.json` and the weights as `model.safetensors`, sharded 
 `model.safetensors.index.json`, or `pytorch_model.bin` (optionally sharded with its `.index.json`).
 Pickled `.bin` files are read with `torch.load(weights_only=True)`, which refuses to execute code.
 
-Names are Hugging Face's. Our gated FFN holds `wi_fused` = cat([wi_0, wi_1]) and this module is the
-adapter: it merges on load and splits on save (torchtitan's state-dict-adapter idea). Aliases that
-Hugging Face checkpoints may carry (`encoder.embed_tokens`, `decoder.embed_tokens`, a tied `lm_head`,
-the unused cross-attention bias table of the released v1.0 files) are accepted and dropped; an untied model loaded from a checkpoint without `lm_head` (transformers >= 5
-saves v1.1 models tied) starts its head as a copy of the embedding, which gives the same logits.
+Names are Hugging Face's. Our model runs wide GEMMs: the gated FFN's `wi_fused` = cat([wi_0, wi_1]),
+self-attention's `qkv` = cat([q, k, v]) and cross-attention's `kv` = cat([k, v]) (`FUSED`); this module
+is the adapter that merges them on load and splits them on save (torchtitan's state-dict-adapter idea).
+Aliases that Hugging Face checkpoints may carry (`encoder.embed_tokens`, `decoder.embed_tokens`, a tied
+`lm_head`, the unused cross-attention bias table of the released v1.0 files) are accepted and dropped; an
+untied model loaded from a checkpoint without `lm_head` (transformers >= 5 saves v1.1 models tied) starts
+its head as a copy of the embedding, which gives the same logits.
 
     model = from_pretrained("path/to/t5-v1_1-base")          # or T5ForConditionalGeneration.from_pretrained
     save_pretrained(model, "out/")                           # transformers can load "out/"
@@ -31,7 +33,12 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
-_FUSED = ".DenseReluDense.wi_fused.weight"
+# Our fused weights and the Hugging Face tensors they are stacked from (along dim 0, in this order).
+FUSED: dict[str, tuple[str, ...]] = {
+    "DenseReluDense.wi_fused.weight": ("wi_0", "wi_1"),
+    "SelfAttention.qkv.weight": ("q", "k", "v"),
+    "EncDecAttention.kv.weight": ("k", "v"),
+}
 # Tensors some released checkpoints carry that the model does not use: the stacks' copies of the shared
 # embedding, and a cross-attention bias table in the released t5-small..11b files (cross-attention has no
 # position bias; transformers ignores it on load too).
@@ -44,20 +51,57 @@ def _first(keys, n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
 
 
+def _fused_parts(name: str) -> list[str] | None:
+    """The Hugging Face names a fused weight of ours is stacked from, or None for an unfused one."""
+    for suffix, parts in FUSED.items():
+        if name == suffix or name.endswith("." + suffix):
+            stem = name[: -len(suffix)] + suffix.rsplit(".", 2)[0] + "."
+            return [f"{stem}{part}.weight" for part in parts]
+    return None
+
+
 # ------------------------------------------------------------------------ state-dict adapter
-def hf_state_dict(model: T5ForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """Our parameters under Hugging Face names: `wi_fused` split into `wi_0` / `wi_1`."""
+def to_hf_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors named as our parameters (weights, or their gradients) -> Hugging Face names: every fused
+    weight split into its parts (views, no copy). Adapter layers have no counterpart and are left out
+    (models/adapters.py saves them apart)."""
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in tensors.items():
         if ".adapter." in name:
-            continue  # adapter layers have no Hugging Face counterpart; models/adapters.py saves them apart
-        if name.endswith(_FUSED):
-            stem = name[: -len("wi_fused.weight")]
-            wi_0, wi_1 = tensor.chunk(2, dim=0)
-            out[stem + "wi_0.weight"], out[stem + "wi_1.weight"] = wi_0, wi_1
-        else:
+            continue
+        parts = _fused_parts(name)
+        if parts is None:
             out[name] = tensor
+        else:
+            out.update(zip(parts, tensor.chunk(len(parts), dim=0)))
     return out
+
+
+def hf_state_dict(model: T5ForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """Our parameters under Hugging Face names (`to_hf_names` of the state dict)."""
+    return to_hf_names(model.state_dict())
+
+
+def _shown(name: str) -> str:
+    """A fused weight as a user knows it: `...SelfAttention.q|k|v.weight`."""
+    parts = _fused_parts(name)
+    if parts is None:
+        return name
+    stem = parts[0].rsplit(".", 2)[0]
+    return f"{stem}.{'|'.join(p.rsplit('.', 2)[1] for p in parts)}.weight"
+
+
+def _take_fused(hf: dict, name: str, parts: list[str], shape: torch.Size) -> torch.Tensor | None:
+    """Pop and stack the Hugging Face parts of fused weight `name` (None when one is missing), each
+    checked against its share of the fused `shape`."""
+    tensors = [hf.pop(part, None) for part in parts]
+    if any(t is None for t in tensors):
+        return None
+    want = (shape[0] // len(parts), *shape[1:])
+    for part, t in zip(parts, tensors):
+        if tuple(t.shape) != want:
+            raise ValueError(f"checkpoint weight {part} has shape {tuple(t.shape)}, the config expects {want}")
+    return torch.cat(tensors, dim=0)
 
 
 def convert_hf_state_dict(model: T5ForConditionalGeneration, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,26 +116,22 @@ def convert_hf_state_dict(model: T5ForConditionalGeneration, hf: dict[str, torch
         hf["lm_head.weight"] = hf["shared.weight"].clone()
     expected = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for name in expected:
-        if name.endswith(_FUSED):
-            stem = name[: -len("wi_fused.weight")]
-            parts = [hf.pop(stem + "wi_0.weight", None), hf.pop(stem + "wi_1.weight", None)]
-            if parts[0] is not None and parts[1] is not None:
-                if parts[0].shape != parts[1].shape:
-                    raise ValueError(f"checkpoint {stem}wi_0.weight {tuple(parts[0].shape)} and wi_1.weight "
-                                     f"{tuple(parts[1].shape)} differ in shape")
-                out[name] = torch.cat(parts, dim=0)
+    for name, tensor in expected.items():
+        parts = _fused_parts(name)
+        if parts is not None:
+            fused = _take_fused(hf, name, parts, tensor.shape)
+            if fused is not None:
+                out[name] = fused
         elif name in hf:
             out[name] = hf.pop(name)
-    missing = [n.replace("wi_fused", "wi_0|wi_1") for n in expected if n not in out]
+    missing = [_shown(n) for n in expected if n not in out]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s): {_first(missing)}")
     if hf:
         raise ValueError(f"checkpoint has {len(hf)} unexpected weight(s) for this config: {_first(hf)}")
     for name, tensor in out.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            shown = name.replace("wi_fused", "wi_0+wi_1")
-            raise ValueError(f"checkpoint weight {shown} has shape {tuple(tensor.shape)}, "
+            raise ValueError(f"checkpoint weight {name} has shape {tuple(tensor.shape)}, "
                              f"the config expects {tuple(expected[name].shape)}")
     return out
 

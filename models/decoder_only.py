@@ -24,7 +24,9 @@ from torch import nn
 
 from .config import T5Config
 from .generation import GenerationOutput, run_search
-from .t5 import AttentionSpec, T5ForConditionalGeneration, T5Stack, build_attention_spec
+from .attention_spec import AttentionSpec, build_attention_spec
+from .backends import Kernels, choose_kernels
+from .t5 import T5ForConditionalGeneration, T5Stack
 
 SelfCache = tuple[torch.Tensor, torch.Tensor]  # per layer (k, v), each (B, H, L, D)
 
@@ -52,12 +54,14 @@ class DecoderOnlyLM(nn.Module):
     init_order = T5ForConditionalGeneration.init_order
     init_module = T5ForConditionalGeneration.init_module
 
-    def _spec(self, x, q_len, kv_len, key_padding_mask, prefix_lengths, positions, kv_positions) -> AttentionSpec:
+    def _spec(self, kernels: Kernels, x, q_len, kv_len, key_padding_mask, prefix_lengths, positions,
+              kv_positions) -> AttentionSpec:
         # Causal everywhere; the prefix LM also sees its whole prefix, hence bidirectional buckets.
-        return build_attention_spec(self.config, x, table=self.decoder.bias_table, q_len=q_len, kv_len=kv_len,
-                                    bidirectional=self.prefix_lm, causal=True, key_padding_mask=key_padding_mask,
+        return build_attention_spec(self.config, kernels, x, table=self.decoder.bias_table, q_len=q_len,
+                                    kv_len=kv_len, bidirectional=self.prefix_lm, causal=True,
+                                    key_padding_mask=key_padding_mask,
                                     prefix_lengths=prefix_lengths if self.prefix_lm else None,
-                                    q_positions=positions, kv_positions=kv_positions, training=self.training)
+                                    q_positions=positions, kv_positions=kv_positions)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None,
@@ -76,8 +80,9 @@ class DecoderOnlyLM(nn.Module):
         if past_key_values is not None and past_positions is None:
             past_positions = torch.arange(past_len, device=x.device)[None].expand(x.shape[0], -1)
         kv_positions = positions if past_key_values is None else torch.cat([past_positions, positions], 1)
-        spec = self._spec(x, q_len, past_len + q_len, attention_mask, prefix_lengths, positions, kv_positions)
-        hidden, caches = self.decoder(x, spec, past=past_key_values, use_cache=use_cache)
+        kernels = choose_kernels(self.config, x.device)
+        spec = self._spec(kernels, x, q_len, past_len + q_len, attention_mask, prefix_lengths, positions, kv_positions)
+        hidden, caches = self.decoder(x, kernels, spec, past=past_key_values, use_cache=use_cache)
         if self.config.tie_word_embeddings:
             logits = F.linear(hidden * self.config.d_model ** -0.5, self.shared.weight)
         else:

@@ -4,9 +4,10 @@ Architecture (docs/T5.md): pre-norm blocks `x + SubLayer(RMSNorm(x))`, no biases
 1/sqrt(d) attention scaling, a learned relative position bias owned by the first block of each stack and
 reused by every block, ReLU FFN (v1.0, tied head scaled by d_model**-0.5) or gated-GELU (v1.1, untied).
 
-Kernels are chosen per call by `config.kernel_backend` (see `_backend`): "torch" uses the plain-PyTorch
-references in kernels/ and materialises the bias + mask ONCE per stack; "triton" hands the bias table
-and masking arguments to the flash kernel in every layer. Residual adds are deferred and fused with the
+Kernels: `self.kernels(device)` (models/backends.py) picks the Triton kernels or their PyTorch
+references once per call from `config.kernel_backend` and the device, and the choice is passed down to
+every stack, block and sub-layer. The references materialise the attention bias + mask ONCE per stack
+(models/attention_spec.py); the flash kernel gets the bias table and masking arguments in every layer. Residual adds are deferred and fused with the
 next RMSNorm (`add_rms_norm`): every sub-layer returns its output and the next norm adds it. In fp16
 that add saturates to the finite range instead (`saturate_fp16`, T5's overflow trap).
 
@@ -15,58 +16,20 @@ that add saturates to the finite range instead (`saturate_fp16`, T5's overflow t
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.gated_ffn import ffn_ref
-from kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
-from kernels.t5_attention import compute_attention_mask, compute_position_bias
-
+from .attention_spec import AttentionSpec, build_attention_spec
+from .backends import Kernels, choose_kernels
 from .config import T5Config
 
 # Per layer: (self_k, self_v, cross_k, cross_v), each (B, H, L, D).
 LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-# ------------------------------------------------------------------------------- kernel dispatch
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _triton_kernel(module: str, name: str, required: bool) -> Callable | None:
-    """`kernels.<module>.<name>` if it exists; a clear NotImplementedError when required and missing."""
-    fn = getattr(importlib.import_module(f"kernels.{module}"), name, None)
-    if fn is None and required:
-        raise NotImplementedError(f"kernel_backend='triton' needs kernels/{module}.py:{name}, which does not exist yet;"
-                                  " use kernel_backend='torch' (or 'auto')")
-    return fn
-
-
-def _backend(config: T5Config, x: torch.Tensor, module: str, name: str) -> Callable | None:
-    """The Triton fast path to use for `x`, or None for the PyTorch reference."""
-    if config.kernel_backend == "torch":
-        return None
-    if config.kernel_backend == "triton":
-        return _triton_kernel(module, name, required=True)
-    if x.is_cuda and _triton_available():  # "auto": Triton on CUDA; a kernel not written yet -> reference
-        return _triton_kernel(module, name, required=False)
-    return None
-
-
-def _attention_kernel_fits(config: T5Config) -> bool:
-    """Whether the flash kernel takes this head width ("auto" falls back to PyTorch when it does not)."""
-    module = importlib.import_module("kernels.t5_attention")
-    return config.d_kv in module.SUPPORTED_HEAD_DIMS
 
 
 # ------------------------------------------------------------------------------ small functions
@@ -108,115 +71,78 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     return idx - start_idx
 
 
-@dataclass
-class AttentionSpec:
-    """What every layer of one stack needs to mask and bias one kind of attention, built once per stack.
-
-    torch backend: `bias` is the materialised additive (B|1, H|1, Lq, Lk) bias with masked keys at the
-    dtype's minimum, and `row_valid` (B, 1, Lq, 1) zeroes queries that see no key (packing padding).
-    triton backend: `kernel_kwargs` are passed to `kernels.t5_attention.t5_attention` with `table`.
-    """
-    bias: torch.Tensor | None = None
-    row_valid: torch.Tensor | None = None
-    table: torch.Tensor | None = None
-    kernel_kwargs: dict[str, Any] | None = None
-
-
-def build_attention_spec(config: T5Config, q: torch.Tensor, *, table: torch.Tensor | None, q_len: int,
-                         kv_len: int, bidirectional: bool = True, causal: bool = False,
-                         key_padding_mask: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None,
-                         q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None,
-                         q_offset: int = 0, training: bool = False) -> AttentionSpec:
-    """One stack's attention bias/mask, in the form the chosen backend wants. `q` gives device/dtype."""
-    positions = dict(q_positions=q_positions, kv_positions=kv_positions, q_offset=q_offset)
-    kernel = _backend(config, q, "t5_attention", "t5_attention")
-    if kernel is not None and config.kernel_backend == "auto" and not _attention_kernel_fits(config):
-        kernel = None
-    if kernel is not None:
-        return AttentionSpec(table=table, kernel_kwargs=dict(
-            bidirectional=bidirectional, num_buckets=config.relative_attention_num_buckets,
-            max_distance=config.relative_attention_max_distance, scale=1.0, key_padding_mask=key_padding_mask,
-            causal=causal, prefix_lengths=prefix_lengths, q_segment_ids=q_segment_ids,
-            kv_segment_ids=kv_segment_ids, **positions))
-    bias = None
-    if table is not None:
-        bias = compute_position_bias(table, q_len, kv_len, bidirectional=bidirectional,
-                                     num_buckets=config.relative_attention_num_buckets,
-                                     max_distance=config.relative_attention_max_distance, **positions)
-        bias = bias.to(q.dtype)
-    mask = compute_attention_mask(q_len, kv_len, device=q.device, key_padding_mask=key_padding_mask,
-                                  causal=causal, prefix_lengths=prefix_lengths, q_segment_ids=q_segment_ids,
-                                  kv_segment_ids=kv_segment_ids, **positions)
-    row_valid = None
-    if mask is not None:
-        # masked_fill (not +min) keeps masked scores finite, so a fully masked row never turns into NaN.
-        base = bias if bias is not None else torch.zeros((), dtype=q.dtype, device=q.device)
-        bias = base.masked_fill(~mask, torch.finfo(q.dtype).min)
-        if q_segment_ids is not None:  # only packing padding can leave a query without any key
-            row_valid = mask.any(dim=-1, keepdim=True).to(q.dtype)                      # (B, 1, Lq, 1)
-    return AttentionSpec(bias=bias, row_valid=row_valid)
-
-
 # ------------------------------------------------------------------------------------- modules
 class T5LayerNorm(nn.Module):
-    """RMSNorm with T5's numerics; `forward(x, delta)` also adds a pending residual delta first."""
+    """RMSNorm with T5's numerics; `forward(x, delta, kernels)` also adds a pending residual delta first."""
 
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.ones(config.d_model))
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None,
+                kernels: Kernels) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (normed, stream) with stream = x + delta (x when delta is None)."""
         eps = self.config.layer_norm_epsilon
         if delta is None:
-            fast = _backend(self.config, x, "rms_norm", "rms_norm")
-            return (fast or rms_norm_ref)(x, self.weight, eps), x
+            return kernels.rms_norm(x, self.weight, eps), x
         if torch.float16 in (x.dtype, delta.dtype):
             # fp16: saturate the sub-layer output and the sum before normalising (unfused add).
             stream = saturate_fp16(x + saturate_fp16(delta))
-            fast = _backend(self.config, stream, "rms_norm", "rms_norm")
-            return (fast or rms_norm_ref)(stream, self.weight, eps), stream
-        fast = _backend(self.config, x, "rms_norm", "add_rms_norm")
-        return (fast or add_rms_norm_ref)(delta, x, self.weight, eps)
+            return kernels.rms_norm(stream, self.weight, eps), stream
+        return kernels.add_rms_norm(delta, x, self.weight, eps)
 
 
 class T5Attention(nn.Module):
-    """Multi-head attention without biases or scaling; the relative bias table lives in block 0 only."""
+    """Multi-head attention without biases or scaling; the relative bias table lives in block 0 only.
 
-    def __init__(self, config: T5Config, has_relative_attention_bias: bool):
+    The projections run as wide GEMMs: self-attention's q, k and v as one `qkv` (3 * inner, d_model),
+    cross-attention's k and v (both from the encoder output) as one `kv`; models/checkpoint.py splits and
+    merges them under Hugging Face's names `q`, `k`, `v`.
+    """
+
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool, cross: bool = False):
         super().__init__()
         self.config = config
         self.num_heads, self.d_kv = config.num_heads, config.d_kv
+        self.cross = cross
         inner = config.inner_dim
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
+        if cross:
+            self.q = nn.Linear(config.d_model, inner, bias=False)
+            self.kv = nn.Linear(config.d_model, 2 * inner, bias=False)
+        else:
+            self.qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)  # (B, H, L, D)
+    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the q, k and v weights (inner, d_model) inside the fused ones."""
+        if self.cross:
+            return (self.q.weight, *self.kv.weight.chunk(2, dim=0))
+        return tuple(self.qkv.weight.chunk(3, dim=0))
+
+    def _heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        """(B, L, parts * H * D) -> `parts` views (B, H, L, D) (strided: the kernels and SDPA take them)."""
+        x = x.view(x.shape[0], x.shape[1], parts, self.num_heads, self.d_kv)
+        return tuple(x[:, :, i].transpose(1, 2) for i in range(parts))
 
     def forward(self, x: torch.Tensor, spec: AttentionSpec, kv_input: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None,
-                static_kv: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Self-attention (kv_input None) or cross-attention. `past`: cached (k, v); for self-attention
-        the new keys are appended, for cross-attention (`static_kv`) they are reused as they are."""
-        q = self._heads(self.q(x))
-        if static_kv and past is not None:
-            k, v = past
+                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Self-attention, or cross-attention over `kv_input`. `past`: cached (k, v); self-attention
+        appends the new keys to it, cross-attention reuses it as it is (the encoder output is fixed)."""
+        if self.cross:
+            (q,) = self._heads(self.q(x), 1)
+            k, v = past if past is not None else self._heads(self.kv(kv_input), 2)
         else:
-            src = x if kv_input is None else kv_input
-            k, v = self._heads(self.k(src)), self._heads(self.v(src))
+            q, k, v = self._heads(self.qkv(x), 3)
             if past is not None:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         dropout = self.config.dropout_rate if self.training else 0.0
-        if spec.kernel_kwargs is not None:
-            kernel = _triton_kernel("t5_attention", "t5_attention", required=True)
+        if spec.kernel is not None:
             # Attention dropout runs inside the kernel (mask regenerated in backward from a per-call seed).
-            out = kernel(q, k, v, spec.table, dropout_p=dropout, training=self.training, **spec.kernel_kwargs)
+            out = spec.kernel(q, k, v, spec.table, dropout_p=dropout, training=self.training, **spec.kernel_kwargs)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=spec.bias, dropout_p=dropout, scale=1.0)
             if spec.row_valid is not None:
@@ -237,14 +163,14 @@ class T5DenseReluDense(nn.Module):
             self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         cfg = self.config
         wi = self.wi_fused.weight if cfg.is_gated else self.wi.weight
-        fn = _backend(cfg, x, "gated_ffn", "ffn") or ffn_ref
         # fp16 safety (docs/T5.md): when `wo` is kept in fp32 (`to_dtype(torch.float16)`), the hidden state is
         # cast to fp32 before `wo` and the output stays fp32, so the residual stream cannot overflow.
-        return fn(x, wi, self.wo.weight, gated=cfg.is_gated, activation="gelu_tanh" if cfg.is_gated else "relu",
-                  dropout_p=cfg.dropout_rate, training=self.training)
+        return kernels.ffn(x, wi, self.wo.weight, gated=cfg.is_gated,
+                           activation="gelu_tanh" if cfg.is_gated else "relu", dropout_p=cfg.dropout_rate,
+                           training=self.training)
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -258,7 +184,7 @@ class T5LayerSelfAttention(nn.Module):
 class T5LayerCrossAttention(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
-        self.EncDecAttention = T5Attention(config, has_relative_attention_bias=False)
+        self.EncDecAttention = T5Attention(config, has_relative_attention_bias=False, cross=True)
         self.layer_norm = T5LayerNorm(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
@@ -287,24 +213,24 @@ class T5Block(nn.Module):
         layers.append(T5LayerFF(config))
         self.layer = nn.ModuleList(layers)
 
-    def forward(self, stream: torch.Tensor, delta: torch.Tensor | None, self_spec: AttentionSpec,
+    def forward(self, stream: torch.Tensor, delta: torch.Tensor | None, kernels: Kernels, self_spec: AttentionSpec,
                 cross_spec: AttentionSpec | None = None, encoder_hidden: torch.Tensor | None = None,
                 past: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor, LayerCache | None]:
         attn = self.layer[0]
-        normed, stream = attn.layer_norm(stream, delta)
+        normed, stream = attn.layer_norm(stream, delta, kernels)
         out, self_kv = attn.SelfAttention(normed, self_spec, past=None if past is None else past[:2])
         delta = attn.dropout(out)
         cache = self_kv  # a decoder-only stack (models/decoder_only.py) caches self-attention only
         if self.is_decoder:
             cross = self.layer[1]
-            normed, stream = cross.layer_norm(stream, delta)
+            normed, stream = cross.layer_norm(stream, delta, kernels)
             out, cross_kv = cross.EncDecAttention(normed, cross_spec, kv_input=encoder_hidden,
-                                                  past=None if past is None else past[2:], static_kv=True)
+                                                  past=None if past is None else past[2:])
             delta = cross.dropout(out)
             cache = (*self_kv, *cross_kv)
         ff = self.layer[-1]
-        normed, stream = ff.layer_norm(stream, delta)
-        return stream, ff.dropout(ff.DenseReluDense(normed)), cache
+        normed, stream = ff.layer_norm(stream, delta, kernels)
+        return stream, ff.dropout(ff.DenseReluDense(normed, kernels)), cache
 
 
 class T5Stack(nn.Module):
@@ -325,15 +251,15 @@ class T5Stack(nn.Module):
         """(num_buckets, H) relative bias table, owned by block 0 and shared by every block."""
         return self.block[0].layer[0].SelfAttention.relative_attention_bias.weight
 
-    def forward(self, embeds: torch.Tensor, self_spec: AttentionSpec, cross_spec: AttentionSpec | None = None,
-                encoder_hidden: torch.Tensor | None = None, past: list[LayerCache] | None = None,
-                use_cache: bool = False, inputs_embeds: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, list[LayerCache] | None]:
+    def forward(self, embeds: torch.Tensor, kernels: Kernels, self_spec: AttentionSpec,
+                cross_spec: AttentionSpec | None = None, encoder_hidden: torch.Tensor | None = None,
+                past: list[LayerCache] | None = None, use_cache: bool = False
+                ) -> tuple[torch.Tensor, list[LayerCache] | None]:
         stream, delta = self.dropout(embeds), None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         caches: list[LayerCache] | None = [] if use_cache else None
         for i, block in enumerate(self.block):
-            args = (stream, delta, self_spec, cross_spec, encoder_hidden, None if past is None else past[i])
+            args = (stream, delta, kernels, self_spec, cross_spec, encoder_hidden, None if past is None else past[i])
             if recompute:
                 # Non-reentrant checkpointing restores the RNG state, so dropout masks match on recompute.
                 stream, delta, cache = checkpoint(block, *args, use_reentrant=False)
@@ -341,7 +267,7 @@ class T5Stack(nn.Module):
                 stream, delta, cache = block(*args)
             if caches is not None:
                 caches.append(cache)
-        normed, _ = self.final_layer_norm(stream, delta)
+        normed, _ = self.final_layer_norm(stream, delta, kernels)
         return self.dropout(normed), caches
 
 
@@ -396,9 +322,10 @@ class T5ForConditionalGeneration(nn.Module):
         if isinstance(m, T5LayerNorm):
             m.weight.fill_(f)
         elif isinstance(m, T5Attention):
-            m.q.weight.normal_(0.0, f * (d * cfg.d_kv) ** -0.5)
-            m.k.weight.normal_(0.0, f * d ** -0.5)
-            m.v.weight.normal_(0.0, f * d ** -0.5)
+            q, k, v = m.projection_weights()  # views into the fused weights, drawn in Hugging Face's order
+            q.normal_(0.0, f * (d * cfg.d_kv) ** -0.5)
+            k.normal_(0.0, f * d ** -0.5)
+            v.normal_(0.0, f * d ** -0.5)
             m.o.weight.normal_(0.0, f * cfg.inner_dim ** -0.5)
             if hasattr(m, "relative_attention_bias"):
                 m.relative_attention_bias.weight.normal_(0.0, f * d ** -0.5)
@@ -442,6 +369,11 @@ class T5ForConditionalGeneration(nn.Module):
 
         save_pretrained(self, directory, **kwargs)
 
+    def kernels(self, device: torch.device) -> Kernels:
+        """The kernels this model runs for activations on `device` (models/backends.py); an error when
+        `config.kernel_backend = "triton"` cannot run there."""
+        return choose_kernels(self.config, device)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -454,11 +386,12 @@ class T5ForConditionalGeneration(nn.Module):
         if segment_ids is not None and positions is None:
             positions = segment_positions(segment_ids)
         length = input_ids.shape[1]
-        spec = build_attention_spec(self.config, embeds, table=self.encoder.bias_table, q_len=length, kv_len=length,
-                                    bidirectional=True, key_padding_mask=attention_mask, q_segment_ids=segment_ids,
-                                    kv_segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
-                                    training=self.training)
-        hidden, _ = self.encoder(embeds, spec)
+        kernels = self.kernels(embeds.device)
+        spec = build_attention_spec(self.config, kernels, embeds, table=self.encoder.bias_table, q_len=length,
+                                    kv_len=length, bidirectional=True, key_padding_mask=attention_mask,
+                                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
+                                    kv_positions=positions)
+        hidden, _ = self.encoder(embeds, kernels, spec)
         return hidden
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
@@ -479,16 +412,16 @@ class T5ForConditionalGeneration(nn.Module):
             raise ValueError(f"decoder_attention_mask has length {decoder_attention_mask.shape[1]}; with "
                              f"{past_len} cached positions it must cover {past_len + q_len}")
         cfg = self.config
-        self_spec = build_attention_spec(cfg, embeds, table=self.decoder.bias_table, q_len=q_len,
+        kernels = self.kernels(embeds.device)
+        self_spec = build_attention_spec(cfg, kernels, embeds, table=self.decoder.bias_table, q_len=q_len,
                                          kv_len=past_len + q_len, bidirectional=False, causal=True,
                                          key_padding_mask=decoder_attention_mask, q_segment_ids=decoder_segment_ids,
                                          kv_segment_ids=decoder_segment_ids, q_positions=decoder_positions,
-                                         kv_positions=decoder_positions, q_offset=past_len,
-                                         training=self.training)
-        cross_spec = build_attention_spec(cfg, embeds, table=None, q_len=q_len, kv_len=encoder_hidden.shape[1],
-                                          key_padding_mask=attention_mask, q_segment_ids=decoder_segment_ids,
-                                          kv_segment_ids=encoder_segment_ids, training=self.training)
-        return self.decoder(embeds, self_spec, cross_spec, encoder_hidden, past_key_values, use_cache)
+                                         kv_positions=decoder_positions, q_offset=past_len)
+        cross_spec = build_attention_spec(cfg, kernels, embeds, table=None, q_len=q_len,
+                                          kv_len=encoder_hidden.shape[1], key_padding_mask=attention_mask,
+                                          q_segment_ids=decoder_segment_ids, kv_segment_ids=encoder_segment_ids)
+        return self.decoder(embeds, kernels, self_spec, cross_spec, encoder_hidden, past_key_values, use_cache)
 
     def lm_logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
         if self.config.tie_word_embeddings:

@@ -14,3 +14,23 @@ def assert_like_torch(name, ours, torch_lowp, ref64, dtype):
     floor = 16 * torch.finfo(torch.float32).eps * (scale + 1.0)
     err, base = _err(ours, ref64), _err(torch_lowp, ref64)
     assert err <= 2 * base + floor, f"{name}: error {err:.3e} vs torch {dtype} error {base:.3e} (floor {floor:.1e})"
+
+
+def record_kernel_calls(monkeypatch, *names: str) -> dict:
+    """Make models choose wrapped Triton kernels (`models.backends.TRITON`) that record the positional
+    arguments of every call: {name: [args, ...]}. The model then really runs the kernels it reports."""
+    import dataclasses
+
+    import models.backends as backends
+
+    calls: dict = {name: [] for name in names}
+
+    def wrap(name, fn):
+        def recorded(*args, **kwargs):
+            calls[name].append(args)
+            return fn(*args, **kwargs)
+        return recorded
+
+    wrapped = {name: wrap(name, getattr(backends.TRITON, name)) for name in names}
+    monkeypatch.setattr(backends, "TRITON", dataclasses.replace(backends.TRITON, **wrapped))
+    return calls

@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 
-import kernels.t5_attention
 from models.config import T5Config
 from models.t5 import T5ForConditionalGeneration
+from tests.kernel_checks import record_kernel_calls
 
 # d_kv 32 is one of the kernel's head dims; 2 heads, 2 + 2 layers keep the interpreter quick.
 SMALL = dict(vocab_size=64, d_model=48, d_kv=32, num_heads=2, d_ff=64, num_layers=2, num_decoder_layers=2,
@@ -68,14 +68,7 @@ def _padded_batch(device):
 
 @pytest.mark.parametrize("make_batch", [_packed_batch, _padded_batch], ids=["packed", "padded"])
 def test_flash_attention_model_matches_torch_backend(make_batch, device, monkeypatch):
-    calls = []
-    real = kernels.t5_attention.t5_attention
-
-    def counted(*args, **kwargs):
-        calls.append(args[3] is not None)      # with a bias table (self-attention) or not (cross)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels.t5_attention, "t5_attention", counted)
+    calls = record_kernel_calls(monkeypatch, "attention")
     ref, fast = _models(device)
     batch = make_batch(device)
     losses = {}
@@ -84,7 +77,8 @@ def test_flash_attention_model_matches_torch_backend(make_batch, device, monkeyp
         out.loss.backward()
         losses[name] = out.loss.detach()
     # encoder self x2, decoder self x2 (with bias), decoder cross x2 (without)
-    assert calls.count(True) == 4 and calls.count(False) == 2, calls
+    with_table = [args[3] is not None for args in calls["attention"]]   # self-attention: a bias table
+    assert with_table.count(True) == 4 and with_table.count(False) == 2, with_table
     torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-5, atol=1e-5)
     fast_params = dict(fast.named_parameters())
     for name, p_ref in ref.named_parameters():

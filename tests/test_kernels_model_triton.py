@@ -10,6 +10,7 @@ import torch
 
 from models.config import T5Config
 from models.t5 import T5ForConditionalGeneration
+from tests.kernel_checks import record_kernel_calls
 
 # ragged, small widths: d_model 40 and d_ff 56 are not multiples of the 32-wide tiles (the attention
 # kernel takes head dims 16..128)
@@ -39,17 +40,7 @@ def _batch(device, seed=0):
 
 @pytest.mark.parametrize("preset", ["tiny", "t5-small"], ids=["v1_1-gated-gelu", "v1_0-relu"])
 def test_triton_backend_same_loss_and_gradients(preset, device, monkeypatch):
-    import kernels.gated_ffn
-    import kernels.rms_norm
-
-    calls = {}
-    for module, name in [(kernels.rms_norm, "rms_norm"), (kernels.rms_norm, "add_rms_norm"),
-                         (kernels.gated_ffn, "ffn")]:
-        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _fn(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
+    calls = record_kernel_calls(monkeypatch, "rms_norm", "add_rms_norm", "ffn")
     ref, fast = _models(preset, device)
     batch = _batch(device)
     losses = {}
@@ -58,7 +49,8 @@ def test_triton_backend_same_loss_and_gradients(preset, device, monkeypatch):
         out.loss.backward()
         losses[name] = out.loss.detach()
     # the triton model really ran our kernels: 2+2 FFNs, one plain norm per stack start, the rest fused
-    assert calls.get("ffn") == 4 and calls.get("rms_norm", 0) >= 2 and calls.get("add_rms_norm", 0) >= 8, calls
+    counts = {name: len(args) for name, args in calls.items()}
+    assert counts["ffn"] == 4 and counts["rms_norm"] >= 2 and counts["add_rms_norm"] >= 8, counts
     torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-5, atol=1e-5)
     fast_params = dict(fast.named_parameters())
     checked = 0

@@ -3,11 +3,9 @@ checkpointing, meta-device construction, fp16 safety, kernel-backend dispatch.""
 import pytest
 import torch
 
-import kernels.gated_ffn
-import kernels.rms_norm
-import kernels.t5_attention
 from models import PRESETS, T5Config, T5ForConditionalGeneration
 from models.t5 import segment_positions, shift_right
+from tests.kernel_checks import record_kernel_calls
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,7 +176,8 @@ def test_init_follows_t5_fan_in_scaling():
     m = T5ForConditionalGeneration(cfg)
     att = m.encoder.block[0].layer[0].SelfAttention
     ffn = m.encoder.block[0].layer[1].DenseReluDense
-    for w, std in ((att.q.weight, (256 * 32) ** -0.5), (att.k.weight, 256 ** -0.5), (att.o.weight, 128 ** -0.5),
+    q, k, v = att.projection_weights()
+    for w, std in ((q, (256 * 32) ** -0.5), (k, 256 ** -0.5), (v, 256 ** -0.5), (att.o.weight, 128 ** -0.5),
                    (ffn.wi_fused.weight, 256 ** -0.5), (ffn.wo.weight, 384 ** -0.5), (m.shared.weight, 1.0),
                    (m.lm_head.weight, 256 ** -0.5)):
         assert abs(w.std().item() / std - 1) < 0.1
@@ -199,22 +198,32 @@ def test_fp16_keeps_wo_in_fp32_and_stays_close_to_fp32():
 
 
 # ------------------------------------------------------------------------------- kernel backend
-def test_triton_backend_names_a_missing_kernel(monkeypatch):
-    m = model(small_config(kernel_backend="triton"))
-    monkeypatch.delattr(kernels.rms_norm, "rms_norm")
-    with pytest.raises(NotImplementedError, match="kernels/rms_norm.py:rms_norm"):
-        m(input_ids=torch.randint(2, 61, (1, 4)), decoder_input_ids=torch.randint(2, 61, (1, 3)))
+def test_triton_backend_that_cannot_run_is_an_error_naming_why(monkeypatch):
+    import models.backends
+
+    batch = dict(input_ids=torch.randint(2, 61, (1, 4)), decoder_input_ids=torch.randint(2, 61, (1, 3)))
+    with pytest.raises(ValueError, match="kernel_backend='triton': the attention kernel takes head dims"):
+        model(small_config(kernel_backend="triton", d_kv=12))(**batch)
+    monkeypatch.setattr(models.backends, "why_triton_cannot_run", lambda device: "triton is not installed")
+    with pytest.raises(ValueError, match="kernel_backend='triton': triton is not installed"):
+        model(small_config(kernel_backend="triton", d_kv=16))(**batch)
 
 
-def test_auto_backend_uses_pytorch_on_cpu(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("a Triton kernel was called for CPU tensors under kernel_backend='auto'")
+def test_auto_backend_uses_pytorch_on_cpu_and_triton_on_cuda(monkeypatch):
+    import models.backends
+    from models.backends import REFERENCE, TRITON, choose_kernels
 
-    for mod, name in ((kernels.rms_norm, "rms_norm"), (kernels.rms_norm, "add_rms_norm"),
-                      (kernels.gated_ffn, "ffn"), (kernels.t5_attention, "t5_attention")):
-        monkeypatch.setattr(mod, name, boom)
-    m = model(small_config(kernel_backend="auto"))
+    calls = record_kernel_calls(monkeypatch, "rms_norm", "add_rms_norm", "ffn", "attention")
+    m = model(small_config(kernel_backend="auto", d_kv=16))
     m(input_ids=torch.randint(2, 61, (1, 4)), labels=torch.randint(2, 61, (1, 3))).loss.backward()
+    assert not any(calls.values()), "a Triton kernel ran for CPU tensors under kernel_backend='auto'"
+    monkeypatch.setattr(models.backends, "TRITON", TRITON)
+    cfg = small_config(kernel_backend="auto", d_kv=16)
+    assert choose_kernels(cfg, torch.device("cpu")) is REFERENCE
+    monkeypatch.setattr(models.backends, "why_triton_cannot_run", lambda device: None)
+    assert choose_kernels(cfg, torch.device("cuda", 0)) is TRITON
+    odd = choose_kernels(cfg.replace(d_kv=12), torch.device("cuda", 0))   # a head width the flash kernel lacks
+    assert odd.backend == "triton" and odd.attention is None and "d_kv is 12" in odd.note
 
 
 def test_triton_backend_matches_torch_backend_under_the_interpreter():

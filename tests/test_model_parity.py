@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from models import T5Config, T5ForConditionalGeneration, hf_state_dict, load_hf_state_dict  # noqa: E402
-from models.checkpoint import from_pretrained  # noqa: E402
+from models.checkpoint import from_pretrained, to_hf_names  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,14 +71,7 @@ def ours_from_hf(hf) -> T5ForConditionalGeneration:
 
 
 def our_grads_hf_names(model: T5ForConditionalGeneration) -> dict:
-    grads = {}
-    for name, p in model.named_parameters():
-        if name.endswith("wi_fused.weight"):
-            stem = name[: -len("wi_fused.weight")]
-            grads[stem + "wi_0.weight"], grads[stem + "wi_1.weight"] = p.grad.chunk(2, dim=0)
-        else:
-            grads[name] = p.grad
-    return grads
+    return to_hf_names({name: p.grad for name, p in model.named_parameters()})
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
