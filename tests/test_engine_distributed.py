@@ -9,7 +9,6 @@ import base64
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -21,18 +20,15 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import shared_file  # noqa: E402
 from engine_ds_worker import COMMON, FEATURES, MICRO, VOCAB  # noqa: E402
 from engine_synthetic import SyntheticData  # noqa: E402
+from procs import free_port, repo_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return repo_env(OMP_NUM_THREADS="1")
 
 
 def test_process_group_is_destroyed_before_interpreter_exit():
@@ -47,7 +43,7 @@ def test_process_group_is_destroyed_before_interpreter_exit():
         "print('group after start:', dist.is_initialized(), dist.get_world_size(), flush=True)\n"
     )
     env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,7 +58,7 @@ def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
     hf_model = _write_hf_dirs(tmp_path)
     ours_model = _write_local_checkpoint(tmp_path, load_run_config(COMMON + ["--run.dir", str(tmp_path / "x")]))
     out = tmp_path / "losses.json"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tests/engine_ds_worker.py"),
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "tests/engine_ds_worker.py"),
            str(out), str(tmp_path), "1", "2", "3", "init:fp32", "init:bf16", "load"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -184,7 +180,7 @@ def test_deepspeed_features_match_single_rank(tmp_path):
 
     runs = {"2:accum": "accum", "2:clip": "clip", "3:ckpt_zloss": "ckpt_zloss", "2:offload": "offload",
             "3:offload_all": "offload_all"}
-    out, port = tmp_path / "losses.json", _free_port()
+    out, port = tmp_path / "losses.json", free_port()
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(REPO / "tests/engine_ds_worker.py"),
            str(out), str(tmp_path), *runs]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
@@ -217,7 +213,7 @@ def test_simulated_two_node_run_trains_saves_and_exports(tmp_path):
     tok = shared_file("tokenizers/seqio_test_t5ids_26pieces.model")
     run = tmp_path / "run"
     world_info = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode()).decode()
-    port = str(_free_port())
+    port = str(free_port())
     args = ["--module", "engine.train", "--run.dir", str(run), "--run.max_steps", "4", "--checkpoint.every", "2",
             "--data.paths", str(data), "--data.tokenizer", str(tok), "--data.input_length", "32",
             "--batch.micro_batch_size", "4", "--deepspeed.zero_stage", "2", "--run.progress", "false",

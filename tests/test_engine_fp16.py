@@ -2,9 +2,7 @@
 autocast + GradScaler): the loss falls, an injected gradient overflow skips the step (weights untouched,
 counted, the scale lowered), the scale is logged as `loss_scale`, and a resumed run continues exactly."""
 import json
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -16,6 +14,7 @@ from engine.metrics import read_metrics
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from engine_synthetic import SyntheticData  # noqa: E402
+from procs import free_port, repo_env  # noqa: E402
 
 ARGS = ["--model.vocab_size", "128", "--data.input_length", "32", "--batch.micro_batch_size", "4",
         "--optim.name", "adamw", "--optim.lr", "3e-3", "--optim.scale_by_param_rms", "false",
@@ -118,19 +117,15 @@ def test_deepspeed_fp16_trains_like_fp32(tmp_path, zero):
     assert losses == pytest.approx(reference, abs=2e-3), (losses, reference)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_fp16_zero_1_2_3_on_two_ranks_match_fp32(tmp_path):
     """ZeRO 1, 2 and 3 in fp16 on two gloo ranks train like fp32 on one rank holding the same global batch."""
     out = tmp_path / "losses.json"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tests/engine_ds_worker.py"),
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "tests/engine_ds_worker.py"),
            str(out), str(tmp_path), "1:fp16", "2:fp16", "3:fp16"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = repo_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())

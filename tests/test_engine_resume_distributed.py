@@ -18,7 +18,8 @@ import psutil
 import pytest
 
 from engine.metrics import read_metrics
-from test_engine_distributed import REPO, _env, _free_port
+from procs import free_port
+from test_engine_distributed import REPO, _env
 from test_engine_train import SMALL, _synthetic_trainer, _wait_for_step
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -30,7 +31,7 @@ STEPS = 60  # room for the stops: the front-end one polls, and steps take ~20 ms
 def _cmd(run_dir, stage):
     data = shared_file("c4/c4-validation-sample-2k.json.gz")
     tok = shared_file("tokenizers/seqio_test_t5ids_26pieces.model")
-    return ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "engine.train",
+    return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "engine.train",
             "--run.dir", str(run_dir), "--run.max_steps", str(STEPS), "--data.paths", str(data),
             "--data.tokenizer", str(tok), "--checkpoint.every", "2", "--model.dropout_rate", "0.1",
             "--data.shuffle_buffer", "100", "--data.num_workers", "1", "--deepspeed.zero_stage", stage, *SMALL]

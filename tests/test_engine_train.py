@@ -1,7 +1,6 @@
 """`t5forge pretrain` on one CPU process: the loss falls, signals and kills resume exactly, bad input fails
 in one line, non-finite steps are skipped and stop the run."""
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -18,6 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import shared_file  # noqa: E402
 from engine_synthetic import SyntheticData  # noqa: E402
+from procs import repo_env  # noqa: E402
 
 SMALL = ["--data.input_length", "32", "--batch.micro_batch_size", "4", "--run.threads", "1",
          "--run.progress", "false", "--run.demo", "false", "--run.tensorboard", "false", "--run.log_every", "1"]
@@ -75,7 +75,7 @@ def _wait_for_step(run_dir, step, proc, timeout=120):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_sigkill_resume_is_bit_exact(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     steps = 9
     ref = tmp_path / "ref"
     subprocess.run(_cli(ref, steps), check=True, cwd=REPO, env=env, capture_output=True)

@@ -13,26 +13,22 @@
      layouts (engine/engines.py) the losses differ by ~4e-2 from step 2 on.
 """
 import json
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+from procs import free_port, repo_env  # noqa: E402
 SHAPES = [(6, 5), (7,), (2, 3, 4), (3, 1), (1, 9), (5, 7), (10, 3)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return repo_env(OMP_NUM_THREADS="1")
 
 
 # ----------------------------------------------------------------------------- partitions made by hand
@@ -286,7 +282,7 @@ def test_zero_partitions_keep_per_parameter_statistics(tmp_path):
 
     runs = ["shards", "2:adafactor", "3:adafactor", "2:adamw_scaled", "3:adamw_scaled"]
     out = tmp_path / "losses.json"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tests/engine_ds_worker.py"),
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "tests/engine_ds_worker.py"),
            str(out), str(tmp_path), *runs]
     # The single-rank references run here while the launcher starts up (its ranks mostly wait on imports).
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -9,16 +9,15 @@ evaluation, split across the ranks, gives the scores one rank gives, and the bes
 ZeRO 3 the evaluation runs on a gathered copy of the model and the best model saved from it is whole.
 """
 import json
-import os
 import pathlib
 import random
-import socket
 import subprocess
 
 import pytest
 import torch
 
 from conftest import shared_file
+from procs import free_port, repo_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -39,10 +38,6 @@ HOT, COLD = ("sea", "sand", "heat", "sol"), ("snow", "ice", "wind", "rain")
 STEPS, MICRO = 6, 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_task(path, n, seed):
@@ -114,9 +109,9 @@ def _records(run_dir):
 
 
 def _launch(config, run_dir, stage, extra=()):
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "engine.finetune",
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "engine.finetune",
            "--config", str(config), "--run.dir", str(run_dir), "--deepspeed.zero_stage", str(stage), *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = repo_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
