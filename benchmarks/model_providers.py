@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from benchmarks import devices, plan
+from benchmarks.compiled import PerShapeCompiled
 
 if TYPE_CHECKING:
     from benchmarks.model_suite import ModelSuiteConfig
@@ -273,7 +274,8 @@ def measure_step(provider: str, cfg, scfg: ModelSuiteConfig, device: torch.devic
     model = build_model(provider, cfg, device, scfg.dtype)
     opt = MasterWeightAdamW(model.parameters())
     batch = make_batch(cfg, scfg.batch_size, scfg.inputs_length, scfg.targets_length, device)
-    forward = torch.compile(model) if provider.endswith("-compile") else model
+    # Its own compilation and recompile budget: a suite of many presets never falls back to eager.
+    forward = PerShapeCompiled(model) if provider.endswith("-compile") else model
 
     clock = PhaseClock(device)
 
@@ -293,8 +295,21 @@ def measure_step(provider: str, cfg, scfg: ModelSuiteConfig, device: torch.devic
         model.zero_grad(set_to_none=True)
         out["saved_activation_mb"] = saved / 2 ** 20
     out["params"] = _n_params(model)
+    out.update(how_it_ran(provider, model, forward))
     del model, opt, forward, batch
     free_memory(device)
+    return out
+
+
+def how_it_ran(provider: str, model, forward) -> dict:
+    """What a plain-torch record states about its run: for transformers, the attention implementation it
+    actually chose (read back from the built model, never assumed); for a compiled one, that it ran compiled."""
+    out = {}
+    if provider.startswith("hf-"):
+        out["attn_implementation"] = getattr(model.config, "_attn_implementation", None) or "unknown"
+        out["kernel_backend"] = out["attn_implementation"]
+    if isinstance(forward, PerShapeCompiled):
+        out.update(forward.info())
     return out
 
 

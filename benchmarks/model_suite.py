@@ -29,6 +29,9 @@ OFFLOAD_CHOICES = ("auto", "always", "never")  # when the t5forge provider may u
 # (model_providers.MasterWeightAdamW).
 STATE_BYTES_PER_PARAM = 16
 EXTRAPOLATION_DEPTHS = (1, 2)
+# Fields of a measurement that say how it ran, kept when points are extrapolated.
+HOW_IT_RAN = ("attn_implementation", "kernel_backend", "compiled", "compile_backend", "dynamic", "graphs",
+              "signatures", "recompile_budget_per_signature")
 
 
 @dataclasses.dataclass
@@ -165,6 +168,7 @@ def _extrapolated(measure, cfg, budget_note: str) -> dict:
             "peak_mem_mb": _extrapolate(points, cfg.num_layers, "peak_mem_mb"),
             "mem_kind": "extrapolated " + last["mem_kind"], "params": plan.count_params(cfg)[0], "loss": None,
             **({"deepspeed_config": last["deepspeed_config"]} if "deepspeed_config" in last else {}),
+            **{k: last[k] for k in HOW_IT_RAN if k in last},
             "measured_points": [{"depth": d, **{k: r[k] for k in ("step_s", "peak_mem_mb", "params")}}
                                 for d, r in points]}
 
@@ -198,7 +202,8 @@ def _run_torch_provider(preset: str, provider: str, scfg: ModelSuiteConfig, info
         checkpointing = model_providers.engine_run_config(preset, scfg, on_cpu).model.gradient_checkpointing
     cfg = model_providers.load_config(preset, on_cpu=on_cpu, checkpointing=checkpointing)
     bf16 = scfg.dtype != torch.float32
-    record = {"kernel_backend": cfg.kernel_backend if provider == "t5forge-torch" else "sdpa",
+    # For transformers the implementation it chose is read back from the model (model_providers.how_it_ran).
+    record = {"kernel_backend": cfg.kernel_backend if provider == "t5forge-torch" else None,
               "num_layers": cfg.num_layers, "engine": "torch", "zero_stage": None, "offload": "none",
               "precision": "bf16 params, fp32 master" if bf16 else "fp32", "optimizer": "adamw (fused, torch)",
               "gradient_checkpointing": checkpointing}

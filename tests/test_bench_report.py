@@ -76,6 +76,8 @@ def test_cpu_run_writes_results_report_and_plots(cpu_run):
     # The same model in three implementations / set-ups.
     assert recs["t5forge"]["params"] == recs["t5forge-torch"]["params"] == recs["hf-sdpa"]["params"]
     assert recs["hf-sdpa-compile"]["status"] == "skipped"
+    # What transformers chose is read back from the model, not assumed.
+    assert recs["hf-sdpa"]["attn_implementation"] == recs["hf-sdpa"]["kernel_backend"] == "sdpa"
     for prov in ("t5forge", "t5forge-torch", "hf-sdpa"):  # the phases add up to the step
         ph = recs[prov]["phase_s"]
         assert sum(ph.values()) == pytest.approx(recs[prov]["step_s"], rel=0.5) and min(ph.values()) > 0

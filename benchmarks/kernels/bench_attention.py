@@ -28,8 +28,9 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.kernels.bench_rms_norm import (DEFAULT_OUT, bench_device, measure, ours_available,  # noqa: E402
-                                               write_results)
+from benchmarks.compiled import PerShapeCompiled  # noqa: E402
+from benchmarks.kernels.bench_rms_norm import (DEFAULT_OUT, annotate, bench_device, measure,  # noqa: E402
+                                               ours_available, write_results)
 
 TOKENS = 16384
 HEADS = 12
@@ -67,7 +68,7 @@ def _providers(smoke: bool, device: torch.device, causal: bool) -> dict[str, Cal
     except ImportError:
         flex_attention = None
     if flex_attention is not None and device.type == "cuda":   # Flex has no backward on the CPU
-        flex = flex_attention if smoke else torch.compile(flex_attention, dynamic=False)
+        flex = flex_attention if smoke else PerShapeCompiled(flex_attention)
         rel = torch.arange(-MAX_DISTANCE, MAX_DISTANCE + 1, device=device)
         bucket_lut = relative_position_bucket(rel, bidirectional, NUM_BUCKETS, MAX_DISTANCE)
         masks: dict[int, object] = {}
@@ -88,6 +89,7 @@ def _providers(smoke: bool, device: torch.device, causal: bool) -> dict[str, Cal
                 block_mask = masks[L]
             return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
 
+        flex_bucket.compiled = flex   # the record says how Flex ran (benchmarks/compiled.py)
         out["flex_bucket"] = flex_bucket
 
     def sdpa_nobias(q, k, v, table):
@@ -150,6 +152,7 @@ def run(smoke: bool, out_dir=DEFAULT_OUT, lengths=None, head_dims=None, modes=No
                     finally:
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
+                    annotate(recs, getattr(fn, "compiled", None))
                     for r in recs:
                         r["mode"] = mode
                     records += recs

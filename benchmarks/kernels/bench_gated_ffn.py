@@ -21,8 +21,9 @@ if __name__ == "__main__" and "--smoke" in sys.argv:  # the interpreter must be 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.kernels.bench_rms_norm import (DEFAULT_OUT, bench_device, cli, copy_bandwidth,  # noqa: E402
-                                               measure, ours_available, saved_bytes, write_results)
+from benchmarks.compiled import PerShapeCompiled  # noqa: E402
+from benchmarks.kernels.bench_rms_norm import (DEFAULT_OUT, annotate, bench_device, cli,  # noqa: E402
+                                               copy_bandwidth, measure, ours_available, saved_bytes, write_results)
 
 # (name, d_model, d_ff, gated, activation) -- T5 v1.1 sizes (gated GELU) and v1.0 base (ReLU).
 GPU_BLOCKS = [("v1_1-base", 768, 2048, True, "gelu_tanh"), ("v1_1-large", 1024, 2816, True, "gelu_tanh"),
@@ -53,7 +54,7 @@ def _ffn_providers(smoke: bool, device: torch.device) -> dict:
         out.update(ours=lambda *a, **k: gf.ffn(*a, recompute=False, **k),
                    ours_recompute=lambda *a, **k: gf.ffn(*a, recompute=True, **k), ours_gate=ours_gate)
     if not smoke or os.environ.get("T5FORGE_BENCH_COMPILE") == "1":
-        out["compile"] = torch.compile(gf.ffn_ref, dynamic=False)
+        out["compile"] = PerShapeCompiled(gf.ffn_ref)
     return out
 
 
@@ -66,7 +67,7 @@ def _bench_gate(smoke, device, dtype, copy_gbps) -> list[dict]:
     if ours_available(device):
         fns["ours"] = gf.gelu_tanh_gate
     if not smoke or os.environ.get("T5FORGE_BENCH_COMPILE") == "1":
-        fns["compile"] = torch.compile(gf.gelu_tanh_gate_ref)
+        fns["compile"] = PerShapeCompiled(gf.gelu_tanh_gate_ref)
     for d_ff in widths:
         mf = rows * d_ff * torch.tensor([], dtype=dtype).element_size()
         # fwd reads h (2 MF) writes g (MF); bwd reads h and dg (3 MF), writes dh (2 MF)
@@ -76,8 +77,8 @@ def _bench_gate(smoke, device, dtype, copy_gbps) -> list[dict]:
                 h = torch.randn(rows, 2 * d_ff, device=device).to(dtype).requires_grad_()
                 return (h,), lambda: fn(h)
 
-            records += measure("gelu_tanh_gate", provider, (rows, 2 * d_ff), dtype, device, smoke, make, nbytes,
-                               copy_gbps, exclude=lambda inputs: list(inputs))
+            records += annotate(measure("gelu_tanh_gate", provider, (rows, 2 * d_ff), dtype, device, smoke, make,
+                                        nbytes, copy_gbps, exclude=lambda inputs: list(inputs)), fn)
     return records
 
 
@@ -99,8 +100,8 @@ def _bench_ffn(smoke, device, dtype, copy_gbps) -> list[dict]:
                 wo.requires_grad_()
                 return (x, wi, wo), lambda: fn(x, wi, wo, gated=gated, activation=activation)
 
-            for rec in measure("ffn", provider, (tokens, d_model, d_ff), dtype, device, smoke, make, None,
-                               copy_gbps, exclude=lambda inputs: list(inputs), flops=flops):
+            for rec in annotate(measure("ffn", provider, (tokens, d_model, d_ff), dtype, device, smoke, make, None,
+                                        copy_gbps, exclude=lambda inputs: list(inputs), flops=flops), fn):
                 rec["block"] = name
                 records.append(rec)
     return records

@@ -28,6 +28,8 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
+from benchmarks.compiled import PerShapeCompiled  # noqa: E402
+
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 
@@ -174,8 +176,16 @@ def providers(smoke: bool, fns: dict[str, Callable], device: torch.device) -> di
         out["ours"] = fns["ours"]
     out["eager"] = fns["eager"]
     if not smoke or os.environ.get("T5FORGE_BENCH_COMPILE") == "1":
-        out["compile"] = torch.compile(fns["eager"])
+        out["compile"] = PerShapeCompiled(fns["eager"])
     return out
+
+
+def annotate(records: list[dict], fn) -> list[dict]:
+    """A compiled baseline's records say how it ran (compiled, graphs, its own recompile budget)."""
+    info = fn.info() if isinstance(fn, PerShapeCompiled) else {}
+    for r in records:
+        r.update(info)
+    return records
 
 
 def cli(run: Callable, argv: list[str] | None, description: str) -> int:
@@ -224,8 +234,8 @@ def run(smoke: bool, out_dir=DEFAULT_OUT) -> list[dict]:
                     r = torch.randn(rows, width, device=device, generator=gen).to(dtype).requires_grad_()
                     return (x, r, w), lambda: fn(x, r, w)
 
-                records += measure(kernel, provider, (rows, width), dtype, device, smoke, make, nb, copy_gbps,
-                                   exclude=lambda inputs: list(inputs))
+                records += annotate(measure(kernel, provider, (rows, width), dtype, device, smoke, make, nb,
+                                            copy_gbps, exclude=lambda inputs: list(inputs)), fn)
     write_results("rms_norm", records, out_dir, device, {"smoke": smoke, "copy_gbps": copy_gbps})
     return records
 
