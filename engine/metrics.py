@@ -11,19 +11,7 @@ import pathlib
 
 import torch
 
-# Dense bf16 peak TFLOP/s per device (vendor data sheets, no sparsity). Matched by substring of the
-# CUDA device name; `run.peak_tflops` overrides.
-PEAK_TFLOPS_BF16 = {
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "A10G": 125.0,
-    "L4": 121.0,
-    "V100": 125.0,  # fp16 tensor cores (no bf16 on V100)
-    "RTX 4090": 165.0,
-}
-
+from engine.peaks import lookup_peak
 
 def device_peak_tflops(device: torch.device, override: float = 0.0) -> float:
     """Peak TFLOP/s of one device, or 0.0 when unknown (the CPU): then no MFU is reported."""
@@ -31,11 +19,8 @@ def device_peak_tflops(device: torch.device, override: float = 0.0) -> float:
         return override
     if device.type != "cuda":
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS_BF16.items():
-        if key in name:
-            return value
-    return 0.0
+    peak = lookup_peak(torch.cuda.get_device_name(device))   # the one table: engine/peaks.py
+    return (peak.bf16_tflops or peak.fp16_tflops) if peak is not None else 0.0
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float, num_devices: int) -> float | None:
