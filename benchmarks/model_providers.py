@@ -313,7 +313,7 @@ def how_it_ran(provider: str, model, forward) -> dict:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -336,7 +336,7 @@ def one_rank_world(device: torch.device):
         if not dist.is_initialized():
             from engine.engines import start_process_group
 
-            os.environ["MASTER_PORT"] = str(_free_port())  # other jobs on this machine may hold a fixed one
+            os.environ["MASTER_PORT"] = str(free_port())  # other jobs on this machine may hold a fixed one
             start_process_group(device)
         elif dist.get_world_size() != 1:
             raise ValueError("benchmarks/model_providers.py: the model suite measures one rank; run it without "

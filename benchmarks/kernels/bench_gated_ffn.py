@@ -58,10 +58,11 @@ def _ffn_providers(smoke: bool, device: torch.device) -> dict:
     return out
 
 
-def _bench_gate(smoke, device, dtype, copy_gbps) -> list[dict]:
+def _bench_gate(smoke, device, dtype, copy_gbps, widths=None) -> list[dict]:
     from kernels import gated_ffn as gf
 
-    rows, widths = (32, [48]) if smoke else (16384, [1024, 2048, 2816, 4096])
+    rows, default_widths = (32, [48]) if smoke else (16384, [1024, 2048, 2816, 4096])
+    widths = widths or default_widths
     records = []
     fns = {"eager": gf.gelu_tanh_gate_ref}
     if ours_available(device):
@@ -82,11 +83,12 @@ def _bench_gate(smoke, device, dtype, copy_gbps) -> list[dict]:
     return records
 
 
-def _bench_ffn(smoke, device, dtype, copy_gbps) -> list[dict]:
+def _bench_ffn(smoke, device, dtype, copy_gbps, blocks=None) -> list[dict]:
     tokens = 32 if smoke else 16384
     records = []
     providers = _ffn_providers(smoke, device)
-    for name, d_model, d_ff, gated, activation in (SMOKE_BLOCKS if smoke else GPU_BLOCKS):
+    chosen = [b for b in (SMOKE_BLOCKS if smoke else GPU_BLOCKS) if blocks is None or b[0] in blocks]
+    for name, d_model, d_ff, gated, activation in chosen:
         width = (2 if gated else 1) * d_ff
         fwd = 2 * tokens * d_model * (width + d_ff)  # up GEMM + down GEMM
         flops = {"forward": fwd, "backward": 2 * fwd, "full": 3 * fwd}  # recompute's extra GEMM not credited
@@ -107,13 +109,15 @@ def _bench_ffn(smoke, device, dtype, copy_gbps) -> list[dict]:
     return records
 
 
-def run(smoke: bool, out_dir=DEFAULT_OUT) -> list[dict]:
+def run(smoke: bool, out_dir=DEFAULT_OUT, gate_widths: list[int] | None = None,
+        blocks: list[str] | None = None) -> list[dict]:
+    """`gate_widths` (d_ff values) and `blocks` (GPU_BLOCKS names) narrow the default shapes."""
     device = bench_device(smoke)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     records = [copy_bandwidth(device, smoke)]
     copy_gbps = records[0]["gbps"]
-    records += _bench_gate(smoke, device, dtype, copy_gbps)
-    records += _bench_ffn(smoke, device, dtype, copy_gbps)
+    records += _bench_gate(smoke, device, dtype, copy_gbps, gate_widths)
+    records += _bench_ffn(smoke, device, dtype, copy_gbps, blocks)
     _add_ratios(records)
     write_results("gated_ffn", records, out_dir, device, {"smoke": smoke, "copy_gbps": copy_gbps})
     return records

@@ -203,12 +203,13 @@ def cli(run: Callable, argv: list[str] | None, description: str) -> int:
 
 
 # -------------------------------------------------------------------------------------------- RMSNorm
-def run(smoke: bool, out_dir=DEFAULT_OUT) -> list[dict]:
+def run(smoke: bool, out_dir=DEFAULT_OUT, widths: list[int] | None = None) -> list[dict]:
     from kernels import rms_norm as rn
 
     device = bench_device(smoke)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows, widths = (64, [64, 200]) if smoke else (16384, [768, 1024, 2048, 4096])
+    rows, default_widths = (64, [64, 200]) if smoke else (16384, [768, 1024, 2048, 4096])
+    widths = widths or default_widths
     records = [copy_bandwidth(device, smoke)]
     copy_gbps = records[0]["gbps"]
     kernels = {
