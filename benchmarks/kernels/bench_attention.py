@@ -8,8 +8,10 @@ ceiling, which T5 cannot use), forward / backward / full, TFLOP/s and peak memor
 
 Issue-4 targets (one H100, bf16, full pass): >= 2x SDPA+bias, >= 1.2x Flex, >= 60% of no-bias flash,
 memory linear in L. FLOPs counted the FlashAttention way for every provider alike: forward 4*B*H*Lq*Lk*D,
-backward 2.5x that, halved for causal. Modes: "enc" (bidirectional buckets, no mask, the encoder) and
-"dec" (unidirectional buckets + causal, decoder self-attention; d=64 only). The CPU smoke run leaves
+backward 2.5x that, halved for causal (padding is not subtracted: every provider gets the same count). Modes:
+"enc" (bidirectional buckets and a key padding mask, the encoder as the model runs it: row b keeps
+`valid_lengths` keys, 100% down to 75% of L) and "dec" (unidirectional buckets + causal, decoder
+self-attention; d=64 only). The no-bias flash ceiling runs without any mask (flash takes none): an upper bound. The CPU smoke run leaves
 FlexAttention out (no CPU backward) and times the interpreter, so its numbers mean nothing. Each shape also records the
 max |ours - SDPA+bias| of the forward output ("max_err_vs_sdpa") as a compiled correctness spot check.
 Results go to `<out>/t5_attention_<device>_<date>.json`.
@@ -49,18 +51,24 @@ def _providers(smoke: bool, device: torch.device, causal: bool) -> dict[str, Cal
     bidirectional = not causal
     out: dict[str, Callable] = {}
     if ours_available(device):
-        out["ours"] = lambda q, k, v, t: t5_attention(q, k, v, t, bidirectional=bidirectional, causal=causal,
-                                                      num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
+        def ours(q, k, v, t):
+            pad = None if causal else padding_mask(q.shape[0], q.shape[2], q.device)
+            return t5_attention(q, k, v, t, bidirectional=bidirectional, causal=causal, key_padding_mask=pad,
+                                num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
+
+        out["ours"] = ours
 
     def sdpa_bias(q, k, v, table):
-        # What Hugging Face T5 does: a materialised (1, H, L, L) bias (causal folded in as -inf-like min).
+        # What Hugging Face T5 does: a materialised bias, causal or padding folded in as the dtype's minimum.
         L = q.shape[2]
         bias = compute_position_bias(table, L, L, bidirectional=bidirectional, num_buckets=NUM_BUCKETS,
-                                     max_distance=MAX_DISTANCE).to(q.dtype)
+                                     max_distance=MAX_DISTANCE).to(q.dtype).expand(q.shape[0], -1, -1, -1)
         if causal:
             keep = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-            bias = bias.masked_fill(~keep, torch.finfo(q.dtype).min)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1), scale=1.0)
+        else:
+            keep = padding_mask(q.shape[0], L, q.device)[:, None, None, :]
+        bias = bias.masked_fill(~keep, torch.finfo(q.dtype).min)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
     out["sdpa_bias"] = sdpa_bias
     try:
@@ -80,13 +88,16 @@ def _providers(smoke: bool, device: torch.device, causal: bool) -> dict[str, Cal
                 idx = (kv_idx - q_idx).clamp(-MAX_DISTANCE, MAX_DISTANCE) + MAX_DISTANCE
                 return score + table[bucket_lut[idx], h].to(score.dtype)
 
-            block_mask = None
-            if causal:
-                L = q.shape[2]
-                if L not in masks:
-                    masks[L] = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, L, L,
-                                                 device=str(q.device))
-                block_mask = masks[L]
+            B, L = q.shape[0], q.shape[2]
+            if (B, L) not in masks:
+                if causal:
+                    masks[B, L] = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, L, L,
+                                                    device=str(q.device))
+                else:
+                    lengths = valid_lengths(B, L, q.device)
+                    masks[B, L] = create_block_mask(lambda b, h, qi, ki: ki < lengths[b], B, None, L, L,
+                                                    device=str(q.device))
+            block_mask = masks[B, L]
             return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
 
         flex_bucket.compiled = flex   # the record says how Flex ran (benchmarks/compiled.py)
@@ -103,6 +114,17 @@ def _providers(smoke: bool, device: torch.device, causal: bool) -> dict[str, Cal
 
     out["sdpa_nobias"] = sdpa_nobias
     return out
+
+
+def valid_lengths(batch: int, length: int, device) -> torch.Tensor:
+    """Keys kept per row in "enc" mode: 100% of L for the first row down to 75% for the last."""
+    frac = torch.linspace(1.0, 0.75, batch) if batch > 1 else torch.ones(1)
+    return (frac * length).long().clamp_min(1).to(device)
+
+
+def padding_mask(batch: int, length: int, device) -> torch.Tensor:
+    """(B, L) bool, True where a key is kept (the model's attention_mask)."""
+    return torch.arange(length, device=device)[None, :] < valid_lengths(batch, length, device)[:, None]
 
 
 def _inputs(batch, heads, length, head_dim, dtype, device):
