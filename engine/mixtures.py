@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from engine.data.packing import shift_right_ids
+
 METHODS = ("proportional", "temperature", "equal")
 TokenExample = dict  # {"inputs": list[int], "targets": list[int]}
 
@@ -232,7 +234,7 @@ def collate(examples: Sequence[TokenExample], pad_id: int = 0, decoder_start_id:
         attention_mask[row, : len(inputs)] = 1
         labels[row, : len(targets)] = torch.tensor(targets, dtype=torch.long)
         decoder_input_ids[row, 0] = decoder_start_id
-        decoder_input_ids[row, 1: len(targets)] = torch.tensor(targets[:-1], dtype=torch.long)
+        decoder_input_ids[row, : len(targets)] = torch.from_numpy(shift_right_ids(targets, decoder_start_id))
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": (labels != -100).long(),
             "labels": labels}

@@ -58,8 +58,12 @@ def next_fit_rows(lengths: Sequence[tuple[int, int]], inputs_length: int, target
     return rows
 
 
-def _shift_right_segments(tgt: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], tgt[:-1]]) if len(tgt) else tgt
+def shift_right_ids(tgt, start_id: int = 0) -> np.ndarray:
+    """One example's decoder inputs: its targets shifted one to the right behind `start_id` (T5's start id
+    is the pad id, 0: docs/T5.md). The data-side twin of models.t5.shift_right, which does the same to a
+    batch of labels; every data path (packing, unpacked rows, task mixtures) builds its rows with this one."""
+    tgt = np.asarray(tgt, dtype=np.int64)
+    return np.concatenate([[start_id], tgt[:-1]]).astype(np.int64) if len(tgt) else tgt
 
 
 def packed_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], inputs_length: int,
@@ -80,7 +84,7 @@ def packed_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], inp
             out["encoder_segment_ids"][r, pin:pin + n] = seg
             out["encoder_positions"][r, pin:pin + n] = np.arange(n)
             out["labels"][r, ptg:ptg + m] = tgt
-            out["decoder_input_ids"][r, ptg:ptg + m] = _shift_right_segments(tgt)
+            out["decoder_input_ids"][r, ptg:ptg + m] = shift_right_ids(tgt)
             out["decoder_segment_ids"][r, ptg:ptg + m] = seg
             out["decoder_positions"][r, ptg:ptg + m] = np.arange(m)
             pin += n
@@ -103,7 +107,7 @@ def dense_packed_batch(inputs: np.ndarray, targets: np.ndarray, inputs_length: i
     out["encoder_positions"][:, :n] = np.arange(n)
     out["labels"].fill(IGNORE_INDEX)
     out["labels"][:, :m] = targets
-    out["decoder_input_ids"][:, 1:m] = targets[:, :m - 1]
+    out["decoder_input_ids"][:, 1:m] = targets[:, :m - 1]   # shift_right_ids on every row at once (start id 0)
     out["decoder_segment_ids"][:, :m] = 1
     out["decoder_positions"][:, :m] = np.arange(m)
     return out
@@ -120,7 +124,7 @@ def unpacked_batch(examples: Sequence[Example], inputs_length: int, targets_leng
         out["input_ids"][r, :len(inp)] = inp
         out["attention_mask"][r, :len(inp)] = 1
         out["labels"][r, :len(tgt)] = tgt
-        out["decoder_input_ids"][r, :len(tgt)] = _shift_right_segments(tgt)
+        out["decoder_input_ids"][r, :len(tgt)] = shift_right_ids(tgt)
         out["decoder_attention_mask"][r, :len(tgt)] = 1
     return out
 
