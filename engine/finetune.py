@@ -41,7 +41,7 @@ import torch
 from engine import config as run_config
 from engine.tasks.evaluation import evaluate_tasks, gathered_copy, is_zero3_partitioned
 from engine.trainer import Trainer
-from models.adapters import GradualUnfreezer
+from engine.unfreezing import GradualUnfreezer
 
 __all__ = ["finetune_main", "FinetuneTrainer", "MixtureBatches", "evaluate_tasks", "parse_finetune_config"]
 

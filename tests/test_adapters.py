@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models.adapters import (GradualUnfreezer, add_adapters, freeze_for_adapters, load_adapters, remove_adapters,
+from engine.unfreezing import GradualUnfreezer
+from models.adapters import (add_adapters, freeze_for_adapters, load_adapters, remove_adapters,
                              save_adapters)
 from models.config import T5Config
 from models.t5 import T5ForConditionalGeneration
