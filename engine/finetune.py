@@ -1,6 +1,6 @@
 """`t5forge finetune`: fine-tune a pretrained T5 on text-to-text tasks, with the pretraining trainer.
 
-    t5forge finetune --config configs/finetune_sst2.toml
+    t5forge finetune --config engine/tasks/sst2_demo.toml
     t5forge finetune --config FILE --finetune.method adapters --finetune.d_adapter 64
     deepspeed --num_gpus 8 --module engine.finetune --config FILE --deepspeed.zero_stage 2
     deepspeed --num_gpus 2 --module engine.finetune --config FILE --run.device cpu   # 2 CPU ranks (gloo)
