@@ -27,6 +27,10 @@ class RunSection:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     engine: str = "auto"  # auto (deepspeed under its launcher or on a GPU) | deepspeed | local
     threads: int = 0  # torch intra-op threads per process; 0 = cores / local processes
+    # auto: on for CPU runs (bit-identical reruns at any thread count, about free there), off on GPUs |
+    # on (also on GPUs: PyTorch's deterministic algorithms, the attention kernel's deterministic bias
+    # gradient) | off
+    deterministic: str = "auto"
     demo: bool = True  # fill in a few corrupted sentences at the end of the run
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up (none on CPU)
     max_nonfinite_in_a_row: int = 5  # stop the run after this many skipped steps in a row
@@ -122,6 +126,7 @@ class RunConfig:
 # Allowed values of string keys; checked once in `validate`.
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
+    "run.deterministic": ("auto", "on", "off"),
     "run.engine": ("auto", "deepspeed", "local"),
     "model.kernel_backend": ("auto", "torch", "triton"),
     "optim.name": ("adafactor", "adamw"),

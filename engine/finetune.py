@@ -429,12 +429,13 @@ def build_finetune(argv: list[str]):
     from engine.optim import build_optimizer
     from engine.tasks import get_task
     from engine.tokenizer import Tokenizer
-    from engine.train import pick_device, seed_everything, set_threads
+    from engine.train import pick_device, seed_everything, set_determinism, set_threads
     from models.adapters import add_adapters, freeze_for_adapters
 
     cfg, ft, tasks = parse_finetune_config(argv)
     device = pick_device(cfg)
     set_threads(cfg)
+    set_determinism(cfg, device)
     kind = choose_engine(cfg, device)
     seed_everything(cfg.run.seed)
     model, tokenizer_file = load_init_model(ft, cfg, kind, device)

@@ -107,6 +107,24 @@ def set_threads(cfg: RunConfig) -> None:
     torch.set_num_threads(max(1, cores // max(1, local_procs)))
 
 
+def set_determinism(cfg: RunConfig, device: torch.device) -> bool:
+    """`run.deterministic`: PyTorch's deterministic algorithms (auto: on the CPU only); True when on.
+
+    On the CPU the one run-to-run difference at more than one thread was the relative-position bias
+    gradient: the backward of `table[buckets]` accumulates with atomic adds from several threads, in an
+    order that changes run to run; the deterministic path sorts the indices first (and is faster there).
+    On a GPU it also selects cuBLAS's fixed-workspace mode and the attention kernel's deterministic
+    bias-gradient reduction (models/attention_spec.py reads the switch)."""
+    mode = cfg.run.deterministic
+    on = mode == "on" or (mode == "auto" and device.type == "cpu")
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.backends.cudnn.benchmark = False
+    # warn_only: an op without a deterministic kernel warns instead of stopping the run.
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    return on
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -199,6 +217,7 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
         raise ValueError(f"config key 'model.preset': unknown preset {cfg.model.preset!r}; one of {', '.join(PRESETS)}")
     device = pick_device(cfg)
     set_threads(cfg)
+    set_determinism(cfg, device)
     kind = choose_engine(cfg, device)
     if data is None:
         from engine.tokenizer import Tokenizer
