@@ -96,6 +96,8 @@ class CheckpointSection:
     every: int = 250  # steps between checkpoints; the last step always saves
     keep_last: int = 3  # older checkpoints are deleted after a new one is complete
     resume: bool = True  # resume from run.dir/checkpoints/latest when it exists
+    # a damaged latest checkpoint: fallback (resume from the newest one that verifies, and say which) | error
+    on_damaged: str = "fallback"
 
 
 @dataclass
@@ -127,6 +129,7 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.deterministic": ("auto", "on", "off"),
+    "checkpoint.on_damaged": ("fallback", "error"),
     "run.engine": ("auto", "deepspeed", "local"),
     "model.kernel_backend": ("auto", "torch", "triton"),
     "optim.name": ("adafactor", "adamw"),

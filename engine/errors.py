@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 USER_ERRORS = (ValueError, OSError, UnicodeDecodeError, EOFError)
-MAX_CHARS = 400
+MAX_CHARS = 1000  # long paths fit; a dumped document (8,933 chars, seen in issue 15) does not
 
 
 def one_line(err: BaseException) -> str:

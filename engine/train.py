@@ -236,8 +236,13 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
     if data is None:
         data = build_data(cfg, files, tokenizer, engine.rank, engine.world_size)
     flops = model_config.flops_per_token(cfg.data.input_length, target_length(cfg))
+    extra = {"model_config": model_config.to_hf_dict()}
+    if tokenizer_file:  # what export / finetune / generate compare a tokenizer with
+        from engine.tokenizer import tokenizer_fingerprint
+
+        extra["tokenizer"] = tokenizer_fingerprint(tokenizer_file)
     trainer = Trainer(cfg, engine, data, flops_per_token=flops, tokenizer_file=tokenizer_file, device=device,
-                      extra_state={"model_config": model_config.to_hf_dict()})
+                      extra_state=extra)
     return trainer, model_config
 
 
@@ -428,6 +433,7 @@ def with_default_config(argv: list[str]) -> list[str]:
 
 
 def pretrain_main(argv: list[str]) -> int:
+    from engine.errors import USER_ERRORS, report
     from engine.trainer import NonFiniteLossError
 
     argv = _strip_launcher_args(list(argv))
@@ -446,9 +452,8 @@ def pretrain_main(argv: list[str]) -> int:
                   f"{trainer.engine.world_size} rank(s), {type(trainer.engine).__name__}, {where}; "
                   f"run dir {cfg.run.dir}", file=sys.stderr)
         result = trainer.train()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"t5forge pretrain: error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report("pretrain", err)
     except NonFiniteLossError as err:
         print(f"t5forge pretrain: {err}", file=sys.stderr)
         return 1
