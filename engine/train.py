@@ -383,16 +383,33 @@ def span_accuracy(model, batches) -> tuple[float, float, int]:
 def demo(model, cfg: RunConfig, tokenizer_file: str, file=None, eval_batches: int = 8) -> dict:
     """Show what the model learned: fills of masked words in sentences of its training text, and how
     often it predicts a masked token exactly compared with guessing the most frequent one."""
-    from engine.tokenizer import Tokenizer, iter_text_files
+    import logging
+
+    from engine.data.c4 import C4Reader
+    from engine.tokenizer import Tokenizer
 
     file = file or sys.stdout
     tokenizer = Tokenizer(tokenizer_file)
     files, _ = resolve_data(cfg)
-    # The first ~2 MB of the training text: the whole built-in corpus, a sample of a large one.
+    # The first ~2 MB of the training text: the whole built-in corpus, a sample of a large one. Read by
+    # the training's own reader, which skips what training skipped; it was reported once already.
+    data_log = logging.getLogger("t5forge.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    try:
+        return _demo(model, cfg, tokenizer, files, C4Reader(files, shuffle_buffer=0, shuffle_files=False,
+                                                            max_reported=0), file, eval_batches)
+    finally:
+        data_log.setLevel(level)
+
+
+def _demo(model, cfg: RunConfig, tokenizer, files, reader, file, eval_batches: int) -> dict:
     texts, size = [], 0
-    for line in iter_text_files(files):
-        texts.append(line)
-        size += len(line)
+    for doc in reader:
+        for line in doc.split("\n"):
+            if line.strip():
+                texts.append(line)
+                size += len(line)
         if size > 2_000_000:
             break
     was_training = model.training
@@ -419,6 +436,36 @@ def demo(model, cfg: RunConfig, tokenizer_file: str, file=None, eval_batches: in
           f"{exact}/{masked}", file=file)
     model.train(was_training)
     return {"accuracy": accuracy, "baseline": baseline, "tokens": tokens, "exact": exact, "masked": masked}
+
+
+def read_stats(data) -> dict[str, int]:
+    """Bad input lines the data reader(s) skipped so far, by kind, summed over loader workers: every
+    reader's counts live in the data state (`stats.bad`), which is what a resume restores too."""
+    totals: dict[str, int] = collections.Counter()
+
+    def walk(node):
+        if isinstance(node, dict):
+            bad = node.get("stats", {}).get("bad") if isinstance(node.get("stats"), dict) else None
+            if isinstance(bad, dict):
+                totals.update({k: int(v) for k, v in bad.items() if v})
+            for key, value in node.items():
+                if key != "stats":
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(data.state_dict() if hasattr(data, "state_dict") else {})
+    return dict(totals)
+
+
+def bad_input_summary(data) -> str:
+    """", 3 bad input lines skipped (invalid_json 2, corrupt_gzip 1)" or "" when none were."""
+    bad = read_stats(data)
+    if not bad:
+        return ""
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
+    return f", {sum(bad.values())} bad input lines skipped ({kinds})"
 
 
 def with_default_config(argv: list[str]) -> list[str]:
@@ -463,8 +510,8 @@ def pretrain_main(argv: list[str]) -> int:
             change = f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} in this run"
         else:
             change = f"already at run.max_steps = {cfg.run.max_steps}; raise it to train further"
-        print(f"t5forge pretrain: {how} at step {result.step} ({change}, {result.skipped_steps} skipped steps); "
-              f"checkpoint in {trainer.ckpt_root}", file=sys.stderr)
+        print(f"t5forge pretrain: {how} at step {result.step} ({change}, {result.skipped_steps} skipped steps"
+              f"{bad_input_summary(trainer.data)}); checkpoint in {trainer.ckpt_root}", file=sys.stderr)
         if (cfg.run.demo and not result.stopped_by_signal and trainer.tokenizer_file
                 and cfg.deepspeed.zero_stage < 3 and cfg.data.objective == "span_corruption"):
             demo(trainer.engine.module, cfg, trainer.tokenizer_file)
