@@ -107,11 +107,17 @@ def parse_finetune_config(argv: list[str]):
     for path in configs:
         doc = run_config.read_toml(path)
         where = f"{pathlib.Path(path)}: "
+        base = pathlib.Path(path).parent  # input paths of a config file are relative to it (engine/config.py)
+        run_config.resolve_input_paths(doc, base, run_config.INPUT_PATH_KEYS + ("finetune.init", "finetune.tokenizer"))
         _set_dataclass(ft, doc.pop("finetune", {}), where, "finetune.")
         entries = doc.pop("tasks", [])
         if entries:
             tasks = []
         for number, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+            if isinstance(entry, dict):
+                for key in ("train", "eval"):
+                    if key in entry:
+                        entry[key] = run_config.resolve_against(base, entry[key])
             task = TaskEntry()
             _set_dataclass(task, entry, where, f"tasks[{number}].")
             tasks.append(task)
@@ -554,7 +560,9 @@ def finetune_main(argv: list[str]) -> int:
         first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"),) * 2
         best = (f"; best {trainer.ft.eval_metric or 'score'} {trainer.best_score:.2f} at step {trainer.best_step} "
                 f"in {trainer.run_dir / 'best'}") if trainer.best_score is not None else ""
-        print(f"t5forge finetune: done at step {result.step} (loss {first:.3f} -> {last:.3f}){best}", file=sys.stderr)
+        how = "stopped by signal, checkpoint saved" if result.stopped_by_signal else "done"
+        print(f"t5forge finetune: {how} at step {result.step} of {trainer.cfg.run.max_steps} "
+              f"(loss {first:.3f} -> {last:.3f}){best}", file=sys.stderr)
     trainer.engine.close()
     return 0
 
