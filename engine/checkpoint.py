@@ -28,6 +28,7 @@ import torch
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
+MANIFEST = "manifest.json"
 
 
 def step_tag(step: int) -> str:
@@ -65,16 +66,113 @@ def write_text_atomic(path: pathlib.Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
+def _read_latest(pointer: pathlib.Path) -> str:
+    try:
+        return pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{pointer}: damaged (not a step name, binary bytes)") from None
+
+
 def latest_checkpoint(ckpt_root: pathlib.Path) -> pathlib.Path | None:
     """The step directory `latest` names, or None when the run has no complete checkpoint."""
     pointer = ckpt_root / LATEST
+    if pointer.is_dir():
+        raise ValueError(f"{pointer}: is a directory, not the pointer file")
     if not pointer.is_file():
         return None
-    tag = pointer.read_text(encoding="utf-8").strip()
+    tag = _read_latest(pointer)
     path = ckpt_root / tag
     if not STEP_DIR.match(tag) or not (path / "trainer_state.json").is_file():
-        raise ValueError(f"{pointer}: names {tag!r}, which is not a complete checkpoint directory")
+        raise ValueError(f"{pointer}: names {tag[:60]!r}, which is not a complete checkpoint directory")
     return path
+
+
+# --- verification on load -------------------------------------------------------------------------
+
+def write_manifest(directory: pathlib.Path) -> None:
+    """`manifest.json`: every file of a checkpoint with its size, written last (rank 0, in finalize)."""
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def verify_checkpoint(directory: pathlib.Path) -> None:
+    """Raise a ValueError naming the first damaged file of a step directory: a size other than the
+    manifest's, a missing file, a safetensors file whose header or length is wrong, invalid JSON, a
+    `.pt` file whose zip directory is broken (torch.save's format). Reads headers, not the tensors."""
+    import zipfile
+
+    from models.checkpoint import read_json_object, verify_safetensors
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    read_json_object(directory / "trainer_state.json", "trainer state")
+    manifest = directory / MANIFEST
+    if manifest.exists():  # checkpoints written before the manifest existed are checked by format only
+        files = read_json_object(manifest, "checkpoint manifest").get("files")
+        if not isinstance(files, dict):
+            raise ValueError(f"{manifest}: damaged checkpoint manifest (no 'files' object)")
+        for rel, size in files.items():
+            path = directory / rel
+            if not path.is_file():
+                raise ValueError(f"{path}: missing from the checkpoint (listed in {MANIFEST})")
+            if path.stat().st_size != size:
+                raise ValueError(f"{path}: damaged: {path.stat().st_size} bytes, the checkpoint wrote {size}")
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            verify_safetensors(path)
+        elif path.suffix == ".json":
+            read_json_object(path, "checkpoint file")
+        elif path.suffix == ".pt":
+            try:
+                with zipfile.ZipFile(path) as z:
+                    z.infolist()
+            except (zipfile.BadZipFile, OSError, EOFError):
+                raise ValueError(f"{path}: damaged (not a complete torch.save file; truncated?)") from None
+
+
+def step_dirs(ckpt_root: pathlib.Path) -> list[pathlib.Path]:
+    """Complete-looking step directories, newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted((p for p in ckpt_root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), reverse=True)
+
+
+def resumable_checkpoint(ckpt_root: pathlib.Path, fallback: bool = True) -> tuple[pathlib.Path | None, list[str]]:
+    """The checkpoint to resume from and the notes to print about damaged ones.
+
+    `latest` first; when it (or the pointer itself) is damaged and `fallback`, the newest older step
+    directory that verifies, with a note naming the damaged file and the one chosen. Nothing is
+    deleted: a damaged directory stays until a save of its step replaces it or pruning removes it."""
+    notes: list[str] = []
+    try:
+        latest = latest_checkpoint(ckpt_root)
+        if latest is None and not (ckpt_root / LATEST).exists():
+            candidates = step_dirs(ckpt_root)  # a run killed before its first pointer write has none
+            if not candidates:
+                return None, notes
+            latest = candidates[0]
+        verify_checkpoint(latest)
+        return latest, notes
+    except (ValueError, OSError) as err:
+        if not fallback:
+            raise ValueError(f"{err} (set checkpoint.on_damaged = \"fallback\" to resume from the newest good "
+                             "checkpoint)") from None
+        notes.append(f"checkpoint damaged: {err}")
+        failed = str(err)
+    for candidate in step_dirs(ckpt_root):
+        try:
+            verify_checkpoint(candidate)
+        except (ValueError, OSError) as err:
+            if str(err) != failed:
+                notes.append(f"checkpoint damaged: {err}")
+            continue
+        notes.append(f"resuming from {candidate.name}, the newest checkpoint that verifies")
+        return candidate, notes
+    raise ValueError(f"{notes[0].removeprefix('checkpoint damaged: ')}; and no older checkpoint in {ckpt_root} "
+                     "verifies (start a new run.dir, or set checkpoint.resume = false)")
 
 
 def remove_stale(ckpt_root: pathlib.Path) -> None:
@@ -89,6 +187,7 @@ def finalize(ckpt_root: pathlib.Path, step: int, keep_last: int) -> pathlib.Path
     """Rank 0, after every rank has written into the tmp directory: fsync, rename, point `latest`, prune."""
     tmp = ckpt_root / tmp_tag(step)
     final = ckpt_root / step_tag(step)
+    write_manifest(tmp)
     fsync_tree(tmp)
     if final.exists():  # a re-save of the same step (e.g. resumed and stopped at once): replace it
         trash = ckpt_root / f".tmp-old-{step_tag(step)}"
@@ -160,8 +259,13 @@ def load_rank_state(directory: pathlib.Path, rank: int) -> tuple[dict, dict]:
     path = directory / f"rank_{rank:05d}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (was the checkpoint written with a different number of ranks?)")
-    rng = torch.load(path, map_location="cpu", weights_only=True)
-    data = json.loads((directory / f"rank_{rank:05d}.data.json").read_text(encoding="utf-8"))
+    from models.checkpoint import read_json_object
+
+    try:
+        rng = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: damaged RNG state ({' '.join(str(err).split())[:120]})") from None
+    data = read_json_object(directory / f"rank_{rank:05d}.data.json", "data-loader state")
     return rng, data
 
 
@@ -170,7 +274,9 @@ def save_trainer_state(directory: pathlib.Path, state: dict) -> None:
 
 
 def load_trainer_state(directory: pathlib.Path) -> dict:
-    return json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+    from models.checkpoint import read_json_object
+
+    return read_json_object(directory / "trainer_state.json", "trainer state")
 
 
 def barrier_noop() -> None:

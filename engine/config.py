@@ -27,6 +27,10 @@ class RunSection:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     engine: str = "auto"  # auto (deepspeed under its launcher or on a GPU) | deepspeed | local
     threads: int = 0  # torch intra-op threads per process; 0 = cores / local processes
+    # auto: on for CPU runs (bit-identical reruns at any thread count, about free there), off on GPUs |
+    # on (also on GPUs: PyTorch's deterministic algorithms, the attention kernel's deterministic bias
+    # gradient) | off
+    deterministic: str = "auto"
     demo: bool = True  # fill in a few corrupted sentences at the end of the run
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up (none on CPU)
     max_nonfinite_in_a_row: int = 5  # stop the run after this many skipped steps in a row
@@ -92,6 +96,8 @@ class CheckpointSection:
     every: int = 250  # steps between checkpoints; the last step always saves
     keep_last: int = 3  # older checkpoints are deleted after a new one is complete
     resume: bool = True  # resume from run.dir/checkpoints/latest when it exists
+    # a damaged latest checkpoint: fallback (resume from the newest one that verifies, and say which) | error
+    on_damaged: str = "fallback"
 
 
 @dataclass
@@ -122,6 +128,8 @@ class RunConfig:
 # Allowed values of string keys; checked once in `validate`.
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
+    "run.deterministic": ("auto", "on", "off"),
+    "checkpoint.on_damaged": ("fallback", "error"),
     "run.engine": ("auto", "deepspeed", "local"),
     "model.kernel_backend": ("auto", "torch", "triton"),
     "optim.name": ("adafactor", "adamw"),
@@ -204,11 +212,19 @@ def _set(cfg: RunConfig, dotted: str, value, where: str = "") -> None:
 def read_toml(path: str | pathlib.Path) -> dict:
     """A config file's TOML document; a missing file or invalid TOML is a one-line error."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path}: is a directory, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    raw = path.read_bytes()
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: config file is not UTF-8 text (byte {err.start}; a binary file?)") from None
+    if not text.strip():
+        raise ValueError(f"{path}: config file is empty (leave out --config to use the defaults)")
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: invalid TOML: {err}") from None
 
@@ -222,8 +238,34 @@ def apply_sections(cfg: RunConfig, doc: dict, where: str = "") -> None:
             _set(cfg, f"{section_name}.{key}", value, where)
 
 
+# Input paths a config file names resolve against the file's own directory, so a config runs from any
+# working directory; run.dir (an output) and every command-line override stay relative to the working
+# directory. Absolute paths, `~` and "preset:..." are kept as they are.
+INPUT_PATH_KEYS = ("data.paths", "data.tokenizer")
+
+
+def resolve_against(base: pathlib.Path, value):
+    """`value` (a path or a list of them) made relative to `base` when it is a relative path."""
+    if isinstance(value, list):
+        return [resolve_against(base, v) for v in value]
+    if not isinstance(value, str) or not value or value.startswith(("~", "preset:")) or pathlib.Path(value).is_absolute():
+        return value
+    return str(base / value)
+
+
+def resolve_input_paths(doc: dict, base: pathlib.Path, keys=INPUT_PATH_KEYS) -> None:
+    """Rewrite, in place, the `keys` ("section.key") of a TOML document against `base`."""
+    for dotted in keys:
+        section, _, key = dotted.partition(".")
+        table = doc.get(section)
+        if isinstance(table, dict) and key in table:
+            table[key] = resolve_against(base, table[key])
+
+
 def apply_toml(cfg: RunConfig, path: str | pathlib.Path) -> None:
-    apply_sections(cfg, read_toml(path), f"{pathlib.Path(path)}: ")
+    doc = read_toml(path)
+    resolve_input_paths(doc, pathlib.Path(path).parent)
+    apply_sections(cfg, doc, f"{pathlib.Path(path)}: ")
 
 
 def parse_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:

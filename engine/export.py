@@ -17,6 +17,7 @@ import sys
 import torch
 
 from engine import checkpoint as ckpt
+from engine.errors import USER_ERRORS, report
 
 
 def find_checkpoint(run_dir: pathlib.Path, step: int | None) -> pathlib.Path:
@@ -32,6 +33,42 @@ def find_checkpoint(run_dir: pathlib.Path, step: int | None) -> pathlib.Path:
     if path is None:
         raise FileNotFoundError(f"{root}: no checkpoint (no 'latest' file)")
     return path
+
+
+def verify_for_export(path: pathlib.Path) -> None:
+    """The checkpoint verifies (engine/checkpoint.py); else one line naming the damaged file and the
+    older checkpoints that `--step N` can export instead."""
+    try:
+        ckpt.verify_checkpoint(path)
+    except ValueError as err:
+        older = [p.name for p in ckpt.step_dirs(path.parent) if p.name < path.name]
+        hint = f"; older checkpoints: {', '.join(older)} (export one with --step N)" if older else ""
+        raise ValueError(f"{err}{hint}") from None
+
+
+def check_output_dir(out: pathlib.Path, run_dir: pathlib.Path) -> None:
+    """OUT_DIR must be a directory (new or existing) outside the run's checkpoints."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT_DIR {out}: exists and is a file; give a directory (new or existing)")
+    ckpts = (run_dir / "checkpoints").resolve()
+    real = out.resolve()
+    if real == ckpts or ckpts in real.parents:
+        raise ValueError(f"OUT_DIR {out}: is inside the run's checkpoints ({ckpts}); exporting there would "
+                         "overwrite a checkpoint's files; choose another directory")
+
+
+def check_tokenizer_copy(path: pathlib.Path, state: dict, vocab_size: int) -> list[pathlib.Path]:
+    """The checkpoint's tokenizer/ copy: the same bytes the run recorded, and no more ids than the model."""
+    from engine.tokenizer import Tokenizer, check_same_tokenizer
+
+    models = sorted((path / "tokenizer").glob("*.model")) if (path / "tokenizer").is_dir() else []
+    for spm in models:
+        if isinstance(state.get("tokenizer"), dict):
+            check_same_tokenizer(spm, state["tokenizer"], f"checkpoint {path} (trainer_state.json)")
+        ids = Tokenizer(spm).vocab_size
+        if ids > vocab_size:
+            raise ValueError(f"{spm}: tokenizer has {ids} ids, more than the model's vocabulary of {vocab_size}")
+    return models
 
 
 def consolidated_state_dict(path: pathlib.Path, state: dict) -> dict[str, torch.Tensor]:
@@ -57,11 +94,18 @@ def export_checkpoint(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, 
     from models.config import T5Config
     from models.t5 import T5ForConditionalGeneration
 
-    path = find_checkpoint(pathlib.Path(run_dir), step)
+    run_dir, out = pathlib.Path(run_dir), pathlib.Path(out_dir)
+    path = find_checkpoint(run_dir, step)
+    check_output_dir(out, run_dir)
+    verify_for_export(path)
     state = ckpt.load_trainer_state(path)
-    if "model_config" not in state:
+    if not isinstance(state.get("model_config"), dict):
         raise ValueError(f"{path / 'trainer_state.json'}: no model_config (not written by t5forge pretrain)")
-    config = T5Config.from_hf_dict(state["model_config"])
+    try:
+        config = T5Config.from_hf_dict(state["model_config"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path / 'trainer_state.json'}: model_config: {err}") from None
+    tokenizers = check_tokenizer_copy(path, state, config.vocab_size)
     weights = consolidated_state_dict(path, state)
     with torch.device("meta"):
         model = T5ForConditionalGeneration(config)
@@ -74,9 +118,8 @@ def export_checkpoint(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, 
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
     model.load_state_dict({k: weights[k].float() for k in expected}, strict=True, assign=True)
-    out = pathlib.Path(out_dir)
     save_pretrained(model, out)
-    for spm in (path / "tokenizer").glob("*.model") if (path / "tokenizer").is_dir() else []:
+    for spm in tokenizers:
         shutil.copy2(spm, out / "spiece.model")
     return path
 
@@ -100,8 +143,7 @@ def export_main(argv: list[str]) -> int:
         return 2
     try:
         path = export_checkpoint(args[0], args[1], step)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"t5forge export: error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report("export", err)
     print(f"t5forge export: {path} -> {args[1]}")
     return 0

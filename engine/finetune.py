@@ -107,11 +107,17 @@ def parse_finetune_config(argv: list[str]):
     for path in configs:
         doc = run_config.read_toml(path)
         where = f"{pathlib.Path(path)}: "
+        base = pathlib.Path(path).parent  # input paths of a config file are relative to it (engine/config.py)
+        run_config.resolve_input_paths(doc, base, run_config.INPUT_PATH_KEYS + ("finetune.init", "finetune.tokenizer"))
         _set_dataclass(ft, doc.pop("finetune", {}), where, "finetune.")
         entries = doc.pop("tasks", [])
         if entries:
             tasks = []
         for number, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+            if isinstance(entry, dict):
+                for key in ("train", "eval"):
+                    if key in entry:
+                        entry[key] = run_config.resolve_against(base, entry[key])
             task = TaskEntry()
             _set_dataclass(task, entry, where, f"tasks[{number}].")
             tasks.append(task)
@@ -200,6 +206,38 @@ def import_task_module(name: str) -> None:
         raise ValueError(f"config key 'finetune.task_modules': cannot import {name!r} ({err})") from None
 
 
+def _own_tokenizers(init: pathlib.Path) -> list[pathlib.Path]:
+    """The tokenizer files an init directory (or a run directory's latest checkpoint) carries."""
+    from engine import checkpoint as ckpt
+
+    if (init / "checkpoints").is_dir():
+        init = ckpt.latest_checkpoint(init / "checkpoints") or init
+    own = [init / "spiece.model", *sorted((init / "tokenizer").glob("*.model"))]
+    return [p for p in own if p.is_file()]
+
+
+def init_tokenizer(ft: FinetuneSection, init: pathlib.Path) -> pathlib.Path:
+    """`finetune.tokenizer`, else the init directory's own; a given one must be byte-identical to the
+    init's own copy when it has one (the model learned those ids)."""
+    from engine.tokenizer import check_same_tokenizer
+
+    own = _own_tokenizers(init)
+    if ft.tokenizer:
+        given = pathlib.Path(ft.tokenizer)
+        if not given.is_file():
+            raise FileNotFoundError(f"config key 'finetune.tokenizer': file not found: {given}")
+        if own:
+            try:
+                check_same_tokenizer(given, own[0], f"finetune.init {init}")
+            except ValueError as err:
+                raise ValueError(f"config key 'finetune.tokenizer': {err}") from None
+        return given
+    if not own:
+        raise FileNotFoundError(f"config key 'finetune.tokenizer': no tokenizer in {init} (no spiece.model or "
+                                "tokenizer/*.model); set finetune.tokenizer")
+    return own[0]
+
+
 def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch.device | None = None):
     """The starting model and its tokenizer file: a Hugging Face directory, or one of our local-engine
     checkpoints (model.safetensors + trainer state holding the run config, tokenizer/ next to it).
@@ -236,12 +274,15 @@ def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch
         if latest is None:
             raise FileNotFoundError(f"config key 'finetune.init': {init}/checkpoints has no complete checkpoint")
         init = latest
-    tokenizer_candidates = [pathlib.Path(ft.tokenizer)] if ft.tokenizer else \
-        [init / "spiece.model", *sorted((init / "tokenizer").glob("*.model"))]
-    tokenizer_file = next((p for p in tokenizer_candidates if p.is_file()), None)
-    if tokenizer_file is None:
-        raise FileNotFoundError(f"config key 'finetune.tokenizer': no tokenizer found "
-                                f"(looked for {', '.join(map(str, tokenizer_candidates))})")
+    if (init / "trainer_state.json").is_file():  # one of our checkpoints: verified before use
+        try:
+            ckpt.verify_checkpoint(init)
+        except ValueError as err:
+            raise ValueError(f"config key 'finetune.init': {err}") from None
+    elif not (init / "config.json").is_file():
+        raise FileNotFoundError(f"config key 'finetune.init': {init} has neither config.json (a Hugging Face "
+                                "directory) nor trainer_state.json (a t5forge checkpoint)")
+    tokenizer_file = init_tokenizer(ft, init)
     overrides = {"kernel_backend": cfg.model.kernel_backend, "gradient_checkpointing": cfg.model.gradient_checkpointing}
     if cfg.model.dropout_rate >= 0:
         overrides["dropout_rate"] = cfg.model.dropout_rate
@@ -429,12 +470,13 @@ def build_finetune(argv: list[str]):
     from engine.optim import build_optimizer
     from engine.tasks import get_task
     from engine.tokenizer import Tokenizer
-    from engine.train import pick_device, seed_everything, set_threads
+    from engine.train import pick_device, seed_everything, set_determinism, set_threads
     from models.adapters import add_adapters, freeze_for_adapters
 
     cfg, ft, tasks = parse_finetune_config(argv)
     device = pick_device(cfg)
     set_threads(cfg)
+    set_determinism(cfg, device)
     kind = choose_engine(cfg, device)
     seed_everything(cfg.run.seed)
     model, tokenizer_file = load_init_model(ft, cfg, kind, device)
@@ -442,6 +484,13 @@ def build_finetune(argv: list[str]):
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"config key 'finetune.tokenizer': {tokenizer.vocab_size} ids do not fit the model's "
                          f"vocabulary of {model.config.vocab_size}")
+    if ft.tokenizer and not ft.init.startswith("preset:") and not _own_tokenizers(pathlib.Path(ft.init)):
+        from engine.tokenizer import check_fits_model  # no copy to compare with: at least the size
+
+        try:
+            check_fits_model(tokenizer.vocab_size, model.config.vocab_size, tokenizer_file, f"finetune.init {ft.init}")
+        except ValueError as err:
+            raise ValueError(f"config key 'finetune.tokenizer': {err}") from None
     unfreezer = None
     if ft.method == "adapters":
         add_adapters(model, ft.d_adapter)
@@ -486,6 +535,7 @@ def build_finetune(argv: list[str]):
 
 def finetune_main(argv: list[str]) -> int:
     from engine.train import _strip_launcher_args
+    from engine.errors import USER_ERRORS, report
     from engine.trainer import NonFiniteLossError
 
     argv = _strip_launcher_args(list(argv))
@@ -501,9 +551,8 @@ def finetune_main(argv: list[str]) -> int:
         if trainer.is_main:
             print(summary + (f", resuming at step {trainer.step}" if resumed else ""), file=sys.stderr)
         result = trainer.train()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"t5forge finetune: error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report("finetune", err)
     except NonFiniteLossError as err:
         print(f"t5forge finetune: {err}", file=sys.stderr)
         return 1
@@ -511,7 +560,9 @@ def finetune_main(argv: list[str]) -> int:
         first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"),) * 2
         best = (f"; best {trainer.ft.eval_metric or 'score'} {trainer.best_score:.2f} at step {trainer.best_step} "
                 f"in {trainer.run_dir / 'best'}") if trainer.best_score is not None else ""
-        print(f"t5forge finetune: done at step {result.step} (loss {first:.3f} -> {last:.3f}){best}", file=sys.stderr)
+        how = "stopped by signal, checkpoint saved" if result.stopped_by_signal else "done"
+        print(f"t5forge finetune: {how} at step {result.step} of {trainer.cfg.run.max_steps} "
+              f"(loss {first:.3f} -> {last:.3f}){best}", file=sys.stderr)
     trainer.engine.close()
     return 0
 

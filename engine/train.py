@@ -107,6 +107,24 @@ def set_threads(cfg: RunConfig) -> None:
     torch.set_num_threads(max(1, cores // max(1, local_procs)))
 
 
+def set_determinism(cfg: RunConfig, device: torch.device) -> bool:
+    """`run.deterministic`: PyTorch's deterministic algorithms (auto: on the CPU only); True when on.
+
+    On the CPU the one run-to-run difference at more than one thread was the relative-position bias
+    gradient: the backward of `table[buckets]` accumulates with atomic adds from several threads, in an
+    order that changes run to run; the deterministic path sorts the indices first (and is faster there).
+    On a GPU it also selects cuBLAS's fixed-workspace mode and the attention kernel's deterministic
+    bias-gradient reduction (models/attention_spec.py reads the switch)."""
+    mode = cfg.run.deterministic
+    on = mode == "on" or (mode == "auto" and device.type == "cpu")
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.backends.cudnn.benchmark = False
+    # warn_only: an op without a deterministic kernel warns instead of stopping the run.
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    return on
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -199,6 +217,7 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
         raise ValueError(f"config key 'model.preset': unknown preset {cfg.model.preset!r}; one of {', '.join(PRESETS)}")
     device = pick_device(cfg)
     set_threads(cfg)
+    set_determinism(cfg, device)
     kind = choose_engine(cfg, device)
     if data is None:
         from engine.tokenizer import Tokenizer
@@ -217,8 +236,13 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
     if data is None:
         data = build_data(cfg, files, tokenizer, engine.rank, engine.world_size)
     flops = model_config.flops_per_token(cfg.data.input_length, target_length(cfg))
+    extra = {"model_config": model_config.to_hf_dict()}
+    if tokenizer_file:  # what export / finetune / generate compare a tokenizer with
+        from engine.tokenizer import tokenizer_fingerprint
+
+        extra["tokenizer"] = tokenizer_fingerprint(tokenizer_file)
     trainer = Trainer(cfg, engine, data, flops_per_token=flops, tokenizer_file=tokenizer_file, device=device,
-                      extra_state={"model_config": model_config.to_hf_dict()})
+                      extra_state=extra)
     return trainer, model_config
 
 
@@ -359,16 +383,33 @@ def span_accuracy(model, batches) -> tuple[float, float, int]:
 def demo(model, cfg: RunConfig, tokenizer_file: str, file=None, eval_batches: int = 8) -> dict:
     """Show what the model learned: fills of masked words in sentences of its training text, and how
     often it predicts a masked token exactly compared with guessing the most frequent one."""
-    from engine.tokenizer import Tokenizer, iter_text_files
+    import logging
+
+    from engine.data.c4 import C4Reader
+    from engine.tokenizer import Tokenizer
 
     file = file or sys.stdout
     tokenizer = Tokenizer(tokenizer_file)
     files, _ = resolve_data(cfg)
-    # The first ~2 MB of the training text: the whole built-in corpus, a sample of a large one.
+    # The first ~2 MB of the training text: the whole built-in corpus, a sample of a large one. Read by
+    # the training's own reader, which skips what training skipped; it was reported once already.
+    data_log = logging.getLogger("t5forge.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    try:
+        return _demo(model, cfg, tokenizer, files, C4Reader(files, shuffle_buffer=0, shuffle_files=False,
+                                                            max_reported=0), file, eval_batches)
+    finally:
+        data_log.setLevel(level)
+
+
+def _demo(model, cfg: RunConfig, tokenizer, files, reader, file, eval_batches: int) -> dict:
     texts, size = [], 0
-    for line in iter_text_files(files):
-        texts.append(line)
-        size += len(line)
+    for doc in reader:
+        for line in doc.split("\n"):
+            if line.strip():
+                texts.append(line)
+                size += len(line)
         if size > 2_000_000:
             break
     was_training = model.training
@@ -397,6 +438,36 @@ def demo(model, cfg: RunConfig, tokenizer_file: str, file=None, eval_batches: in
     return {"accuracy": accuracy, "baseline": baseline, "tokens": tokens, "exact": exact, "masked": masked}
 
 
+def read_stats(data) -> dict[str, int]:
+    """Bad input lines the data reader(s) skipped so far, by kind, summed over loader workers: every
+    reader's counts live in the data state (`stats.bad`), which is what a resume restores too."""
+    totals: dict[str, int] = collections.Counter()
+
+    def walk(node):
+        if isinstance(node, dict):
+            bad = node.get("stats", {}).get("bad") if isinstance(node.get("stats"), dict) else None
+            if isinstance(bad, dict):
+                totals.update({k: int(v) for k, v in bad.items() if v})
+            for key, value in node.items():
+                if key != "stats":
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(data.state_dict() if hasattr(data, "state_dict") else {})
+    return dict(totals)
+
+
+def bad_input_summary(data) -> str:
+    """", 3 bad input lines skipped (invalid_json 2, corrupt_gzip 1)" or "" when none were."""
+    bad = read_stats(data)
+    if not bad:
+        return ""
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
+    return f", {sum(bad.values())} bad input lines skipped ({kinds})"
+
+
 def with_default_config(argv: list[str]) -> list[str]:
     """Without `--config`, the tiny run's file engine/configs/tiny.toml is the base (unless another
     preset is named), so `t5forge pretrain` with no arguments is exactly that file."""
@@ -409,6 +480,7 @@ def with_default_config(argv: list[str]) -> list[str]:
 
 
 def pretrain_main(argv: list[str]) -> int:
+    from engine.errors import USER_ERRORS, report
     from engine.trainer import NonFiniteLossError
 
     argv = _strip_launcher_args(list(argv))
@@ -427,9 +499,8 @@ def pretrain_main(argv: list[str]) -> int:
                   f"{trainer.engine.world_size} rank(s), {type(trainer.engine).__name__}, {where}; "
                   f"run dir {cfg.run.dir}", file=sys.stderr)
         result = trainer.train()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"t5forge pretrain: error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report("pretrain", err)
     except NonFiniteLossError as err:
         print(f"t5forge pretrain: {err}", file=sys.stderr)
         return 1
@@ -439,8 +510,8 @@ def pretrain_main(argv: list[str]) -> int:
             change = f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} in this run"
         else:
             change = f"already at run.max_steps = {cfg.run.max_steps}; raise it to train further"
-        print(f"t5forge pretrain: {how} at step {result.step} ({change}, {result.skipped_steps} skipped steps); "
-              f"checkpoint in {trainer.ckpt_root}", file=sys.stderr)
+        print(f"t5forge pretrain: {how} at step {result.step} ({change}, {result.skipped_steps} skipped steps"
+              f"{bad_input_summary(trainer.data)}); checkpoint in {trainer.ckpt_root}", file=sys.stderr)
         if (cfg.run.demo and not result.stopped_by_signal and trainer.tokenizer_file
                 and cfg.deepspeed.zero_stage < 3 and cfg.data.objective == "span_corruption"):
             demo(trainer.engine.module, cfg, trainer.tokenizer_file)

@@ -143,10 +143,15 @@ class Trainer:
         """Load RUN_DIR/checkpoints/latest if it exists (and checkpoint.resume); True when resumed."""
         if not self.cfg.checkpoint.resume:
             return False
-        path = ckpt.latest_checkpoint(self.ckpt_root)
+        path, notes = ckpt.resumable_checkpoint(self.ckpt_root, self.cfg.checkpoint.on_damaged == "fallback")
+        if self.is_main:
+            for note in notes:
+                print(f"t5forge {self.progress_label}: {note}", file=sys.stderr)
         if path is None:
             return False
-        self.load_state_dict(ckpt.load_trainer_state(path))
+        state = ckpt.load_trainer_state(path)
+        self.check_compatible(path, state)
+        self.load_state_dict(state)
         self.engine.load(self.ckpt_root, path.name)
         rng, data_state = ckpt.load_rank_state(path, self.engine.rank)
         if hasattr(self.data, "load_state_dict"):
@@ -156,6 +161,32 @@ class Trainer:
         self.logger.truncate_after(self.step)
         self._last_saved_step = self.step
         return True
+
+    # What may not change across a resume: the model's shape (preset, vocabulary) and the objective.
+    RUNTIME_MODEL_KEYS = ("kernel_backend", "gradient_checkpointing", "dropout_rate", "torch_dtype")
+
+    def check_compatible(self, path: pathlib.Path, state: dict) -> None:
+        """One line naming what differs between checkpoint `path` and this run: the model config (preset,
+        vocabulary), the objective, the tokenizer (its bytes, against the checkpoint's own copy)."""
+        from engine.tokenizer import check_same_tokenizer
+
+        where = f"checkpoint {path}"
+        saved, ours = state.get("model_config"), self.extra_state.get("model_config")
+        if isinstance(saved, dict) and isinstance(ours, dict):
+            diff = [f"{k} {saved.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(saved) | set(ours))
+                    if k not in self.RUNTIME_MODEL_KEYS and saved.get(k) != ours.get(k)]
+            if diff:
+                more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+                raise ValueError(f"{where} holds another model than this run builds: {'; '.join(diff[:4])}{more}; "
+                                 "resume with its model.preset / model.vocab_size / tokenizer, or use a new run.dir")
+        saved_objective = (state.get("config") or {}).get("data", {}).get("objective")
+        if saved_objective is not None and saved_objective != self.cfg.data.objective:
+            raise ValueError(f"{where} was trained with data.objective {saved_objective!r}, this run has "
+                             f"{self.cfg.data.objective!r}; use a new run.dir to change it")
+        if self.tokenizer_file:
+            own = sorted((path / "tokenizer").glob("*.model")) if (path / "tokenizer").is_dir() else []
+            if own:
+                check_same_tokenizer(self.tokenizer_file, own[0], where)
 
     # ------------------------------------------------------------------------------------- steps
     def _next_batch(self) -> dict:

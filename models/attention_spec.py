@@ -44,7 +44,8 @@ def build_attention_spec(config: T5Config, kernels: Kernels, q: torch.Tensor, *,
             bidirectional=bidirectional, num_buckets=config.relative_attention_num_buckets,
             max_distance=config.relative_attention_max_distance, scale=1.0, key_padding_mask=key_padding_mask,
             causal=causal, prefix_lengths=prefix_lengths, q_segment_ids=q_segment_ids,
-            kv_segment_ids=kv_segment_ids, **positions))
+            kv_segment_ids=kv_segment_ids, deterministic=torch.are_deterministic_algorithms_enabled(),
+            **positions))
     bias = None
     if table is not None:
         bias = compute_position_bias(table, q_len, kv_len, bidirectional=bidirectional,

@@ -142,11 +142,67 @@ def load_hf_state_dict(model: T5ForConditionalGeneration, hf: dict[str, torch.Te
 
 
 # --------------------------------------------------------------------------------- reading
-def _read_json(path: Path) -> Any:
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """A JSON document, or a one-line error naming the file (missing, a directory, binary, invalid)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: {what} is a directory, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): a damaged {what}?") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}): a damaged {what}?") from None
+
+
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    doc = read_json(path, what)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got a JSON {type(doc).__name__}")
+    return doc
+
+
+def verify_safetensors(path: str | os.PathLike) -> dict:
+    """Check a safetensors file's structure without reading its tensors: the 8-byte header length, the
+    JSON header, and that the tensors' data offsets cover the rest of the file exactly (a truncated or
+    padded file fails). Returns the header; raises a ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    size = path.stat().st_size
+    bad = f"{path}: damaged safetensors file"
+    if size < 8:
+        raise ValueError(f"{bad} ({size} bytes, shorter than its header; truncated?)")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, MAX_HEADER):
+            raise ValueError(f"{bad} (header of {n} bytes in a {size}-byte file; truncated or not safetensors)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{bad} (its header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{bad} (its header is not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"{bad} (tensor {name!r} has no valid data_offsets)")
+        end = max(end, offsets[1])
+    data = size - 8 - n
+    if end != data:
+        raise ValueError(f"{bad} (its tensors need {end} data bytes, the file holds {data}; "
+                         f"{'truncated' if end > data else 'trailing bytes'}?)")
+    return header
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
@@ -155,9 +211,13 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        verify_safetensors(path)
         return load_file(str(path))
     # weights_only=True: only tensors and plain containers are unpickled, never arbitrary code.
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: damaged or unreadable weights file ({' '.join(str(e).split())[:160]})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     return state
@@ -170,7 +230,7 @@ def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         if (d / single).is_file():
             return _load_file(d / single)
         if (d / index).is_file():
-            weight_map = _read_json(d / index).get("weight_map")
+            weight_map = read_json_object(d / index, "weight index").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{d / index}: no 'weight_map' object")
             tensors: dict[str, torch.Tensor] = {}
@@ -190,9 +250,10 @@ def read_config(directory: str | os.PathLike, **overrides: Any) -> T5Config:
         raise FileNotFoundError(f"checkpoint directory not found: {d}")
     if not (d / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"checkpoint directory has no {CONFIG_NAME}: {d}")
+    doc = read_json_object(d / CONFIG_NAME, "model config")
     try:
-        return T5Config.from_hf_dict(_read_json(d / CONFIG_NAME), **overrides)
-    except (ValueError, TypeError) as e:
+        return T5Config.from_hf_dict(doc, **overrides)
+    except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{d / CONFIG_NAME}: {e}") from None
 
 

@@ -138,3 +138,68 @@ def test_cli_clean_c4(tmp_path, capsys):
     bad.write_bytes(b"hello\n")
     assert data_main(["clean-c4", str(bad), "--out", str(out), "--no-language-filter"]) == 2
     assert "bad.wet: record 1: expected a 'WARC/1.0' header" in capsys.readouterr().err
+
+
+# --- nothing lost, one line per bad input (issue 15) ---------------------------------------------------
+
+def _run(capsys, *argv):
+    code = data_main(["clean-c4", *map(str, argv), "--no-language-filter"])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_cli_refuses_output_equal_to_an_input(tmp_path, capsys):
+    for gz in (False, True):
+        wet = _wet(tmp_path, [_page()], gz=gz)
+        before = wet.read_bytes()
+        code, err = _run(capsys, wet, "--out", wet)
+        assert code == 2 and "would destroy the input" in err and str(wet) in err
+        assert len([x for x in err.splitlines() if "error" in x]) == 1 and "Traceback" not in err
+        assert wet.read_bytes() == before
+        # through another spelling of the same file (a symlink, a relative path)
+        link = tmp_path / "link.wet"
+        link.unlink(missing_ok=True)
+        link.symlink_to(wet)
+        code, err = _run(capsys, wet, "--out", link)
+        assert code == 2 and wet.read_bytes() == before
+        assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cli_out_directory_and_missing_parent(tmp_path, capsys):
+    wet = _wet(tmp_path, [_page()])
+    code, err = _run(capsys, wet, "--out", tmp_path)
+    assert code == 2 and "is a directory" in err and str(tmp_path) in err
+    code, err = _run(capsys, wet, "--out", tmp_path / "no" / "such" / "x.json")
+    assert code == 2 and "does not exist" in err
+
+
+def test_cli_truncated_non_gzip_and_empty_inputs(tmp_path, capsys):
+    good = _wet(tmp_path, [_page()], gz=True)
+    data = good.read_bytes()
+    truncated = tmp_path / "trunc.wet.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    not_gzip = tmp_path / "plain.wet.gz"
+    not_gzip.write_bytes(b"WARC/1.0\r\n not gzip at all\r\n")
+    empty = tmp_path / "empty.wet"
+    empty.write_bytes(b"")
+    out = tmp_path / "out.json.gz"
+    out.write_bytes(b"earlier output")
+    for bad, words in [(truncated, "truncated gzip"), (not_gzip, "not a valid gzip"), (empty, "empty WET"),
+                       (tmp_path, "is a directory")]:
+        code, err = _run(capsys, good, bad, "--out", out)
+        assert code == 2, bad
+        assert words in err and str(bad) in err and "Traceback" not in err
+        assert len([x for x in err.splitlines() if "error" in x]) == 1
+        assert out.read_bytes() == b"earlier output"          # the earlier output is untouched
+        assert not list(tmp_path.glob("*.tmp")), bad            # and no temporary file is left
+
+
+def test_cli_bad_words_and_threshold_errors(tmp_path, capsys):
+    wet = _wet(tmp_path, [_page()])
+    binary = tmp_path / "words.bin"
+    binary.write_bytes(b"\xd0\xff\x00\x81" * 10)
+    code = data_main(["clean-c4", str(wet), "--out", str(tmp_path / "o.json"), "--bad-words", str(binary)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(binary) in err and "UTF-8" in err
+    code, err = _run(capsys, wet, "--out", tmp_path / "o.json", "--language-threshold", "5")
+    assert code == 2 and "--language-threshold" in err

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from typing import Callable, Iterator, Sequence
 
 END_MARKS = (".", "?", "!", '"', "\u201d")
@@ -44,14 +45,33 @@ class WetRecord:
 
 def iter_wet_records(path: str) -> Iterator[WetRecord]:
     """Conversion records of a WARC WET file (gzip or plain); warcinfo and others are skipped."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"WET file not found: {path}")
+    check_input_file(path, "WET file")
     opener = gzip.open if path.endswith(".gz") else open
+    try:
+        yield from _read_wet(path, opener)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        what = "truncated gzip file" if isinstance(err, EOFError) else f"not a valid gzip file ({err})"
+        raise ValueError(f"{path}: {what}") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
+def check_input_file(path: str, what: str) -> None:
+    """A readable regular file, or a one-line error naming it (a directory is not "not found")."""
+    if os.path.isdir(path):
+        raise ValueError(f"{what} is a directory, not a file: {path}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
+def _read_wet(path: str, opener) -> Iterator[WetRecord]:
     with opener(path, "rb") as f:
         record_no = 0
         while True:
             line = f.readline()
             if not line:
+                if record_no == 0:
+                    raise ValueError(f"{path}: empty WET file (no WARC records)")
                 return
             if not line.strip():
                 continue
@@ -87,10 +107,14 @@ def split_sentences(text: str) -> list[str]:
 def load_bad_words(path: str | None = None) -> tuple[list[str] | None, str]:
     """(words, where they came from); words is None when no list is available."""
     if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--bad-words file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            words = [w.strip().lower() for w in f if w.strip() and not w.startswith("#")]
+        check_input_file(path, "--bad-words file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                words = [w.strip().lower() for w in f if w.strip() and not w.startswith("#")]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: --bad-words file is not UTF-8 text (byte {err.start})") from None
+        if not words:
+            raise ValueError(f"{path}: --bad-words file holds no words")
         return words, path
     try:
         import better_profanity
@@ -227,21 +251,48 @@ class C4Cleaner:
         return page, reason
 
 
+def check_output_path(out: str, inputs: Sequence[str], flag: str = "--out") -> None:
+    """Refuse an output that would overwrite (or sit inside) an input, or that is a directory."""
+    if os.path.isdir(out):
+        raise ValueError(f"{flag} {out}: is a directory; give a file name such as {os.path.join(out, 'c4.json.gz')}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{flag} {out}: directory {parent} does not exist")
+    real_out = os.path.realpath(out)
+    for p in inputs:
+        real_in = os.path.realpath(p)
+        same = real_out == real_in or (os.path.exists(out) and os.path.exists(p) and os.path.samefile(out, p))
+        inside = real_out.startswith(real_in.rstrip(os.sep) + os.sep)
+        if same or inside or os.path.realpath(out + ".tmp") == real_in:
+            raise ValueError(f"{flag} {out}: is {'an input' if same or not inside else 'inside input'} {p}; "
+                             "writing it would destroy the input; choose another output path")
+
+
 def clean_wet_files(paths: Sequence[str], out: str, cleaner: C4Cleaner) -> int:
-    """Write allenai/c4-style JSON lines of the pages that pass; returns the number written."""
+    """Write allenai/c4-style JSON lines of the pages that pass; returns the number written.
+
+    Written to `OUT.tmp` and renamed at the end: a failed run removes the temporary file and leaves
+    any earlier OUT as it was."""
     for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"WET file not found: {p}")
+        check_input_file(p, "WET file")
+    check_output_path(out, paths)
     written = 0
     tmp = out + ".tmp"
     opener = gzip.open if out.endswith(".gz") else open
-    with opener(tmp, "wt", encoding="utf-8") as f:
-        for path in paths:
-            for rec in iter_wet_records(path):
-                page, _ = cleaner.clean(rec.text)
-                if page is not None:
-                    f.write(json.dumps({"text": page, "timestamp": rec.date, "url": rec.url},
-                                       ensure_ascii=False) + "\n")
-                    written += 1
-    os.replace(tmp, out)  # a crash never leaves a half-written shard under the final name
+    try:
+        with opener(tmp, "wt", encoding="utf-8") as f:
+            for path in paths:
+                for rec in iter_wet_records(path):
+                    page, _ = cleaner.clean(rec.text)
+                    if page is not None:
+                        f.write(json.dumps({"text": page, "timestamp": rec.date, "url": rec.url},
+                                           ensure_ascii=False) + "\n")
+                        written += 1
+        os.replace(tmp, out)  # a crash never leaves a half-written shard under the final name
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     return written

@@ -7,10 +7,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.data.clean_c4 import C4Cleaner, C4Rules, clean_wet_files, langdetect_detector, load_bad_words
+from engine.errors import one_line
+from engine.data.clean_c4 import (C4Cleaner, C4Rules, check_input_file, check_output_path, clean_wet_files,
+                                  langdetect_detector, load_bad_words)
 
 
 def _clean_c4(args) -> int:
+    if not 0.0 <= args.language_threshold <= 1.0:
+        raise ValueError(f"--language-threshold: a probability in [0, 1], got {args.language_threshold}")
+    for path in args.wet_files:  # every path checked before any work (and before any note is printed)
+        check_input_file(path, "WET file")
+    check_output_path(args.out, args.wet_files)
     words, words_from = load_bad_words(args.bad_words)
     detector, lang_from = (None, "English filter off (--no-language-filter)") if args.no_language_filter \
         else langdetect_detector()
@@ -43,6 +50,6 @@ def data_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return _clean_c4(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"t5forge data {args.cmd}: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"t5forge data {args.cmd}: error: {one_line(exc)}", file=sys.stderr)
         return 2
