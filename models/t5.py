@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention_spec import AttentionSpec, build_attention_spec
 from .backends import Kernels, choose_kernels
 from .config import T5Config
+from .kv_cache import StaticCache, cache_length, cross_kv, extend_self
 
 # Per layer: (self_k, self_v, cross_k, cross_v), each (B, H, L, D).
 LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -128,17 +129,16 @@ class T5Attention(nn.Module):
         return tuple(x[:, :, i].transpose(1, 2) for i in range(parts))
 
     def forward(self, x: torch.Tensor, spec: AttentionSpec, kv_input: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Self-attention, or cross-attention over `kv_input`. `past`: cached (k, v); self-attention
-        appends the new keys to it, cross-attention reuses it as it is (the encoder output is fixed)."""
+                past: Any = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Self-attention, or cross-attention over `kv_input`. `past`: the layer's cache (models/kv_cache.py:
+        a (self_k, self_v[, cross_k, cross_v]) tuple or a StaticCache layer); self-attention appends the new
+        keys to it, cross-attention reuses its keys (the encoder output is fixed)."""
         if self.cross:
             (q,) = self._heads(self.q(x), 1)
-            k, v = past if past is not None else self._heads(self.kv(kv_input), 2)
+            k, v = cross_kv(past, lambda: self._heads(self.kv(kv_input), 2))
         else:
             q, k, v = self._heads(self.qkv(x), 3)
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            k, v = extend_self(past, k, v)
         dropout = self.config.dropout_rate if self.training else 0.0
         if spec.kernel is not None:
             # Attention dropout runs inside the kernel (mask regenerated in backward from a per-call seed).
@@ -218,16 +218,15 @@ class T5Block(nn.Module):
                 past: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor, LayerCache | None]:
         attn = self.layer[0]
         normed, stream = attn.layer_norm(stream, delta, kernels)
-        out, self_kv = attn.SelfAttention(normed, self_spec, past=None if past is None else past[:2])
+        out, self_kv = attn.SelfAttention(normed, self_spec, past=past)
         delta = attn.dropout(out)
         cache = self_kv  # a decoder-only stack (models/decoder_only.py) caches self-attention only
         if self.is_decoder:
             cross = self.layer[1]
             normed, stream = cross.layer_norm(stream, delta, kernels)
-            out, cross_kv = cross.EncDecAttention(normed, cross_spec, kv_input=encoder_hidden,
-                                                  past=None if past is None else past[2:])
+            out, enc_kv = cross.EncDecAttention(normed, cross_spec, kv_input=encoder_hidden, past=past)
             delta = cross.dropout(out)
-            cache = (*self_kv, *cross_kv)
+            cache = (*self_kv, *enc_kv)
         ff = self.layer[-1]
         normed, stream = ff.layer_norm(stream, delta, kernels)
         return stream, ff.dropout(ff.DenseReluDense(normed, kernels)), cache
@@ -397,31 +396,38 @@ class T5ForConditionalGeneration(nn.Module):
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
                attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
                encoder_segment_ids: torch.Tensor | None = None, decoder_segment_ids: torch.Tensor | None = None,
-               decoder_positions: torch.Tensor | None = None, past_key_values: list[LayerCache] | None = None,
-               use_cache: bool = False, inputs_embeds: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, list[LayerCache] | None]:
-        """Decoder output (B, L_new, d_model) for `decoder_input_ids` following `past_key_values`."""
+               decoder_positions: torch.Tensor | None = None, past_key_values: Any = None,
+               use_cache: bool = False, inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """Decoder output (B, L_new, d_model) for `decoder_input_ids` following `past_key_values`: a list of
+        per-layer tuples (grown by torch.cat) or a `StaticCache` (written in place and returned)."""
         if (encoder_segment_ids is None) != (decoder_segment_ids is None):
             raise ValueError("packed inputs need both encoder_segment_ids and decoder_segment_ids")
         embeds = self.shared(decoder_input_ids) if inputs_embeds is None else inputs_embeds
         if decoder_segment_ids is not None and decoder_positions is None:
             decoder_positions = segment_positions(decoder_segment_ids)
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
-        q_len = decoder_input_ids.shape[1]
+        past_len, q_len = cache_length(past_key_values), decoder_input_ids.shape[1]
+        static = isinstance(past_key_values, StaticCache)
         if decoder_attention_mask is not None and decoder_attention_mask.shape[1] != past_len + q_len:
             raise ValueError(f"decoder_attention_mask has length {decoder_attention_mask.shape[1]}; with "
                              f"{past_len} cached positions it must cover {past_len + q_len}")
         cfg = self.config
         kernels = self.kernels(embeds.device)
+        q_positions = decoder_positions
+        if static and decoder_positions is None and kernels.attention is None:
+            q_positions = past_key_values.query_positions(q_len)  # a device tensor: the same graph every step
         self_spec = build_attention_spec(cfg, kernels, embeds, table=self.decoder.bias_table, q_len=q_len,
-                                         kv_len=past_len + q_len, bidirectional=False, causal=True,
-                                         key_padding_mask=decoder_attention_mask, q_segment_ids=decoder_segment_ids,
-                                         kv_segment_ids=decoder_segment_ids, q_positions=decoder_positions,
-                                         kv_positions=decoder_positions, q_offset=past_len)
+                                         kv_len=past_key_values.max_length if static else past_len + q_len,
+                                         bidirectional=False, causal=True, key_padding_mask=decoder_attention_mask,
+                                         q_segment_ids=decoder_segment_ids, kv_segment_ids=decoder_segment_ids,
+                                         q_positions=q_positions, kv_positions=decoder_positions, q_offset=past_len)
         cross_spec = build_attention_spec(cfg, kernels, embeds, table=None, q_len=q_len,
                                           kv_len=encoder_hidden.shape[1], key_padding_mask=attention_mask,
                                           q_segment_ids=decoder_segment_ids, kv_segment_ids=encoder_segment_ids)
-        return self.decoder(embeds, kernels, self_spec, cross_spec, encoder_hidden, past_key_values, use_cache)
+        if not static:
+            return self.decoder(embeds, kernels, self_spec, cross_spec, encoder_hidden, past_key_values, use_cache)
+        hidden, _ = self.decoder(embeds, kernels, self_spec, cross_spec, encoder_hidden, past_key_values.layers)
+        past_key_values.advance(q_len)
+        return hidden, past_key_values
 
     def lm_logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
         if self.config.tie_word_embeddings:
@@ -430,25 +436,19 @@ class T5ForConditionalGeneration(nn.Module):
         return self.lm_head(decoder_hidden)
 
     def decode_step(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None, past_key_values: list[LayerCache] | None = None
-                    ) -> tuple[torch.Tensor, list[LayerCache]]:
-        """Incremental decoding: logits (B, L_new, vocab) of the new tokens and the grown cache.
+                    attention_mask: torch.Tensor | None = None, past_key_values: Any = None) -> tuple[torch.Tensor, Any]:
+        """Incremental decoding: logits (B, L_new, vocab) of the new tokens and the cache (models/kv_cache.py).
 
         The first call computes each layer's cross-attention K/V from `encoder_hidden`; later calls reuse
-        them and append the new self-attention K/V.
+        them and add the new self-attention K/V (in place into a `StaticCache`, by torch.cat otherwise).
         """
         hidden, cache = self.decode(decoder_input_ids, encoder_hidden, attention_mask,
                                     past_key_values=past_key_values, use_cache=True)
         return self.lm_logits(hidden), cache
 
-    @staticmethod
-    def reorder_cache(past_key_values: list[LayerCache], index: torch.Tensor) -> list[LayerCache]:
-        """Select batch rows of every cached tensor (beam search)."""
-        return [tuple(t.index_select(0, index) for t in layer) for layer in past_key_values]
-
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        """Greedy (`num_beams=1`) or beam search over the KV cache; options and the returned
-        `GenerationOutput` (sequences, scores) are documented in `models.generation.generate`."""
+        """Hugging Face's `generate` arguments and meanings (greedy, beam search with T5X's length penalty,
+        sampling; `generator=` seeds it): see `models.generation.generate` and docs/GENERATION.md."""
         from .generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)

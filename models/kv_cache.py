@@ -1,0 +1,127 @@
+"""The decoder's key/value caches: the static cache (preallocated, written in place) and the list of
+per-layer tuples that grows by `torch.cat` (the "dynamic" cache, also what `forward(use_cache=True)` returns).
+
+    cache = StaticCache(model.config, rows=B * beams, max_length=64, device="cpu")
+    logits, cache = model.decode_step(tokens, encoder_hidden, mask, cache)   # same object, one position on
+    cache.reorder(beam_index)                                                # beam search, in place
+
+Static cache: per decoder layer, self-attention K and V buffers (rows, H, max_length, D) allocated once; a
+step writes its new K/V at the cache's position with `index_copy_` (the position is a device tensor, advanced
+in place) and attends over the whole buffer, the unwritten tail hidden by the causal rule (keys after the
+query's position are invisible). Every step therefore has the same shapes and the same buffer addresses, as
+CUDA graphs and `torch.compile(mode="reduce-overhead")` need. With the reference attention the query position
+comes from that tensor; the flash kernel gets it as `q_offset`, which also ends its key loop at the written
+length. The cross-attention K/V (from the encoder output) are computed by the first step and kept.
+
+Beam reordering selects the rows of the written prefix into the same buffers; the cross-attention K/V are
+left alone (beams move only within their own example, whose rows share the encoder output).
+
+Dynamic cache: `[(self_k, self_v, cross_k, cross_v), ...]`; every step concatenates the new K/V (a copy of
+the whole cache per token).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class StaticCache:
+    def __init__(self, config, rows: int, max_length: int, device: torch.device | str):
+        if max_length < 1:
+            raise ValueError(f"StaticCache: max_length must be >= 1, got {max_length}")
+        self.shape = (rows, config.num_heads, max_length, config.d_kv)
+        n = config.num_decoder_layers
+        # Allocated by the first write, in the dtype the projections produce (autocast included).
+        self.keys: list[torch.Tensor | None] = [None] * n
+        self.values: list[torch.Tensor | None] = [None] * n
+        self.cross: list[KV | None] = [None] * n
+        self.max_length, self.length = max_length, 0
+        self.position = torch.zeros((), dtype=torch.long, device=device)   # next position to write
+        self.layers = [StaticLayer(self, i) for i in range(n)]
+
+    def query_positions(self, q_len: int) -> torch.Tensor:
+        """(1, q_len) absolute positions of the tokens being fed now."""
+        return (self.position + torch.arange(q_len, device=self.position.device))[None]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """Store the new keys/values at the current position; returns the whole buffers."""
+        q_len = k.shape[2]
+        if self.length + q_len > self.max_length:
+            raise ValueError(f"StaticCache: {self.length} positions written, {q_len} more exceed max_length="
+                             f"{self.max_length}")
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_zeros(self.shape)
+            self.values[layer] = v.new_zeros(self.shape)
+        index = self.query_positions(q_len)[0]
+        self.keys[layer].index_copy_(2, index, k.to(self.keys[layer].dtype))
+        self.values[layer].index_copy_(2, index, v.to(self.values[layer].dtype))
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+        self.position += n
+
+    @torch.no_grad()
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search), in place; only the written prefix is moved."""
+        end = self.length
+        for buf in (*self.keys, *self.values):
+            if buf is not None:
+                buf[:, :, :end] = buf[:, :, :end].index_select(0, index)
+
+    def nbytes(self) -> int:
+        tensors = [t for t in (*self.keys, *self.values) if t is not None]
+        tensors += [t for kv in self.cross if kv is not None for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class StaticLayer:
+    """One decoder layer's view of a StaticCache (what a block receives as `past`)."""
+
+    def __init__(self, cache: StaticCache, index: int):
+        self.cache, self.index = cache, index
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> KV:
+        return self.cache.write(self.index, k, v)
+
+    def cross_kv(self, compute: Callable[[], KV]) -> KV:
+        if self.cache.cross[self.index] is None:
+            self.cache.cross[self.index] = compute()
+        return self.cache.cross[self.index]
+
+
+def extend_self(past, k: torch.Tensor, v: torch.Tensor) -> KV:
+    """Self-attention keys/values after this step: new ones appended to `past` (either kind of cache)."""
+    if past is None:
+        return k, v
+    if isinstance(past, StaticLayer):
+        return past.extend(k, v)
+    return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+
+
+def cross_kv(past, compute: Callable[[], KV]) -> KV:
+    """Cross-attention keys/values: from the cache when it has them, else computed."""
+    if past is None:
+        return compute()
+    if isinstance(past, StaticLayer):
+        return past.cross_kv(compute)
+    return past[2], past[3]
+
+
+def cache_length(past) -> int:
+    """Positions already cached (0 without a cache)."""
+    if past is None:
+        return 0
+    return past.length if isinstance(past, StaticCache) else past[0][0].shape[2]
+
+
+def reorder_dynamic(past: list[tuple[torch.Tensor, ...]], index: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Beam reordering of a torch.cat cache: self-attention rows follow `index`, cross-attention stays."""
+    return [(k.index_select(0, index), v.index_select(0, index), *rest) for k, v, *rest in past]
+
+
+def dynamic_nbytes(past) -> int:
+    return sum(t.numel() * t.element_size() for layer in past for t in layer)
