@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .config import T5Config
+from .generation_config import GenerationConfig, read_generation_config, write_generation_config
 from .t5 import T5ForConditionalGeneration
 
 CONFIG_NAME = "config.json"
@@ -215,6 +216,8 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | str = 
     if dtype != "auto":
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    # generate()'s defaults for this checkpoint (models/generation_config.py), when it has the file.
+    model.generation_config = read_generation_config(directory) or GenerationConfig()
     return model.to(device)
 
 
@@ -232,7 +235,8 @@ def _parse_size(size: int | str) -> int:
 
 def save_pretrained(model: T5ForConditionalGeneration, directory: str | os.PathLike, *,
                     max_shard_size: int | str = "5GB") -> None:
-    """Write `config.json` and safetensors weights (sharded with an index above `max_shard_size`)."""
+    """Write `config.json`, `generation_config.json` (the model's `generation_config`, else the defaults)
+    and safetensors weights (sharded with an index above `max_shard_size`)."""
     from safetensors.torch import save_file
 
     d = Path(directory)
@@ -246,6 +250,9 @@ def save_pretrained(model: T5ForConditionalGeneration, directory: str | os.PathL
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(max(dtypes, key=lambda t: t.itemsize)).removeprefix("torch.")
     (d / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    generation = getattr(model, "generation_config", None)
+    write_generation_config(generation if isinstance(generation, GenerationConfig) else GenerationConfig(), d,
+                            model.config)
 
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
