@@ -128,7 +128,8 @@ def test_seeded_sampling_draws_identical_to_transformers():
     hf, ours = _pair("v1.1", seed=11)
     ids, mask = _batch(seed=12)
     cases = (dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(top_k=0, top_p=0.95, temperature=1.3),
-             dict(num_return_sequences=3, top_k=10), dict(num_beams=2, top_k=8), dict(repetition_penalty=1.5))
+             dict(num_return_sequences=3, top_k=10), dict(num_beams=2, top_k=8), dict(num_beams=2, top_p=0.05),
+             dict(repetition_penalty=1.5))
     for args in cases:
         for seed in (0, 1):
             torch.manual_seed(seed)
