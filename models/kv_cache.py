@@ -7,13 +7,15 @@ per-layer tuples that grows by `torch.cat` (the "dynamic" cache, also what `forw
 
 Static cache: per decoder layer, self-attention K and V buffers (rows, H, max_length, D) allocated once; a
 step writes its new K/V at the cache's position with `index_copy_` (the position is a device tensor, advanced
-in place) and attends over the whole buffer, the unwritten tail hidden by the causal rule (keys after the
-query's position are invisible). Every step therefore has the same shapes and the same buffer addresses, as
-CUDA graphs and `torch.compile(mode="reduce-overhead")` need. With the reference attention the query position
+in place). On CUDA (`full_length`) a step attends over the whole buffer, the unwritten tail hidden by the
+causal rule (keys after the query's position are invisible): every step has the same shapes and the same
+buffer addresses, as CUDA graphs and `torch.compile(mode="reduce-overhead")` need. Elsewhere it attends over
+a view of the written prefix (no copy, no work on the tail). With the reference attention the query position
 comes from that tensor; the flash kernel gets it as `q_offset`, which also ends its key loop at the written
 length. The cross-attention K/V (from the encoder output) are computed by the first step and kept.
 
-Beam reordering selects the rows of the written prefix into the same buffers; the cross-attention K/V are
+Beam reordering copies, within the same buffers, the written prefix of the rows whose beam changed (rows
+that survive in place are not touched); the cross-attention K/V are
 left alone (beams move only within their own example, whose rows share the encoder output).
 
 Dynamic cache: `[(self_k, self_v, cross_k, cross_v), ...]`; every step concatenates the new K/V (a copy of
@@ -28,8 +30,14 @@ import torch
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
+# Devices where a step attends over the whole buffer (fixed shapes, for CUDA graphs); elsewhere it attends over
+# a view of the written prefix (no copy either, and no work on the unwritten tail).
+FULL_LENGTH_DEVICES = ("cuda",)
+
+
 class StaticCache:
-    def __init__(self, config, rows: int, max_length: int, device: torch.device | str):
+    def __init__(self, config, rows: int, max_length: int, device: torch.device | str,
+                 full_length: bool | None = None):
         if max_length < 1:
             raise ValueError(f"StaticCache: max_length must be >= 1, got {max_length}")
         self.shape = (rows, config.num_heads, max_length, config.d_kv)
@@ -40,14 +48,22 @@ class StaticCache:
         self.cross: list[KV | None] = [None] * n
         self.max_length, self.length = max_length, 0
         self.position = torch.zeros((), dtype=torch.long, device=device)   # next position to write
+        self._positions: torch.Tensor | None = None
+        self.full_length = torch.device(device).type in FULL_LENGTH_DEVICES if full_length is None else full_length
         self.layers = [StaticLayer(self, i) for i in range(n)]
 
     def query_positions(self, q_len: int) -> torch.Tensor:
-        """(1, q_len) absolute positions of the tokens being fed now."""
-        return (self.position + torch.arange(q_len, device=self.position.device))[None]
+        """(1, q_len) absolute positions of the tokens being fed now (computed once per step)."""
+        if self._positions is None or self._positions.shape[1] != q_len:
+            self._positions = (self.position + torch.arange(q_len, device=self.position.device))[None]
+        return self._positions
+
+    def kv_length(self, q_len: int) -> int:
+        """Keys a step feeding `q_len` tokens attends over."""
+        return self.max_length if self.full_length else self.length + q_len
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        """Store the new keys/values at the current position; returns the whole buffers."""
+        """Store the new keys/values at the current position; returns the buffers (`kv_length` long)."""
         q_len = k.shape[2]
         if self.length + q_len > self.max_length:
             raise ValueError(f"StaticCache: {self.length} positions written, {q_len} more exceed max_length="
@@ -58,19 +74,25 @@ class StaticCache:
         index = self.query_positions(q_len)[0]
         self.keys[layer].index_copy_(2, index, k.to(self.keys[layer].dtype))
         self.values[layer].index_copy_(2, index, v.to(self.values[layer].dtype))
-        return self.keys[layer], self.values[layer]
+        end = self.kv_length(q_len)
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
         self.length += n
         self.position += n
+        self._positions = None
 
     @torch.no_grad()
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (beam search), in place; only the written prefix is moved."""
-        end = self.length
+        """Keep rows `index` (beam search), in place: only rows that change, and only the written prefix.
+        (Beams that survive in place are common; this costs one host sync per step, as the search has.)"""
+        moved = (index != torch.arange(index.shape[0], device=index.device)).nonzero()[:, 0]
+        if moved.numel() == 0:
+            return
+        source, end = index[moved], self.length
         for buf in (*self.keys, *self.values):
             if buf is not None:
-                buf[:, :, :end] = buf[:, :, :end].index_select(0, index)
+                buf[moved, :, :end] = buf[source, :, :end]   # the gather copies first: no aliasing
 
     def nbytes(self) -> int:
         tensors = [t for t in (*self.keys, *self.values) if t is not None]

@@ -416,7 +416,7 @@ class T5ForConditionalGeneration(nn.Module):
         if static and decoder_positions is None and kernels.attention is None:
             q_positions = past_key_values.query_positions(q_len)  # a device tensor: the same graph every step
         self_spec = build_attention_spec(cfg, kernels, embeds, table=self.decoder.bias_table, q_len=q_len,
-                                         kv_len=past_key_values.max_length if static else past_len + q_len,
+                                         kv_len=past_key_values.kv_length(q_len) if static else past_len + q_len,
                                          bidirectional=False, causal=True, key_padding_mask=decoder_attention_mask,
                                          q_segment_ids=decoder_segment_ids, kv_segment_ids=decoder_segment_ids,
                                          q_positions=q_positions, kv_positions=decoder_positions, q_offset=past_len)

@@ -30,9 +30,17 @@ def _batch(seed=1):
     return ids * mask, mask
 
 
+@pytest.fixture(params=["prefix", "full_length"])
+def attended(request, monkeypatch):
+    """Both ways a static cache is attended: its written prefix (CPU default) or the whole buffer (CUDA's)."""
+    if request.param == "full_length":
+        monkeypatch.setattr("models.kv_cache.FULL_LENGTH_DEVICES", ("cpu", "cuda"))
+    return request.param
+
+
 @pytest.mark.parametrize("args", [dict(), dict(num_beams=4), dict(num_beams=3, num_return_sequences=3,
                                                                       early_stopping="never", length_penalty=1.2)])
-def test_static_cache_same_tokens_as_torch_cat_cache(args):
+def test_static_cache_same_tokens_as_torch_cat_cache(args, attended):
     model = _model()
     ids, mask = _batch()
     static = model.generate(ids, mask, max_new_tokens=24, cache_implementation="static", **args)
@@ -45,6 +53,7 @@ def test_static_steps_same_logits_fixed_buffers_and_shapes(monkeypatch):
     model = _model()
     ids, mask = _batch()
     static = Seq2SeqStepper(model, ids, mask, cache_implementation="static", max_length=12)
+    static.cache = StaticCache(model.config, 3, 12, "cpu", full_length=True)
     dynamic = Seq2SeqStepper(model, ids, mask, cache_implementation="dynamic")
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -88,6 +97,9 @@ def test_reorder_and_memory():
     cache.advance(3)
     index = torch.tensor([3, 3, 1, 0])
     cache.reorder(index)
+    untouched = cache.keys[0].clone()
+    cache.reorder(torch.arange(4))
+    assert torch.equal(cache.keys[0], untouched)
     (dk, dv, *_), = reorder_dynamic([(k, v, k, v)], index)
     torch.testing.assert_close(cache.keys[0][:, :, :3], dk)
     torch.testing.assert_close(cache.values[1][:, :, :3], dv)
@@ -95,7 +107,7 @@ def test_reorder_and_memory():
     assert cache.nbytes() == 2 * 2 * 4 * 2 * 6 * 16 * 4  # layers * (k, v) * rows * heads * length * d_kv * fp32
 
 
-def test_flash_kernel_q_offset_path_same_tokens():
+def test_flash_kernel_q_offset_path_same_tokens(attended):
     """kernel_backend="triton" (the interpreter on CPU): the decode step runs the flash kernel over the
     preallocated buffer with q_offset; same tokens as the PyTorch reference."""
     pytest.importorskip("triton")
@@ -121,7 +133,9 @@ def test_flash_kernel_q_offset_path_same_tokens():
         assert out.tolist() == ref.generate(ids, mask, max_new_tokens=5, num_beams=2,
                                             cache_implementation=cache).tolist()
         if cache == "static":
-            decode = [c for c in calls if c[0] == 1 and c[1] == 5]
+            decode = [c for c in calls if c[0] == 1 and c[1] != 10]  # self-attention (cross has 10 keys)
+            if attended == "full_length":
+                assert {c[1] for c in decode} == {5}
             offsets = [c[2] for c in decode]  # one call per decoder layer and step
             assert offsets == sorted(offsets) and offsets[:2] == [0, 0] and len(set(offsets)) >= 3, offsets
             assert all(c[3] is None for c in decode)  # q_offset, not positions: the kernel's index-order path
