@@ -2,7 +2,7 @@
 
 Architecture (docs/T5.md): pre-norm blocks `x + SubLayer(RMSNorm(x))`, no biases, no
 1/sqrt(d) attention scaling, a learned relative position bias owned by the first block of each stack and
-reused by every block, ReLU FFN (v1.0, tied head scaled by d_model**-0.5) or gated-GELU (v1.1, untied).
+reused by every block (UMT5: one in every block), ReLU FFN (v1.0, tied head scaled by d_model**-0.5) or gated-GELU (v1.1, untied).
 
 Kernels: `self.kernels(device)` (models/backends.py) picks the Triton kernels or their PyTorch
 references once per call from `config.kernel_backend` and the device, and the choice is passed down to
@@ -17,7 +17,7 @@ that add saturates to the finite range instead (`saturate_fp16`, T5's overflow t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -240,7 +240,9 @@ class T5Stack(nn.Module):
         self.config = config
         self.is_decoder = is_decoder
         n = config.num_decoder_layers if is_decoder else config.num_layers
-        self.block = nn.ModuleList(T5Block(config, is_decoder, has_relative_attention_bias=i == 0) for i in range(n))
+        own_bias = config.per_layer_position_bias  # UMT5: a bias table in every block, else block 0's for all
+        self.block = nn.ModuleList(T5Block(config, is_decoder, has_relative_attention_bias=own_bias or i == 0)
+                                   for i in range(n))
         self.final_layer_norm = T5LayerNorm(config)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.gradient_checkpointing = config.gradient_checkpointing
@@ -250,7 +252,13 @@ class T5Stack(nn.Module):
         """(num_buckets, H) relative bias table, owned by block 0 and shared by every block."""
         return self.block[0].layer[0].SelfAttention.relative_attention_bias.weight
 
-    def forward(self, embeds: torch.Tensor, kernels: Kernels, self_spec: AttentionSpec,
+    def layer_specs(self, spec_for: Callable[[torch.Tensor], AttentionSpec]) -> list[AttentionSpec]:
+        """Every block's self-attention spec from `spec_for(bias table)`: one shared (T5), or each block's own."""
+        if not self.config.per_layer_position_bias:
+            return [spec_for(self.bias_table)] * len(self.block)
+        return [spec_for(b.layer[0].SelfAttention.relative_attention_bias.weight) for b in self.block]
+
+    def forward(self, embeds: torch.Tensor, kernels: Kernels, self_spec: AttentionSpec | list[AttentionSpec],
                 cross_spec: AttentionSpec | None = None, encoder_hidden: torch.Tensor | None = None,
                 past: list[LayerCache] | None = None, use_cache: bool = False
                 ) -> tuple[torch.Tensor, list[LayerCache] | None]:
@@ -258,7 +266,8 @@ class T5Stack(nn.Module):
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         caches: list[LayerCache] | None = [] if use_cache else None
         for i, block in enumerate(self.block):
-            args = (stream, delta, kernels, self_spec, cross_spec, encoder_hidden, None if past is None else past[i])
+            spec = self_spec[i] if isinstance(self_spec, list) else self_spec
+            args = (stream, delta, kernels, spec, cross_spec, encoder_hidden, None if past is None else past[i])
             if recompute:
                 # Non-reentrant checkpointing restores the RNG state, so dropout masks match on recompute.
                 stream, delta, cache = checkpoint(block, *args, use_reentrant=False)
@@ -386,10 +395,10 @@ class T5ForConditionalGeneration(nn.Module):
             positions = segment_positions(segment_ids)
         length = input_ids.shape[1]
         kernels = self.kernels(embeds.device)
-        spec = build_attention_spec(self.config, kernels, embeds, table=self.encoder.bias_table, q_len=length,
-                                    kv_len=length, bidirectional=True, key_padding_mask=attention_mask,
-                                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
-                                    kv_positions=positions)
+        spec = self.encoder.layer_specs(lambda table: build_attention_spec(
+            self.config, kernels, embeds, table=table, q_len=length, kv_len=length, bidirectional=True,
+            key_padding_mask=attention_mask, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+            q_positions=positions, kv_positions=positions))
         hidden, _ = self.encoder(embeds, kernels, spec)
         return hidden
 
@@ -415,11 +424,12 @@ class T5ForConditionalGeneration(nn.Module):
         q_positions = decoder_positions
         if static and decoder_positions is None and kernels.attention is None:
             q_positions = past_key_values.query_positions(q_len)  # a device tensor: the same graph every step
-        self_spec = build_attention_spec(cfg, kernels, embeds, table=self.decoder.bias_table, q_len=q_len,
-                                         kv_len=past_key_values.kv_length(q_len) if static else past_len + q_len,
-                                         bidirectional=False, causal=True, key_padding_mask=decoder_attention_mask,
-                                         q_segment_ids=decoder_segment_ids, kv_segment_ids=decoder_segment_ids,
-                                         q_positions=q_positions, kv_positions=decoder_positions, q_offset=past_len)
+        self_spec = self.decoder.layer_specs(lambda table: build_attention_spec(
+            cfg, kernels, embeds, table=table, q_len=q_len, bidirectional=False, causal=True,
+            kv_len=past_key_values.kv_length(q_len) if static else past_len + q_len,
+            key_padding_mask=decoder_attention_mask, q_segment_ids=decoder_segment_ids,
+            kv_segment_ids=decoder_segment_ids, q_positions=q_positions, kv_positions=decoder_positions,
+            q_offset=past_len))
         cross_spec = build_attention_spec(cfg, kernels, embeds, table=None, q_len=q_len,
                                           kv_len=encoder_hidden.shape[1], key_padding_mask=attention_mask,
                                           q_segment_ids=decoder_segment_ids, kv_segment_ids=encoder_segment_ids)
