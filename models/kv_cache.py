@@ -145,5 +145,10 @@ def reorder_dynamic(past: list[tuple[torch.Tensor, ...]], index: torch.Tensor) -
     return [(k.index_select(0, index), v.index_select(0, index), *rest) for k, v, *rest in past]
 
 
+def reorder_rows(past: list[tuple[torch.Tensor, ...]], index: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Rows `index` of every cached tensor, cross-attention included (examples reordered, not beams)."""
+    return [tuple(t.index_select(0, index) for t in layer) for layer in past]
+
+
 def dynamic_nbytes(past) -> int:
     return sum(t.numel() * t.element_size() for layer in past for t in layer)

@@ -2,7 +2,7 @@
 
 Architecture (docs/T5.md): pre-norm blocks `x + SubLayer(RMSNorm(x))`, no biases, no
 1/sqrt(d) attention scaling, a learned relative position bias owned by the first block of each stack and
-reused by every block (UMT5: one in every block), ReLU FFN (v1.0, tied head scaled by d_model**-0.5) or gated-GELU (v1.1, untied).
+reused by every block (UMT5: one per block), ReLU FFN (v1.0, tied head scaled by d_model**-0.5) or gated-GELU (v1.1).
 
 Kernels: `self.kernels(device)` (models/backends.py) picks the Triton kernels or their PyTorch
 references once per call from `config.kernel_backend` and the device, and the choice is passed down to
@@ -27,10 +27,9 @@ from torch.utils.checkpoint import checkpoint
 from .attention_spec import AttentionSpec, build_attention_spec
 from .backends import Kernels, choose_kernels
 from .config import T5Config
-from .kv_cache import StaticCache, cache_length, cross_kv, extend_self
+from .kv_cache import StaticCache, cache_length, cross_kv, extend_self, reorder_rows
 
-# Per layer: (self_k, self_v, cross_k, cross_v), each (B, H, L, D).
-LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (self_k, self_v, cross_k, cross_v)
 
 
 # ------------------------------------------------------------------------------ small functions
@@ -240,9 +239,8 @@ class T5Stack(nn.Module):
         self.config = config
         self.is_decoder = is_decoder
         n = config.num_decoder_layers if is_decoder else config.num_layers
-        own_bias = config.per_layer_position_bias  # UMT5: a bias table in every block, else block 0's for all
-        self.block = nn.ModuleList(T5Block(config, is_decoder, has_relative_attention_bias=own_bias or i == 0)
-                                   for i in range(n))
+        self.block = nn.ModuleList(T5Block(config, is_decoder, has_relative_attention_bias=i == 0  # UMT5: in all
+                                           or config.per_layer_position_bias) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.gradient_checkpointing = config.gradient_checkpointing
@@ -446,7 +444,7 @@ class T5ForConditionalGeneration(nn.Module):
         return self.lm_head(decoder_hidden)
 
     def decode_step(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None, past_key_values: Any = None) -> tuple[torch.Tensor, Any]:
+                    attention_mask: torch.Tensor | None = None, past_key_values: Any = None) -> tuple[Any, Any]:
         """Incremental decoding: logits (B, L_new, vocab) of the new tokens and the cache (models/kv_cache.py).
 
         The first call computes each layer's cross-attention K/V from `encoder_hidden`; later calls reuse
@@ -455,6 +453,8 @@ class T5ForConditionalGeneration(nn.Module):
         hidden, cache = self.decode(decoder_input_ids, encoder_hidden, attention_mask,
                                     past_key_values=past_key_values, use_cache=True)
         return self.lm_logits(hidden), cache
+
+    reorder_cache = staticmethod(reorder_rows)  # every cached tensor's rows (models/kv_cache.py)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         """Hugging Face's `generate` arguments and meanings (greedy, beam search with T5X's length penalty,
