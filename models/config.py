@@ -181,8 +181,10 @@ class T5Config:
         model_type = hf.get("model_type", "t5")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"config.json model_type={model_type!r}: supported are {', '.join(MODEL_TYPES)}")
+        # An encoder-only checkpoint (T5EncoderModel) has is_encoder_decoder=false; models/encoder.py loads it.
+        encoder_only = any(str(a).endswith("EncoderModel") for a in hf.get("architectures") or [])
         for key, bad in (("is_encoder_decoder", False), ("is_decoder", True), ("tie_encoder_decoder", True)):
-            if key in hf and hf[key] is bad:
+            if key in hf and hf[key] is bad and not (encoder_only and key == "is_encoder_decoder"):
                 raise ValueError(f"config.json {key}={bad}: only the encoder-decoder T5 is supported")
         proj = hf.get("feed_forward_proj", "relu")
         if proj not in FEED_FORWARD_PROJS:

@@ -89,3 +89,34 @@ def test_model_types_refused_and_named():
         T5Config.from_hf_dict({"model_type": "bart"})
     with pytest.raises(ValueError, match="T5Config.model_type"):
         T5Config(model_type="byt5")
+
+
+ENCODERS = {"flan-t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_encoder_only_matches_transformers_both_ways(name, tmp_path):
+    from models.encoder import T5EncoderModel
+
+    hf_full = _hf(name, seed=4)
+    hf_full.save_pretrained(tmp_path / "full")
+    hf_enc = getattr(transformers, ENCODERS[name]).from_pretrained(tmp_path / "full").eval()
+    hf_enc.save_pretrained(tmp_path / "enc")
+    inputs = _batch(hf_full.config.vocab_size, seed=5)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        ref = hf_enc(input_ids=ids, attention_mask=mask).last_hidden_state
+        for source in ("full", "enc"):  # a whole model's checkpoint or an encoder-only one
+            ours = T5EncoderModel.from_pretrained(tmp_path / source, kernel_backend="torch").eval()
+            assert (ours(ids, mask).last_hidden_state - ref).abs().max().item() <= 1e-4, source
+            assert (ours.encode(ids, mask) - ref).abs().max().item() <= 1e-4
+        ours.save_pretrained(tmp_path / "ours")
+        written = json.loads((tmp_path / "ours" / "config.json").read_text())
+        assert written["architectures"] == [ENCODERS[name]]
+        assert not (tmp_path / "ours" / "generation_config.json").exists()
+        back = getattr(transformers, ENCODERS[name]).from_pretrained(tmp_path / "ours").eval()
+        assert (back(input_ids=ids, attention_mask=mask).last_hidden_state - ref).abs().max().item() <= 1e-4
+        vectors = ours.embed(ids, mask)
+        manual = (ref * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        torch.testing.assert_close(vectors, torch.nn.functional.normalize(manual, dim=-1), rtol=1e-4, atol=1e-5)
+    assert ours.num_parameters() == sum(p.numel() for p in hf_enc.parameters())
