@@ -9,7 +9,8 @@
 The decoding options are `generate`'s (Hugging Face's names and meanings, models/generation_config.py);
 an option left out takes the checkpoint's generation_config.json value, else the default. Inputs come from
 the arguments, else from `--file` (one per line), else from stdin; one output line per input and returned
-sequence, in order. The tokenizer is DIR/spiece.model unless `--tokenizer` names one.
+sequence, in order. The tokenizer is DIR/spiece.model unless `--tokenizer` names one; `--tokenizer byt5` is
+ByT5's byte-level tokenizer (engine/byt5.py).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("texts", nargs="*", help="input texts (default: --file, else stdin)")
     p.add_argument("--model", required=True, help="Hugging Face layout directory (config.json + weights)")
-    p.add_argument("--tokenizer", default="", help="SentencePiece model (default: MODEL/spiece.model)")
+    p.add_argument("--tokenizer", default="", help="SentencePiece model (default: MODEL/spiece.model), or byt5")
     p.add_argument("--adapters", default="", help="adapter file written by fine-tuning with adapters")
     p.add_argument("--file", default="", help="read inputs from this file, one per line")
     p.add_argument("--prefix", default="", help='prepended to every input, e.g. "summarize: "')
@@ -117,9 +118,15 @@ def generate_main(argv: list[str]) -> int:
         for name in ("batch_size", "max_input_length"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-        tokenizer_file = pathlib.Path(args.tokenizer or pathlib.Path(args.model) / "spiece.model")
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"--tokenizer: no SentencePiece model at {tokenizer_file}")
+        if args.tokenizer == "byt5":
+            from engine.byt5 import ByT5Tokenizer
+
+            tokenizer = ByT5Tokenizer()
+        else:
+            tokenizer_file = pathlib.Path(args.tokenizer or pathlib.Path(args.model) / "spiece.model")
+            if not tokenizer_file.is_file():
+                raise FileNotFoundError(f"--tokenizer: no SentencePiece model at {tokenizer_file}")
+            tokenizer = Tokenizer(tokenizer_file)
         texts = [args.prefix + t for t in _read_inputs(args)]
         if not texts:
             raise ValueError("no input text (give it as arguments, --file or on stdin)")
@@ -131,7 +138,7 @@ def generate_main(argv: list[str]) -> int:
         model.eval()
         generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
         with torch.inference_mode():
-            outputs = generate_texts(model, Tokenizer(tokenizer_file), texts, batch_size=args.batch_size,
+            outputs = generate_texts(model, tokenizer, texts, batch_size=args.batch_size,
                                      max_input_length=args.max_input_length, generator=generator,
                                      **generation_kwargs(args))
     except (ValueError, TypeError, FileNotFoundError) as err:
