@@ -9,10 +9,12 @@ Static cache: per decoder layer, self-attention K and V buffers (rows, H, max_le
 step writes its new K/V at the cache's position with `index_copy_` (the position is a device tensor, advanced
 in place). On CUDA (`full_length`) a step attends over the whole buffer, the unwritten tail hidden by the
 causal rule (keys after the query's position are invisible): every step has the same shapes and the same
-buffer addresses, as CUDA graphs and `torch.compile(mode="reduce-overhead")` need. Elsewhere it attends over
-a view of the written prefix (no copy, no work on the tail). With the reference attention the query position
-comes from that tensor; the flash kernel gets it as `q_offset`, which also ends its key loop at the written
-length. The cross-attention K/V (from the encoder output) are computed by the first step and kept.
+buffer addresses, and nothing in it reads a Python count (the query position comes from the device tensor,
+for the flash kernel too), as CUDA graphs and `torch.compile(mode="reduce-overhead")` need: after the first
+step, one captured graph serves every step (tests/test_kv_cache.py). Elsewhere it attends over a view of the
+written prefix (no copy, no work on the tail); there the flash kernel gets the count as `q_offset`, which
+ends its key loop at the written length. The cross-attention K/V (from the encoder output) are computed by
+the first step and kept.
 
 Beam reordering copies, within the same buffers, the written prefix of the rows whose beam changed (rows
 that survive in place are not touched); the cross-attention K/V are
@@ -46,7 +48,7 @@ class StaticCache:
         self.keys: list[torch.Tensor | None] = [None] * n
         self.values: list[torch.Tensor | None] = [None] * n
         self.cross: list[KV | None] = [None] * n
-        self.max_length, self.length = max_length, 0
+        self.max_length, self._length = max_length, 0
         self.position = torch.zeros((), dtype=torch.long, device=device)   # next position to write
         self._positions: torch.Tensor | None = None
         self.full_length = torch.device(device).type in FULL_LENGTH_DEVICES if full_length is None else full_length
@@ -58,15 +60,26 @@ class StaticCache:
             self._positions = (self.position + torch.arange(q_len, device=self.position.device))[None]
         return self._positions
 
-    def kv_length(self, q_len: int) -> int:
-        """Keys a step feeding `q_len` tokens attends over."""
-        return self.max_length if self.full_length else self.length + q_len
+    @property
+    def length(self) -> int:
+        """Positions written. A whole-buffer cache keeps no Python count (a compiled step would be
+        specialised on it): it reads the position tensor (a host sync; not for use inside a step)."""
+        return int(self.position) if self.full_length else self._length
+
+    def geometry(self, q_len: int, kernel: bool) -> tuple[int | None, int, torch.Tensor | None]:
+        """(cached positions or None if unknown inside a step, keys attended, query positions or None)
+        for a step feeding `q_len` tokens. Whole buffer: positions from the device tensor, for the flash
+        kernel too (nothing in the step depends on a Python int). Prefix: the flash kernel gets the count
+        as q_offset (its key loop then ends at the written length), the reference the position tensor."""
+        if self.full_length:
+            return None, self.max_length, self.query_positions(q_len)
+        return self._length, self._length + q_len, None if kernel else self.query_positions(q_len)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
         """Store the new keys/values at the current position; returns the buffers (`kv_length` long)."""
         q_len = k.shape[2]
-        if self.length + q_len > self.max_length:
-            raise ValueError(f"StaticCache: {self.length} positions written, {q_len} more exceed max_length="
+        if not self.full_length and self._length + q_len > self.max_length:  # (whole buffer: index_copy_ raises)
+            raise ValueError(f"StaticCache: {self._length} positions written, {q_len} more exceed max_length="
                              f"{self.max_length}")
         if self.keys[layer] is None:
             self.keys[layer] = k.new_zeros(self.shape)
@@ -74,11 +87,14 @@ class StaticCache:
         index = self.query_positions(q_len)[0]
         self.keys[layer].index_copy_(2, index, k.to(self.keys[layer].dtype))
         self.values[layer].index_copy_(2, index, v.to(self.values[layer].dtype))
-        end = self.kv_length(q_len)
+        if self.full_length:
+            return self.keys[layer], self.values[layer]
+        end = self._length + q_len
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
-        self.length += n
+        if not self.full_length:
+            self._length += n
         self.position += n
         self._positions = None
 
@@ -89,7 +105,7 @@ class StaticCache:
         moved = (index != torch.arange(index.shape[0], device=index.device)).nonzero()[:, 0]
         if moved.numel() == 0:
             return
-        source, end = index[moved], self.length
+        source, end = index[moved], (self.max_length if self.full_length else self._length)
         for buf in (*self.keys, *self.values):
             if buf is not None:
                 buf[moved, :, :end] = buf[source, :, :end]   # the gather copies first: no aliasing
@@ -133,11 +149,12 @@ def cross_kv(past, compute: Callable[[], KV]) -> KV:
     return past[2], past[3]
 
 
-def cache_length(past) -> int:
-    """Positions already cached (0 without a cache)."""
-    if past is None:
-        return 0
-    return past.length if isinstance(past, StaticCache) else past[0][0].shape[2]
+def attention_geometry(past, q_len: int, kernel: bool) -> tuple[int | None, int, torch.Tensor | None]:
+    """(cached positions, keys attended, query positions or None) of a decoder step (StaticCache.geometry)."""
+    if isinstance(past, StaticCache):
+        return past.geometry(q_len, kernel)
+    past_len = 0 if past is None else past[0][0].shape[2]
+    return past_len, past_len + q_len, None
 
 
 def reorder_dynamic(past: list[tuple[torch.Tensor, ...]], index: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:

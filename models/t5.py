@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention_spec import AttentionSpec, build_attention_spec
 from .backends import Kernels, choose_kernels
 from .config import T5Config
-from .kv_cache import StaticCache, cache_length, cross_kv, extend_self, reorder_rows
+from .kv_cache import StaticCache, attention_geometry, cross_kv, extend_self, reorder_rows
 
 LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (self_k, self_v, cross_k, cross_v)
 
@@ -412,22 +412,19 @@ class T5ForConditionalGeneration(nn.Module):
         embeds = self.shared(decoder_input_ids) if inputs_embeds is None else inputs_embeds
         if decoder_segment_ids is not None and decoder_positions is None:
             decoder_positions = segment_positions(decoder_segment_ids)
-        past_len, q_len = cache_length(past_key_values), decoder_input_ids.shape[1]
+        cfg, q_len, kernels = self.config, decoder_input_ids.shape[1], self.kernels(embeds.device)
         static = isinstance(past_key_values, StaticCache)
-        if decoder_attention_mask is not None and decoder_attention_mask.shape[1] != past_len + q_len:
+        # (a whole-buffer static cache: no Python count inside a step; positions are a device tensor)
+        past_len, kv_len, q_positions = attention_geometry(past_key_values, q_len, kernels.attention is not None)
+        if decoder_attention_mask is not None and decoder_attention_mask.shape[1] != (past_len or 0) + q_len:
             raise ValueError(f"decoder_attention_mask has length {decoder_attention_mask.shape[1]}; with "
-                             f"{past_len} cached positions it must cover {past_len + q_len}")
-        cfg = self.config
-        kernels = self.kernels(embeds.device)
-        q_positions = decoder_positions
-        if static and decoder_positions is None and kernels.attention is None:
-            q_positions = past_key_values.query_positions(q_len)  # a device tensor: the same graph every step
+                             f"{past_len} cached positions it must cover {(past_len or 0) + q_len}")
+        q_positions = decoder_positions if decoder_positions is not None else q_positions
         self_spec = self.decoder.layer_specs(lambda table: build_attention_spec(
-            cfg, kernels, embeds, table=table, q_len=q_len, bidirectional=False, causal=True,
-            kv_len=past_key_values.kv_length(q_len) if static else past_len + q_len,
+            cfg, kernels, embeds, table=table, q_len=q_len, kv_len=kv_len, bidirectional=False, causal=True,
             key_padding_mask=decoder_attention_mask, q_segment_ids=decoder_segment_ids,
             kv_segment_ids=decoder_segment_ids, q_positions=q_positions, kv_positions=decoder_positions,
-            q_offset=past_len))
+            q_offset=past_len or 0))
         cross_spec = build_attention_spec(cfg, kernels, embeds, table=None, q_len=q_len,
                                           kv_len=encoder_hidden.shape[1], key_padding_mask=attention_mask,
                                           q_segment_ids=decoder_segment_ids, kv_segment_ids=encoder_segment_ids)

@@ -83,7 +83,7 @@ def test_static_steps_same_logits_fixed_buffers_and_shapes(monkeypatch):
             dynamic.reorder(index)
             tokens = tokens.index_select(0, index)
     assert first_shapes[0][1][2] == 12  # self-attention keys: the whole preallocated length
-    with pytest.raises(ValueError, match="exceed max_length=12"):
+    with pytest.raises(IndexError, match="out of bounds"):  # whole buffer: index_copy_ itself refuses
         static.step(tokens)
 
 
@@ -105,11 +105,14 @@ def test_reorder_and_memory():
     torch.testing.assert_close(cache.values[1][:, :, :3], dv)
     assert cache.keys[0][:, :, 3:].abs().sum() == 0
     assert cache.nbytes() == 2 * 2 * 4 * 2 * 6 * 16 * 4  # layers * (k, v) * rows * heads * length * d_kv * fp32
+    with pytest.raises(ValueError, match="3 positions written, 4 more exceed max_length=6"):
+        cache.write(0, torch.randn(4, 2, 4, 16), torch.randn(4, 2, 4, 16))
 
 
 def test_flash_kernel_q_offset_path_same_tokens(attended):
     """kernel_backend="triton" (the interpreter on CPU): the decode step runs the flash kernel over the
-    preallocated buffer with q_offset; same tokens as the PyTorch reference."""
+    preallocated buffer (q_offset over the written prefix, or position tensors over the whole buffer);
+    same tokens as the PyTorch reference."""
     pytest.importorskip("triton")
     ref = _model()
     fast = _model(kernel_backend="triton")
@@ -134,8 +137,38 @@ def test_flash_kernel_q_offset_path_same_tokens(attended):
                                             cache_implementation=cache).tolist()
         if cache == "static":
             decode = [c for c in calls if c[0] == 1 and c[1] != 10]  # self-attention (cross has 10 keys)
-            if attended == "full_length":
-                assert {c[1] for c in decode} == {5}
-            offsets = [c[2] for c in decode]  # one call per decoder layer and step
-            assert offsets == sorted(offsets) and offsets[:2] == [0, 0] and len(set(offsets)) >= 3, offsets
-            assert all(c[3] is None for c in decode)  # q_offset, not positions: the kernel's index-order path
+            if attended == "full_length":  # the whole buffer, positions as a device tensor (graph-stable)
+                assert {c[1] for c in decode} == {5} and all(c[3] is not None for c in decode)
+            else:  # the written prefix, the count as q_offset (the kernel's index-order path)
+                offsets = [c[2] for c in decode]  # one call per decoder layer and step
+                assert offsets == sorted(offsets) and offsets[:2] == [0, 0] and len(set(offsets)) >= 3, offsets
+                assert all(c[3] is None for c in decode)
+
+
+def test_static_decode_step_is_one_graph_under_torch_compile(monkeypatch):
+    """torch.compile(fullgraph=True) of `decode_step` over a whole-buffer static cache: no graph break, and
+    after the first step (which allocates the buffers and computes the cross-attention K/V) every step
+    reuses ONE graph (no recompilation), as CUDA graphs / mode="reduce-overhead" need. Dynamo's eager
+    backend: the capture is what is checked, not inductor's code."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    ids, mask = _batch()
+    encoder_hidden = model.encode(ids, mask)
+    dynamo.reset()
+    counters.clear()
+    # No automatic dynamic shapes: a size or a Python int that changed between steps forces a recompile.
+    monkeypatch.setattr(dynamo.config, "automatic_dynamic_shapes", False)
+    step = torch.compile(model.decode_step, backend="eager", fullgraph=True)
+    compiled = StaticCache(model.config, 3, 10, "cpu", full_length=True)
+    eager = StaticCache(model.config, 3, 10, "cpu", full_length=True)
+    tokens = torch.zeros((3, 1), dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(10):
+            got, compiled = step(tokens, encoder_hidden, mask, compiled)
+            expect, eager = model.decode_step(tokens, encoder_hidden, mask, eager)
+            torch.testing.assert_close(got, expect)
+            tokens = expect[:, -1].argmax(-1, keepdim=True)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    dynamo.reset()
