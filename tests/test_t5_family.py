@@ -120,3 +120,30 @@ def test_encoder_only_matches_transformers_both_ways(name, tmp_path):
         manual = (ref * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         torch.testing.assert_close(vectors, torch.nn.functional.normalize(manual, dim=-1), rtol=1e-4, atol=1e-5)
     assert ours.num_parameters() == sum(p.numel() for p in hf_enc.parameters())
+
+
+@pytest.mark.parametrize("model_type", ["mt5", "umt5"])
+def test_finetune_and_export_back(model_type, tmp_path, monkeypatch):
+    """`t5forge finetune` starts from a family member's Hugging Face directory, evaluates by generation,
+    and its best model is a directory of the same model_type that transformers' class loads, same logits."""
+    import test_finetune
+    from engine.finetune import finetune_main
+    from models.t5 import T5ForConditionalGeneration
+
+    def init_dir(path):
+        torch.manual_seed(0)
+        config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                          feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                          kernel_backend="torch", model_type=model_type)
+        T5ForConditionalGeneration(config).save_pretrained(path / "init")
+        return path / "init"
+
+    monkeypatch.setattr(test_finetune, "_init_dir", init_dir)
+    assert finetune_main(["--config", str(test_finetune._config(tmp_path, "full", 6, eval_every=6))]) == 0
+    best = tmp_path / "full" / "best"
+    assert json.loads((best / "config.json").read_text())["model_type"] == model_type
+    ours = from_pretrained(best, kernel_backend="torch").eval()
+    theirs = getattr(transformers, FAMILY["mt5" if model_type == "mt5" else "umt5"][1]).from_pretrained(best).eval()
+    init = from_pretrained(tmp_path / "init", kernel_backend="torch")
+    assert not torch.equal(init.shared.weight, ours.shared.weight)  # it trained
+    assert _max_diff(ours, theirs, _batch(128, seed=9)) <= 1e-4
