@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .config import T5Config
+from .generation_config import GenerationConfig, read_generation_config, write_generation_config
 from .t5 import T5ForConditionalGeneration
 
 CONFIG_NAME = "config.json"
@@ -106,12 +107,13 @@ def _take_fused(hf: dict, name: str, parts: list[str], shape: torch.Size) -> tor
 
 def convert_hf_state_dict(model: T5ForConditionalGeneration, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face tensors -> our names, checked against `model`: missing, unexpected, wrong shape."""
-    cfg = model.config
     hf = dict(hf)
     for alias in _ALIASES:
         hf.pop(alias, None)
-    if cfg.tie_word_embeddings:
-        hf.pop("lm_head.weight", None)             # HF may store the tied head; it equals shared.weight
+    if not hasattr(model, "decoder"):  # encoder-only (models/encoder.py): a whole model's decoder is not needed
+        hf = {k: v for k, v in hf.items() if not k.startswith("decoder.")}
+    if not hasattr(model, "lm_head"):
+        hf.pop("lm_head.weight", None)             # tied (HF may store it; it equals shared.weight) or encoder-only
     elif "lm_head.weight" not in hf and "shared.weight" in hf:
         hf["lm_head.weight"] = hf["shared.weight"].clone()
     expected = model.state_dict()
@@ -258,8 +260,10 @@ def read_config(directory: str | os.PathLike, **overrides: Any) -> T5Config:
 
 
 def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32,
-                    device: str | torch.device = "cpu", **overrides: Any) -> T5ForConditionalGeneration:
-    """Build the model from a Hugging Face T5 checkpoint directory.
+                    device: str | torch.device = "cpu", model_class: type = T5ForConditionalGeneration,
+                    **overrides: Any) -> T5ForConditionalGeneration:
+    """Build the model (`model_class`, e.g. models.encoder.T5EncoderModel) from a Hugging Face T5-family
+    checkpoint directory.
 
     `dtype="auto"` keeps the checkpoint's dtype; `overrides` change config fields (e.g. kernel_backend,
     dropout_rate). The model is built on the meta device and the loaded tensors are assigned, so the
@@ -268,7 +272,7 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | str = 
     config = read_config(directory, **overrides)
     tensors = read_weights(directory)
     with torch.device("meta"):
-        model = T5ForConditionalGeneration(config)
+        model = model_class(config)
     try:
         state = convert_hf_state_dict(model, tensors)
     except ValueError as e:
@@ -276,6 +280,9 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | str = 
     if dtype != "auto":
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    # generate()'s defaults for this checkpoint (models/generation_config.py), when it has the file.
+    if hasattr(model, "generate"):
+        model.generation_config = read_generation_config(directory) or GenerationConfig()
     return model.to(device)
 
 
@@ -293,7 +300,8 @@ def _parse_size(size: int | str) -> int:
 
 def save_pretrained(model: T5ForConditionalGeneration, directory: str | os.PathLike, *,
                     max_shard_size: int | str = "5GB") -> None:
-    """Write `config.json` and safetensors weights (sharded with an index above `max_shard_size`)."""
+    """Write `config.json`, `generation_config.json` (the model's `generation_config`, else the defaults)
+    and safetensors weights (sharded with an index above `max_shard_size`)."""
     from safetensors.torch import save_file
 
     d = Path(directory)
@@ -305,8 +313,14 @@ def save_pretrained(model: T5ForConditionalGeneration, directory: str | os.PathL
     tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state_dict(model).items()}
     dtypes = {t.dtype for t in tensors.values()}
     config = model.config.to_hf_dict()
+    if getattr(model, "hf_architecture", None):
+        config["architectures"] = [model.hf_architecture]
     config["torch_dtype"] = str(max(dtypes, key=lambda t: t.itemsize)).removeprefix("torch.")
     (d / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if hasattr(model, "generate"):
+        generation = getattr(model, "generation_config", None)
+        write_generation_config(generation if isinstance(generation, GenerationConfig) else GenerationConfig(),
+                                d, model.config)
 
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]

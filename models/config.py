@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 FEED_FORWARD_PROJS = ("relu", "gated-gelu")
+# The T5 family's Hugging Face model types and their classes. mT5 is the v1.1 layout (untied, unscaled head);
+# UMT5 is too, with a relative position bias table in every block instead of block 0's shared by all.
+MODEL_TYPES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
+               "umt5": "UMT5ForConditionalGeneration"}
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -38,6 +42,7 @@ class T5Config:
     decoder_start_token_id: int = 0          # decoder inputs = labels shifted right, starting with pad
     kernel_backend: str = "auto"             # "auto": Triton for CUDA tensors when importable, else PyTorch
     gradient_checkpointing: bool = False     # recompute each block in backward (activation memory ~ 1 block)
+    model_type: str = "t5"                   # "t5" (Flan-T5 and ByT5 too), "mt5", "umt5" (see MODEL_TYPES)
 
     def __post_init__(self) -> None:
         if self.num_decoder_layers is None:
@@ -71,6 +76,8 @@ class T5Config:
             fail("initializer_factor", "must be > 0")
         if self.feed_forward_proj not in FEED_FORWARD_PROJS:
             fail("feed_forward_proj", f"unsupported; expected one of {', '.join(FEED_FORWARD_PROJS)}")
+        if self.model_type not in MODEL_TYPES:
+            fail("model_type", f"expected one of {', '.join(MODEL_TYPES)}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             fail("kernel_backend", f"expected one of {', '.join(KERNEL_BACKENDS)}")
         for name in ("tie_word_embeddings", "gradient_checkpointing"):
@@ -101,6 +108,11 @@ class T5Config:
         return self.feed_forward_proj == "gated-gelu"
 
     @property
+    def per_layer_position_bias(self) -> bool:
+        """UMT5: every block has its own relative position bias table."""
+        return self.model_type == "umt5"
+
+    @property
     def inner_dim(self) -> int:
         """Width of the concatenated heads (q/k/v output, o input)."""
         return self.num_heads * self.d_kv
@@ -114,10 +126,11 @@ class T5Config:
 
     def num_parameters(self, include_embedding: bool = True) -> int:
         """Exact count of the model's parameters (a tied head is counted once), without building it."""
-        d, bias_table = self.d_model, self.relative_attention_num_buckets * self.num_heads
-        encoder = self.num_layers * (self._attention_params() + self._ffn_params() + 2 * d) + bias_table + d
+        d, table = self.d_model, self.relative_attention_num_buckets * self.num_heads
+        tables = (self.num_layers, self.num_decoder_layers) if self.per_layer_position_bias else (1, 1)
+        encoder = self.num_layers * (self._attention_params() + self._ffn_params() + 2 * d) + tables[0] * table + d
         decoder = (self.num_decoder_layers * (2 * self._attention_params() + self._ffn_params() + 3 * d)
-                   + bias_table + d)
+                   + tables[1] * table + d)
         total = encoder + decoder
         if include_embedding:
             total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
@@ -158,17 +171,20 @@ class T5Config:
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` that `transformers.T5ForConditionalGeneration.from_pretrained` reads."""
         out = {name: getattr(self, name) for name in _HF_FIELDS}
-        out.update(architectures=["T5ForConditionalGeneration"], model_type="t5", is_encoder_decoder=True,
+        out.update(architectures=[MODEL_TYPES[self.model_type]], model_type=self.model_type, is_encoder_decoder=True,
                    dense_act_fn="gelu_new" if self.is_gated else "relu", is_gated_act=self.is_gated)
         return out
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> "T5Config":
-        """Our config from a Hugging Face T5 `config.json` dict; architectures we do not run are refused."""
-        if hf.get("model_type", "t5") != "t5":
-            raise ValueError(f"config.json model_type={hf['model_type']!r}: only 't5' is supported")
+        """Our config from a Hugging Face T5-family `config.json` dict; architectures we do not run are refused."""
+        model_type = hf.get("model_type", "t5")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"config.json model_type={model_type!r}: supported are {', '.join(MODEL_TYPES)}")
+        # An encoder-only checkpoint (T5EncoderModel) has is_encoder_decoder=false; models/encoder.py loads it.
+        encoder_only = any(str(a).endswith("EncoderModel") for a in hf.get("architectures") or [])
         for key, bad in (("is_encoder_decoder", False), ("is_decoder", True), ("tie_encoder_decoder", True)):
-            if key in hf and hf[key] is bad:
+            if key in hf and hf[key] is bad and not (encoder_only and key == "is_encoder_decoder"):
                 raise ValueError(f"config.json {key}={bad}: only the encoder-decoder T5 is supported")
         proj = hf.get("feed_forward_proj", "relu")
         if proj not in FEED_FORWARD_PROJS:
@@ -179,6 +195,9 @@ class T5Config:
         # scale_decoder_outputs (the head scaling); that switch is what decides the family.
         if "scale_decoder_outputs" in hf:
             kwargs["tie_word_embeddings"] = bool(hf["scale_decoder_outputs"])
+        if model_type == "mt5":  # never scaled; transformers >= 5 writes tie_word_embeddings=true regardless
+            kwargs["tie_word_embeddings"] = False
+        kwargs["model_type"] = model_type
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         kwargs.update(overrides)

@@ -1,21 +1,27 @@
-"""Decoding with the key/value cache: greedy search and beam search with T5X's length penalty.
+"""`generate` with Hugging Face's arguments and meanings: greedy search, sampling, beam search (optionally
+sampled), over the decoder's KV cache (static by default, models/kv_cache.py).
 
-    out = generate(model, input_ids, attention_mask, max_length=64)                  # greedy
-    out = generate(model, input_ids, attention_mask, num_beams=4)                    # alpha 0.6 (T5 paper)
-    out.sequences   # (B, T) generated ids, no start token, EOS then padding; out.scores (B,)
+    ids = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)               # greedy
+    ids = model.generate(input_ids, attention_mask=mask, num_beams=4, num_return_sequences=2)
+    ids = model.generate(input_ids, do_sample=True, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    out = model.generate(input_ids, return_dict_in_generate=True, output_scores=True)   # GenerateOutput
 
-Both searches run on a `Stepper`: something that feeds one token per row and returns next-token logits,
-keeping its own cache, and can reorder its rows. `Seq2SeqStepper` adapts the encoder-decoder
-(`encode` once, `decode_step` per token); the decoder-only models provide their own, so one search
-serves every architecture.
+As in transformers, the result starts with the decoder start token and is padded after EOS; the options,
+their defaults (a checkpoint's generation_config.json first) and their validation are in
+models/generation_config.py, the logits processors in models/sampling.py. The one deliberate difference:
+beam search ranks finished hypotheses by T5X's brevity penalty `log_prob / ((5 + length) / 6) **
+length_penalty` (length counts EOS; `length_penalty` 0.6, the T5 paper's alpha), unless
+`length_normalization="hf"` asks for transformers' `log_prob / length ** length_penalty`. docs/GENERATION.md.
 
-Beam search keeps, per example, K live hypotheses and K finished ones. Each step scores the 2K best
-extensions of the live beams; an extension ending in EOS joins the finished pool with score
-`log_prob / ((5 + length) / 6) ** alpha` (T5X's brevity penalty; length counts EOS) when it ranks within
-the top K (as fairseq and Hugging Face do, so one beam without penalty is exactly greedy search), the K
-best others stay live. The search of an example ends when its worst finished score beats the best score
-any live beam could still reach (its log-prob, which only falls, under the largest penalty); at the
-maximum length the live beams are closed as they are.
+Beam search follows transformers' rules step for step: the 2K best (or, sampling, 2K drawn) extensions of
+the K live beams; an extension ending in EOS (or reaching the maximum length) joins the finished pool when
+it ranks within the top K; the K best others stay live; `early_stopping` True stops an example when K
+hypotheses are finished, False when the best live beam at its current length cannot beat the worst finished
+one, "never" when it cannot at the maximum length either (the exact search, T5X's rule).
+
+The searches run on a `Stepper`: something that feeds one token per row, returns next-token logits and keeps
+its own cache, and can reorder its rows. `Seq2SeqStepper` adapts the encoder-decoder; the decoder-only models
+(models/decoder_only.py) bring their own and call `run_search`.
 """
 from __future__ import annotations
 
@@ -24,7 +30,11 @@ from typing import Protocol
 
 import torch
 
-NEG_INF = -1.0e9  # finite, so that -inf - -inf never makes NaN in score arithmetic
+from .generation_config import GenerationConfig, check_names, resolve
+from .kv_cache import StaticCache, reorder_dynamic
+from .sampling import logits_processor
+
+NEG_INF = -1.0e9  # transformers' "impossible" score: finite, so that score arithmetic never makes NaN
 
 
 class Stepper(Protocol):
@@ -33,34 +43,54 @@ class Stepper(Protocol):
 
 
 class Seq2SeqStepper:
-    """Encoder-decoder decoding state: the encoder output once, the decoder's cache per step."""
+    """Encoder-decoder decoding state: the encoder output once, the decoder's KV cache per step.
 
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, expand: int = 1):
+    `cache_implementation` "static" preallocates the cache for `max_length` positions (written in place),
+    "dynamic" grows it by torch.cat."""
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, expand: int = 1,
+                 cache_implementation: str = "dynamic", max_length: int | None = None):
         self.model = model
         encoder_hidden = model.encode(input_ids, attention_mask)
-        if expand > 1:  # each example's row repeated once per beam, beams of one example adjacent
+        if expand > 1:  # each example's row repeated once per beam / sample, the copies adjacent
             encoder_hidden = encoder_hidden.repeat_interleave(expand, dim=0)
             attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, dim=0)
         self.encoder_hidden, self.attention_mask = encoder_hidden, attention_mask
         self.cache = None
+        if cache_implementation == "static":
+            if max_length is None:
+                raise ValueError("Seq2SeqStepper: a static cache needs max_length")
+            self.cache = StaticCache(model.config, encoder_hidden.shape[0], max_length, encoder_hidden.device)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         logits, self.cache = self.model.decode_step(tokens, self.encoder_hidden, self.attention_mask, self.cache)
         return logits[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
-        # Beams move only within their own example, and all beams of an example share the encoder
-        # output, so the cross-attention K/V (entries 2, 3) are already right: only the self-attention
-        # cache follows the surviving beams.
-        self.cache = [(k.index_select(0, index), v.index_select(0, index), *rest) for k, v, *rest in self.cache]
+        if isinstance(self.cache, StaticCache):
+            self.cache.reorder(index)
+        else:
+            self.cache = reorder_dynamic(self.cache, index)
 
 
 @dataclasses.dataclass
 class GenerationOutput:
-    sequences: torch.Tensor          # (B, T) generated ids, no start token; pad after EOS
-    scores: torch.Tensor             # (B,) sum of log-probs (greedy) / length-penalised score (beam)
-    log_probs: torch.Tensor          # (B,) sum of the generated tokens' log-probs (EOS included)
-    lengths: torch.Tensor            # (B,) generated tokens including EOS
+    """What a search returns (`run_search`): generated ids without the start token."""
+    sequences: torch.Tensor          # (N, T) generated ids; pad after EOS
+    scores: torch.Tensor             # (N,) sum of log-probs (greedy, sampling) / length-penalised score (beam)
+    log_probs: torch.Tensor          # (N,) sum of the generated tokens' log-probs (EOS included)
+    lengths: torch.Tensor            # (N,) generated tokens including EOS
+    step_scores: tuple[torch.Tensor, ...] | None = None   # per step, the processed scores (output_scores)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """`generate(..., return_dict_in_generate=True)`, fields named as transformers' output."""
+    sequences: torch.Tensor                         # (B * num_return_sequences, 1 + T), start token first
+    sequences_scores: torch.Tensor | None = None    # beams, with output_scores: the length-penalised score
+    scores: tuple[torch.Tensor, ...] | None = None  # with output_scores: per step the processed scores
+    log_probs: torch.Tensor | None = None           # ours: (N,) summed log-probs of the generated tokens
+    lengths: torch.Tensor | None = None             # ours: (N,) generated tokens, EOS included
 
 
 def brevity_penalty(length: torch.Tensor | float, alpha: float):
@@ -68,115 +98,165 @@ def brevity_penalty(length: torch.Tensor | float, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _check(max_length: int, num_beams: int, alpha: float) -> None:
-    if max_length < 1:
-        raise ValueError(f"generation max_length must be at least 1, got {max_length}")
-    if num_beams < 1:
-        raise ValueError(f"generation num_beams must be at least 1, got {num_beams}")
-    if alpha < 0:
-        raise ValueError(f"generation length penalty alpha must be >= 0, got {alpha}")
+def length_normalizer(cfg: GenerationConfig):
+    """length -> the divisor of a finished hypothesis' summed log-prob."""
+    lp = float(cfg.length_penalty)
+    if cfg.length_normalization == "hf":
+        return lambda length: float(length) ** lp
+    return lambda length: brevity_penalty(float(length), lp)
 
 
 @torch.no_grad()
-def greedy_search(stepper: Stepper, batch_size: int, max_length: int, start_id: int, eos_id: int,
-                  pad_id: int, device: torch.device) -> GenerationOutput:
-    tokens = torch.full((batch_size, 1), start_id, dtype=torch.long, device=device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    log_probs = torch.zeros(batch_size, dtype=torch.float32, device=device)
-    lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-    out = []
-    for _ in range(max_length):
-        logits = stepper.step(tokens).float()
-        token = logits.argmax(-1)
+def sample_search(stepper: Stepper, cfg: GenerationConfig, rows: int, device: torch.device,
+                  generator: torch.Generator | None = None) -> GenerationOutput:
+    """Greedy search, or multinomial sampling (`cfg.do_sample`), one sequence per row."""
+    process = logits_processor(cfg, num_beams=1)
+    history = torch.full((rows, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    log_probs = torch.zeros(rows, dtype=torch.float32, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    step_scores = [] if cfg.output_scores else None
+    for t in range(cfg.new_tokens()):
+        logits = stepper.step(history[:, -1:]).float()
+        scores = process(history, logits, t)
+        if step_scores is not None:
+            step_scores.append(scores)
+        if cfg.do_sample:
+            token = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)[:, 0]
+        else:
+            token = scores.argmax(-1)
         token_log_prob = torch.log_softmax(logits, -1).gather(1, token[:, None])[:, 0]
-        token = token.masked_fill(finished, pad_id)  # rows that ended keep emitting padding
-        log_probs += token_log_prob.masked_fill(finished, 0.0)
-        lengths += (~finished).long()
-        finished |= token == eos_id
-        out.append(token)
-        tokens = token[:, None]
-        if bool(finished.all()):
+        log_probs += token_log_prob.masked_fill(~unfinished, 0.0)
+        lengths += unfinished.long()
+        token = token.masked_fill(~unfinished, cfg.pad_token_id)  # rows that ended keep emitting padding
+        history = torch.cat([history, token[:, None]], 1)
+        unfinished &= token != cfg.eos_token_id
+        if not bool(unfinished.any()):
             break
-    return GenerationOutput(torch.stack(out, 1), log_probs.clone(), log_probs, lengths)
+    return GenerationOutput(history[:, 1:], log_probs.clone(), log_probs, lengths,
+                            None if step_scores is None else tuple(step_scores))
+
+
+def _pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[b, index[b, j]] for (B, W, ...) t and (B, J) index."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
 
 
 @torch.no_grad()
-def beam_search(stepper: Stepper, batch_size: int, num_beams: int, max_length: int, alpha: float,
-                start_id: int, eos_id: int, pad_id: int, device: torch.device) -> GenerationOutput:
-    """`stepper` holds batch_size * num_beams rows, the beams of one example adjacent."""
-    B, K = batch_size, num_beams
+def beam_search(stepper: Stepper, cfg: GenerationConfig, batch_size: int, device: torch.device,
+                generator: torch.Generator | None = None) -> GenerationOutput:
+    """`stepper` holds batch_size * num_beams rows, the beams of one example adjacent. Returns the
+    `num_return_sequences` best finished hypotheses per example, best first."""
+    B, K, T = batch_size, cfg.num_beams, cfg.new_tokens()
+    W = 2 * K  # candidates kept per step: enough that K live ones remain when K of them end
+    process, normalize = logits_processor(cfg, num_beams=K), length_normalizer(cfg)
     rows = torch.arange(B, device=device)[:, None]
-    alive_seq = torch.full((B, K, max_length), pad_id, dtype=torch.long, device=device)
-    alive_logp = torch.full((B, K), NEG_INF, device=device)
-    alive_logp[:, 0] = 0.0  # one real beam at the start; copies would only fill the beam with duplicates
-    fin_seq = torch.full((B, K, max_length), pad_id, dtype=torch.long, device=device)
-    fin_score = torch.full((B, K), NEG_INF, device=device)
-    fin_logp = torch.full((B, K), NEG_INF, device=device)
-    fin_len = torch.zeros((B, K), dtype=torch.long, device=device)
-    tokens = torch.full((B * K, 1), start_id, dtype=torch.long, device=device)
-    best_possible_penalty = brevity_penalty(float(max_length), alpha)
-    for t in range(max_length):
-        logits = stepper.step(tokens).float()                                       # (B*K, V)
-        vocab = logits.shape[-1]
-        candidates = (alive_logp[..., None] + torch.log_softmax(logits, -1).view(B, K, vocab)).view(B, K * vocab)
-        top_logp, top_index = candidates.topk(2 * K, dim=1)                         # (B, 2K), best first
-        top_beam, top_token = top_index // vocab, top_index % vocab
-        top_seq = alive_seq[rows, top_beam]                                         # (B, 2K, T)
-        top_seq[:, :, t] = top_token
-        is_eos = top_token == eos_id
-        last = t == max_length - 1
-        # Finished candidates: EOS ranked within the top K; at the last step every candidate closes.
-        ranked = torch.arange(2 * K, device=device)[None] < K
-        closes = (is_eos & ranked) | (torch.ones_like(is_eos) if last else torch.zeros_like(is_eos))
-        new_score = torch.where(closes & (top_logp > NEG_INF / 2), top_logp / brevity_penalty(t + 1.0, alpha),
-                                torch.full_like(top_logp, NEG_INF))
-        all_score = torch.cat([fin_score, new_score], 1)
-        fin_score, keep = all_score.topk(K, dim=1)
-        fin_seq = torch.cat([fin_seq, top_seq], 1)[rows, keep]
-        fin_logp = torch.cat([fin_logp, top_logp], 1)[rows, keep]
-        fin_len = torch.cat([fin_len, torch.full_like(top_beam, t + 1)], 1)[rows, keep]
-        if last:
-            break
+    run_seq = torch.full((B, K, 1 + T), cfg.pad_token_id, dtype=torch.long, device=device)
+    run_seq[:, :, 0] = cfg.decoder_start_token_id
+    run_score = torch.zeros((B, K), device=device)
+    run_score[:, 1:] = NEG_INF  # one real beam at the start; copies would only fill the beam with duplicates
+    fin_seq, fin_score = run_seq.clone(), torch.full((B, K), NEG_INF, device=device)
+    fin_logp, fin_len = fin_score.clone(), torch.zeros((B, K), dtype=torch.long, device=device)
+    fin_done = torch.zeros((B, K), dtype=torch.bool, device=device)
+    improvable = torch.ones((B, 1), dtype=torch.bool, device=device)
+    ranked = (torch.arange(W, device=device) < K)[None]
+    step_scores = [] if cfg.output_scores else None
+    for t in range(T):
+        history = run_seq[:, :, : t + 1].reshape(B * K, t + 1)
+        logp = process(history, torch.log_softmax(stepper.step(history[:, -1:]).float(), -1), t)  # (B*K, V)
+        if step_scores is not None:
+            step_scores.append(logp)
+        vocab = logp.shape[-1]
+        total = (logp.view(B, K, vocab) + run_score[..., None]).view(B, K * vocab)
+        if cfg.do_sample:
+            index = torch.multinomial(torch.softmax(total, -1), W, generator=generator)
+            top, order = total.gather(1, index).sort(-1, descending=True)
+            index = index.gather(1, order)
+        else:
+            top, index = total.topk(W, dim=1)                                   # (B, W), best first
+        beam, token = index // vocab, index % vocab
+        cand = _pick(run_seq, beam)                                             # (B, W, 1 + T)
+        cand[:, :, t + 1] = token
+        ends = (token == cfg.eos_token_id) | (t + 1 == T)
         # Live beams: the K best candidates that did not end.
-        live_logp, live_pick = top_logp.masked_fill(is_eos, NEG_INF).topk(K, dim=1)
-        alive_logp = live_logp
-        alive_seq = top_seq[rows, live_pick]
-        source_beam = top_beam[rows, live_pick]                                     # (B, K)
-        stepper.reorder((rows * K + source_beam).view(-1))
-        tokens = top_token[rows, live_pick].view(-1, 1)
-        # Done when no live beam can still beat the worst finished one (all K finished slots filled).
-        if bool((fin_score[:, -1] > alive_logp[:, 0] / best_possible_penalty).all()):
+        live = top + ends.float() * NEG_INF
+        pick = live.topk(K, dim=1)[1]
+        run_seq, run_score, source = _pick(cand, pick), _pick(live, pick), _pick(beam, pick)
+        # Finished pool: candidates that ended within the top K, length-penalised, merged with the pool.
+        just = ends & ranked
+        score = top / normalize(t + 1)
+        full = fin_done.all(1, keepdim=True) & (cfg.early_stopping is True)
+        score = score + full.float() * NEG_INF + (~improvable).float() * NEG_INF + (~just).float() * NEG_INF
+        merged = torch.cat([fin_score, score], 1)
+        keep = merged.topk(K, dim=1)[1]
+        fin_score = _pick(merged, keep)
+        fin_seq = _pick(torch.cat([fin_seq, cand], 1), keep)
+        fin_logp = _pick(torch.cat([fin_logp, top], 1), keep)
+        fin_len = _pick(torch.cat([fin_len, torch.full_like(beam, t + 1)], 1), keep)
+        fin_done = _pick(torch.cat([fin_done, just], 1), keep)
+        stepper.reorder((rows * K + source).view(-1))
+        # Can a live beam still beat the worst finished hypothesis? (transformers' heuristic per mode)
+        best_length = T if (cfg.early_stopping == "never" and cfg.length_penalty > 0) else t + 1
+        best = run_score[:, :1] / normalize(best_length)
+        worst = torch.where(fin_done, fin_score.min(1, keepdim=True)[0], NEG_INF)
+        improvable = improvable & (best > worst).any(1, keepdim=True)
+        all_full = bool(fin_done.all()) and cfg.early_stopping is True
+        if not bool(improvable.any()) or all_full or bool(ends.all()):
             break
-    steps = int(fin_len.max())
-    return GenerationOutput(fin_seq[:, 0, :steps], fin_score[:, 0], fin_logp[:, 0], fin_len[:, 0])
+    n = cfg.num_return_sequences
+    steps = int(fin_len[:, :n].max())
+    flat = lambda x: x[:, :n].reshape(B * n, *x.shape[2:])  # noqa: E731
+    return GenerationOutput(flat(fin_seq)[:, 1: 1 + steps], flat(fin_score), flat(fin_logp), flat(fin_len),
+                            None if step_scores is None else tuple(step_scores))
 
 
-@torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             max_length: int = 64, num_beams: int = 1, alpha: float | None = None,
-             eos_id: int | None = None, pad_id: int | None = None, start_id: int | None = None) -> GenerationOutput:
-    """Greedy (num_beams=1) or beam search for an encoder-decoder model with `encode`/`decode_step`.
-
-    `max_length` counts generated tokens (EOS included). `alpha` defaults to 0.6 with beams (T5 paper)."""
-    cfg = model.config
-    alpha = (0.6 if num_beams > 1 else 0.0) if alpha is None else float(alpha)
-    _check(max_length, num_beams, alpha)
-    eos_id = cfg.eos_token_id if eos_id is None else eos_id
-    pad_id = cfg.pad_token_id if pad_id is None else pad_id
-    start_id = cfg.decoder_start_token_id if start_id is None else start_id
-    was_training = model.training
-    model.eval()
-    try:
-        stepper = Seq2SeqStepper(model, input_ids, attention_mask, expand=num_beams)
-        return run_search(stepper, input_ids.shape[0], max_length, num_beams, alpha, start_id, eos_id, pad_id,
-                          input_ids.device)
-    finally:
-        model.train(was_training)
+def search(stepper: Stepper, cfg: GenerationConfig, batch_size: int, device: torch.device,
+           generator: torch.Generator | None = None) -> GenerationOutput:
+    """Beam search when `cfg.num_beams > 1`, else greedy / sampling over the stepper's rows."""
+    if cfg.num_beams > 1:
+        return beam_search(stepper, cfg, batch_size, device, generator)
+    rows = batch_size * (cfg.num_return_sequences if cfg.do_sample else 1)
+    return sample_search(stepper, cfg, rows, device, generator)
 
 
 def run_search(stepper: Stepper, batch_size: int, max_length: int, num_beams: int, alpha: float,
                start_id: int, eos_id: int, pad_id: int, device: torch.device) -> GenerationOutput:
-    _check(max_length, num_beams, alpha)
-    if num_beams == 1 and alpha == 0.0:
-        return greedy_search(stepper, batch_size, max_length, start_id, eos_id, pad_id, device)
-    return beam_search(stepper, batch_size, num_beams, max_length, alpha, start_id, eos_id, pad_id, device)
+    """The searches for a model-specific stepper (models/decoder_only.py): `max_length` generated tokens,
+    greedy with one beam, else the exact beam search (early_stopping="never") with T5X's penalty `alpha`."""
+    cfg = GenerationConfig(max_new_tokens=max_length, num_beams=num_beams, length_penalty=float(alpha),
+                           early_stopping="never", decoder_start_token_id=start_id, eos_token_id=eos_id,
+                           pad_token_id=pad_id)
+    cfg.validate("run_search")
+    return search(stepper, cfg, batch_size, device)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             generation_config: GenerationConfig | dict | None = None, generator: torch.Generator | None = None,
+             **kwargs) -> torch.Tensor | GenerateOutput:
+    """Hugging Face's `generate` for our encoder-decoder (module doc; options in models/generation_config.py).
+
+    Returns the (B * num_return_sequences, 1 + T) ids, start token first, pad after EOS; with
+    `return_dict_in_generate=True` a `GenerateOutput`. `generator` seeds sampling (default: torch's global
+    generator, which is what transformers draws from). An argument we do not implement is a TypeError."""
+    check_names(kwargs, "generate()")
+    cfg = resolve(model, kwargs, generation_config)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"generate(): input_ids must be a (batch, length) tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    expand = cfg.num_beams if cfg.num_beams > 1 else (cfg.num_return_sequences if cfg.do_sample else 1)
+    was_training = model.training
+    model.eval()
+    try:
+        stepper = Seq2SeqStepper(model, input_ids, attention_mask, expand, cfg.cache_implementation,
+                                 cfg.new_tokens())
+        out = search(stepper, cfg, input_ids.shape[0], input_ids.device, generator)
+    finally:
+        model.train(was_training)
+    start = torch.full((out.sequences.shape[0], 1), cfg.decoder_start_token_id, dtype=torch.long,
+                       device=out.sequences.device)
+    sequences = torch.cat([start, out.sequences], 1)
+    if not cfg.return_dict_in_generate:
+        return sequences
+    beams = cfg.num_beams > 1 and cfg.output_scores
+    return GenerateOutput(sequences, out.scores if beams else None, out.step_scores, out.log_probs, out.lengths)

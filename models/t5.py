@@ -2,7 +2,7 @@
 
 Architecture (docs/T5.md): pre-norm blocks `x + SubLayer(RMSNorm(x))`, no biases, no
 1/sqrt(d) attention scaling, a learned relative position bias owned by the first block of each stack and
-reused by every block, ReLU FFN (v1.0, tied head scaled by d_model**-0.5) or gated-GELU (v1.1, untied).
+reused by every block (UMT5: one per block), ReLU FFN (v1.0, tied head scaled by d_model**-0.5) or gated-GELU (v1.1).
 
 Kernels: `self.kernels(device)` (models/backends.py) picks the Triton kernels or their PyTorch
 references once per call from `config.kernel_backend` and the device, and the choice is passed down to
@@ -17,7 +17,7 @@ that add saturates to the finite range instead (`saturate_fp16`, T5's overflow t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,9 @@ from torch.utils.checkpoint import checkpoint
 from .attention_spec import AttentionSpec, build_attention_spec
 from .backends import Kernels, choose_kernels
 from .config import T5Config
+from .kv_cache import StaticCache, attention_geometry, cross_kv, extend_self, reorder_rows
 
-# Per layer: (self_k, self_v, cross_k, cross_v), each (B, H, L, D).
-LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (self_k, self_v, cross_k, cross_v)
 
 
 # ------------------------------------------------------------------------------ small functions
@@ -128,17 +128,16 @@ class T5Attention(nn.Module):
         return tuple(x[:, :, i].transpose(1, 2) for i in range(parts))
 
     def forward(self, x: torch.Tensor, spec: AttentionSpec, kv_input: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Self-attention, or cross-attention over `kv_input`. `past`: cached (k, v); self-attention
-        appends the new keys to it, cross-attention reuses it as it is (the encoder output is fixed)."""
+                past: Any = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Self-attention, or cross-attention over `kv_input`. `past`: the layer's cache (models/kv_cache.py:
+        a (self_k, self_v[, cross_k, cross_v]) tuple or a StaticCache layer); self-attention appends the new
+        keys to it, cross-attention reuses its keys (the encoder output is fixed)."""
         if self.cross:
             (q,) = self._heads(self.q(x), 1)
-            k, v = past if past is not None else self._heads(self.kv(kv_input), 2)
+            k, v = cross_kv(past, lambda: self._heads(self.kv(kv_input), 2))
         else:
             q, k, v = self._heads(self.qkv(x), 3)
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            k, v = extend_self(past, k, v)
         dropout = self.config.dropout_rate if self.training else 0.0
         if spec.kernel is not None:
             # Attention dropout runs inside the kernel (mask regenerated in backward from a per-call seed).
@@ -218,16 +217,15 @@ class T5Block(nn.Module):
                 past: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor, LayerCache | None]:
         attn = self.layer[0]
         normed, stream = attn.layer_norm(stream, delta, kernels)
-        out, self_kv = attn.SelfAttention(normed, self_spec, past=None if past is None else past[:2])
+        out, self_kv = attn.SelfAttention(normed, self_spec, past=past)
         delta = attn.dropout(out)
         cache = self_kv  # a decoder-only stack (models/decoder_only.py) caches self-attention only
         if self.is_decoder:
             cross = self.layer[1]
             normed, stream = cross.layer_norm(stream, delta, kernels)
-            out, cross_kv = cross.EncDecAttention(normed, cross_spec, kv_input=encoder_hidden,
-                                                  past=None if past is None else past[2:])
+            out, enc_kv = cross.EncDecAttention(normed, cross_spec, kv_input=encoder_hidden, past=past)
             delta = cross.dropout(out)
-            cache = (*self_kv, *cross_kv)
+            cache = (*self_kv, *enc_kv)
         ff = self.layer[-1]
         normed, stream = ff.layer_norm(stream, delta, kernels)
         return stream, ff.dropout(ff.DenseReluDense(normed, kernels)), cache
@@ -241,7 +239,8 @@ class T5Stack(nn.Module):
         self.config = config
         self.is_decoder = is_decoder
         n = config.num_decoder_layers if is_decoder else config.num_layers
-        self.block = nn.ModuleList(T5Block(config, is_decoder, has_relative_attention_bias=i == 0) for i in range(n))
+        self.block = nn.ModuleList(T5Block(config, is_decoder, has_relative_attention_bias=i == 0  # UMT5: in all
+                                           or config.per_layer_position_bias) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.gradient_checkpointing = config.gradient_checkpointing
@@ -251,7 +250,13 @@ class T5Stack(nn.Module):
         """(num_buckets, H) relative bias table, owned by block 0 and shared by every block."""
         return self.block[0].layer[0].SelfAttention.relative_attention_bias.weight
 
-    def forward(self, embeds: torch.Tensor, kernels: Kernels, self_spec: AttentionSpec,
+    def layer_specs(self, spec_for: Callable[[torch.Tensor], AttentionSpec]) -> list[AttentionSpec]:
+        """Every block's self-attention spec from `spec_for(bias table)`: one shared (T5), or each block's own."""
+        if not self.config.per_layer_position_bias:
+            return [spec_for(self.bias_table)] * len(self.block)
+        return [spec_for(b.layer[0].SelfAttention.relative_attention_bias.weight) for b in self.block]
+
+    def forward(self, embeds: torch.Tensor, kernels: Kernels, self_spec: AttentionSpec | list[AttentionSpec],
                 cross_spec: AttentionSpec | None = None, encoder_hidden: torch.Tensor | None = None,
                 past: list[LayerCache] | None = None, use_cache: bool = False
                 ) -> tuple[torch.Tensor, list[LayerCache] | None]:
@@ -259,7 +264,8 @@ class T5Stack(nn.Module):
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         caches: list[LayerCache] | None = [] if use_cache else None
         for i, block in enumerate(self.block):
-            args = (stream, delta, kernels, self_spec, cross_spec, encoder_hidden, None if past is None else past[i])
+            spec = self_spec[i] if isinstance(self_spec, list) else self_spec
+            args = (stream, delta, kernels, spec, cross_spec, encoder_hidden, None if past is None else past[i])
             if recompute:
                 # Non-reentrant checkpointing restores the RNG state, so dropout masks match on recompute.
                 stream, delta, cache = checkpoint(block, *args, use_reentrant=False)
@@ -387,41 +393,46 @@ class T5ForConditionalGeneration(nn.Module):
             positions = segment_positions(segment_ids)
         length = input_ids.shape[1]
         kernels = self.kernels(embeds.device)
-        spec = build_attention_spec(self.config, kernels, embeds, table=self.encoder.bias_table, q_len=length,
-                                    kv_len=length, bidirectional=True, key_padding_mask=attention_mask,
-                                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
-                                    kv_positions=positions)
+        spec = self.encoder.layer_specs(lambda table: build_attention_spec(
+            self.config, kernels, embeds, table=table, q_len=length, kv_len=length, bidirectional=True,
+            key_padding_mask=attention_mask, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+            q_positions=positions, kv_positions=positions))
         hidden, _ = self.encoder(embeds, kernels, spec)
         return hidden
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
                attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
                encoder_segment_ids: torch.Tensor | None = None, decoder_segment_ids: torch.Tensor | None = None,
-               decoder_positions: torch.Tensor | None = None, past_key_values: list[LayerCache] | None = None,
-               use_cache: bool = False, inputs_embeds: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, list[LayerCache] | None]:
-        """Decoder output (B, L_new, d_model) for `decoder_input_ids` following `past_key_values`."""
+               decoder_positions: torch.Tensor | None = None, past_key_values: Any = None,
+               use_cache: bool = False, inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """Decoder output (B, L_new, d_model) for `decoder_input_ids` following `past_key_values`: a list of
+        per-layer tuples (grown by torch.cat) or a `StaticCache` (written in place and returned)."""
         if (encoder_segment_ids is None) != (decoder_segment_ids is None):
             raise ValueError("packed inputs need both encoder_segment_ids and decoder_segment_ids")
         embeds = self.shared(decoder_input_ids) if inputs_embeds is None else inputs_embeds
         if decoder_segment_ids is not None and decoder_positions is None:
             decoder_positions = segment_positions(decoder_segment_ids)
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
-        q_len = decoder_input_ids.shape[1]
-        if decoder_attention_mask is not None and decoder_attention_mask.shape[1] != past_len + q_len:
+        cfg, q_len, kernels = self.config, decoder_input_ids.shape[1], self.kernels(embeds.device)
+        static = isinstance(past_key_values, StaticCache)
+        # (a whole-buffer static cache: no Python count inside a step; positions are a device tensor)
+        past_len, kv_len, q_positions = attention_geometry(past_key_values, q_len, kernels.attention is not None)
+        if decoder_attention_mask is not None and decoder_attention_mask.shape[1] != (past_len or 0) + q_len:
             raise ValueError(f"decoder_attention_mask has length {decoder_attention_mask.shape[1]}; with "
-                             f"{past_len} cached positions it must cover {past_len + q_len}")
-        cfg = self.config
-        kernels = self.kernels(embeds.device)
-        self_spec = build_attention_spec(cfg, kernels, embeds, table=self.decoder.bias_table, q_len=q_len,
-                                         kv_len=past_len + q_len, bidirectional=False, causal=True,
-                                         key_padding_mask=decoder_attention_mask, q_segment_ids=decoder_segment_ids,
-                                         kv_segment_ids=decoder_segment_ids, q_positions=decoder_positions,
-                                         kv_positions=decoder_positions, q_offset=past_len)
+                             f"{past_len} cached positions it must cover {(past_len or 0) + q_len}")
+        q_positions = decoder_positions if decoder_positions is not None else q_positions
+        self_spec = self.decoder.layer_specs(lambda table: build_attention_spec(
+            cfg, kernels, embeds, table=table, q_len=q_len, kv_len=kv_len, bidirectional=False, causal=True,
+            key_padding_mask=decoder_attention_mask, q_segment_ids=decoder_segment_ids,
+            kv_segment_ids=decoder_segment_ids, q_positions=q_positions, kv_positions=decoder_positions,
+            q_offset=past_len or 0))
         cross_spec = build_attention_spec(cfg, kernels, embeds, table=None, q_len=q_len,
                                           kv_len=encoder_hidden.shape[1], key_padding_mask=attention_mask,
                                           q_segment_ids=decoder_segment_ids, kv_segment_ids=encoder_segment_ids)
-        return self.decoder(embeds, kernels, self_spec, cross_spec, encoder_hidden, past_key_values, use_cache)
+        if not static:
+            return self.decoder(embeds, kernels, self_spec, cross_spec, encoder_hidden, past_key_values, use_cache)
+        hidden, _ = self.decoder(embeds, kernels, self_spec, cross_spec, encoder_hidden, past_key_values.layers)
+        past_key_values.advance(q_len)
+        return hidden, past_key_values
 
     def lm_logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
         if self.config.tie_word_embeddings:
@@ -430,25 +441,21 @@ class T5ForConditionalGeneration(nn.Module):
         return self.lm_head(decoder_hidden)
 
     def decode_step(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None, past_key_values: list[LayerCache] | None = None
-                    ) -> tuple[torch.Tensor, list[LayerCache]]:
-        """Incremental decoding: logits (B, L_new, vocab) of the new tokens and the grown cache.
+                    attention_mask: torch.Tensor | None = None, past_key_values: Any = None) -> tuple[Any, Any]:
+        """Incremental decoding: logits (B, L_new, vocab) of the new tokens and the cache (models/kv_cache.py).
 
         The first call computes each layer's cross-attention K/V from `encoder_hidden`; later calls reuse
-        them and append the new self-attention K/V.
+        them and add the new self-attention K/V (in place into a `StaticCache`, by torch.cat otherwise).
         """
         hidden, cache = self.decode(decoder_input_ids, encoder_hidden, attention_mask,
                                     past_key_values=past_key_values, use_cache=True)
         return self.lm_logits(hidden), cache
 
-    @staticmethod
-    def reorder_cache(past_key_values: list[LayerCache], index: torch.Tensor) -> list[LayerCache]:
-        """Select batch rows of every cached tensor (beam search)."""
-        return [tuple(t.index_select(0, index) for t in layer) for layer in past_key_values]
+    reorder_cache = staticmethod(reorder_rows)  # every cached tensor's rows (models/kv_cache.py)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        """Greedy (`num_beams=1`) or beam search over the KV cache; options and the returned
-        `GenerationOutput` (sequences, scores) are documented in `models.generation.generate`."""
+        """Hugging Face's `generate` arguments and meanings (greedy, beam search with T5X's length penalty,
+        sampling; `generator=` seeds it): see `models.generation.generate` and docs/GENERATION.md."""
         from .generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)

@@ -1,5 +1,7 @@
-"""Decoding: greedy equals transformers' `generate` token for token on the same weights; one beam
-without penalty is greedy; four beams score at least as well as greedy under T5X's length penalty."""
+"""Decoding against transformers' `generate` on the same random weights, with Hugging Face's arguments:
+greedy, beam search (every early_stopping mode, several length penalties, num_return_sequences), the logits
+processors and seeded sampling all token-identical, with padding in the batch and unequal encoder/decoder
+depths; T5X's length penalty (our beam default) checked against the teacher-forced log-probs."""
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ FAMILIES = {
                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=8,
                  relative_attention_max_distance=16),
 }
+CACHES = ["static", "dynamic"]
 
 
 def _pair(family: str, seed: int = 0):
@@ -52,16 +55,109 @@ def _batch(seed=1, batch=4, length=9, vocab=96):
     return ids, mask
 
 
+def _after_eos_zeroed(seqs: torch.Tensor) -> list:
+    """Everything after the first EOS set to 0. transformers fills finished beams with EOS, not pad, when
+    pad_token_id is 0 (`pad_token_id or eos_token_id` in its beam search); we pad with pad_token_id."""
+    ended = (seqs[:, 1:] == 1).long().cumsum(1).cumsum(1) > 1
+    out = seqs.clone()
+    out[:, 1:][ended] = 0
+    return out.tolist()
+
+
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("family", ["v1.0", "v1.1"])
-def test_greedy_token_identical_to_transformers(family):
+def test_greedy_token_identical_to_transformers(family, cache):
     hf, ours = _pair(family)
     ids, mask = _batch()
-    theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, num_beams=1)
-    out = ours.generate(ids, mask, max_length=16)  # the model method the issue names (models.generation underneath)
-    assert theirs[:, 0].eq(0).all()  # HF keeps the start token
-    lengths = set(out.lengths.tolist())
-    assert len(lengths) > 1 or 16 not in lengths, "no sequence ended: the test would not check EOS handling"
-    assert out.sequences.tolist() == theirs[:, 1:].tolist()
+    theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=16, cache_implementation=cache)
+    assert out.tolist() == theirs.tolist()  # start token first, pad after EOS, as transformers returns
+    lengths = (out[:, 1:] != 0).sum(1).tolist()
+    assert len(set(lengths)) > 1, "no sequence ended early: the test would not check EOS handling"
+    # max_length counts the start token, as in transformers
+    assert ours.generate(ids, mask, max_length=6).tolist() == hf.generate(input_ids=ids, attention_mask=mask,
+                                                                           max_length=6).tolist()
+
+
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+@pytest.mark.parametrize("family", ["v1.0", "v1.1"])
+def test_beam_search_token_identical_to_transformers(family, early_stopping):
+    """transformers' length normalisation (length_normalization="hf"): every mode and penalty, two
+    returned sequences per input, the sequence scores too."""
+    hf, ours = _pair(family, seed=5)
+    ids, mask = _batch(seed=6)
+    for penalty in (0.0, 1.0, 2.0):
+        args = dict(max_new_tokens=12, num_beams=4, length_penalty=penalty, early_stopping=early_stopping,
+                    num_return_sequences=2, return_dict_in_generate=True, output_scores=True)
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, **args)
+        for cache in CACHES:
+            out = ours.generate(ids, mask, length_normalization="hf", cache_implementation=cache, **args)
+            assert _after_eos_zeroed(out.sequences) == _after_eos_zeroed(theirs.sequences), (penalty, cache)
+            torch.testing.assert_close(out.sequences_scores, theirs.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_t5x_penalty_equals_transformers_without_penalty():
+    """With length_penalty=0 T5X's and transformers' normalisations agree: our default formula, same tokens."""
+    hf, ours = _pair("v1.1", seed=7)
+    ids, mask = _batch(seed=8)
+    theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, num_beams=4, length_penalty=0.0)
+    out = ours.generate(ids, mask, max_new_tokens=10, num_beams=4, length_penalty=0.0)
+    assert _after_eos_zeroed(out) == _after_eos_zeroed(theirs)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_logits_processors_token_identical_to_transformers(num_beams):
+    hf, ours = _pair("v1.0", seed=9)
+    ids, mask = _batch(seed=10)
+    for args in (dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=1), dict(repetition_penalty=1.8),
+                 dict(min_new_tokens=6), dict(min_length=5), dict(repetition_penalty=0.7, no_repeat_ngram_size=3)):
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_beams=num_beams,
+                             length_penalty=1.0, do_sample=False, **args)
+        out = ours.generate(ids, mask, max_new_tokens=12, num_beams=num_beams, length_penalty=1.0,
+                            length_normalization="hf", **args)
+        assert _after_eos_zeroed(out) == _after_eos_zeroed(theirs), args
+    plain = ours.generate(ids, mask, max_new_tokens=12, num_beams=num_beams)
+    ngram = ours.generate(ids, mask, max_new_tokens=12, num_beams=num_beams, no_repeat_ngram_size=1)
+    assert plain.tolist() != ngram.tolist(), "the random model never repeats a token: weak test"
+
+
+def test_seeded_sampling_draws_identical_to_transformers():
+    """transformers draws `torch.multinomial(softmax(processed scores), 1)` per step (beam sampling: 2K
+    without replacement per step) from torch's global generator; we draw the same way from `generator`.
+    Seeded alike, the draws are the same, so the sequences are identical."""
+    hf, ours = _pair("v1.1", seed=11)
+    ids, mask = _batch(seed=12)
+    cases = (dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(top_k=0, top_p=0.95, temperature=1.3),
+             dict(num_return_sequences=3, top_k=10), dict(num_beams=2, top_k=8), dict(num_beams=2, top_p=0.05),
+             dict(repetition_penalty=1.5))
+    for args in cases:
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True,
+                                 length_penalty=1.0, **args)
+            out = ours.generate(ids, mask, max_new_tokens=10, do_sample=True, length_penalty=1.0,
+                                length_normalization="hf", generator=torch.Generator().manual_seed(seed), **args)
+            assert _after_eos_zeroed(out) == _after_eos_zeroed(theirs), (args, seed)
+    g = torch.Generator().manual_seed(0)
+    a = ours.generate(ids, mask, max_new_tokens=10, do_sample=True, generator=g)
+    b = ours.generate(ids, mask, max_new_tokens=10, do_sample=True, generator=g)
+    assert a.tolist() != b.tolist(), "the generator's state advances: a second call draws differently"
+    greedy = ours.generate(ids, mask, max_new_tokens=10)
+    assert ours.generate(ids, mask, max_new_tokens=10, do_sample=True, top_k=1, generator=g).tolist() == greedy.tolist()
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_output_scores_equal_transformers(num_beams):
+    hf, ours = _pair("v1.0", seed=13)
+    ids, mask = _batch(seed=14)
+    args = dict(max_new_tokens=6, num_beams=num_beams, return_dict_in_generate=True, output_scores=True,
+                no_repeat_ngram_size=2)
+    theirs = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, length_penalty=1.0, **args)
+    out = ours.generate(ids, mask, length_penalty=1.0, length_normalization="hf", **args)
+    assert len(out.scores) == len(theirs.scores)
+    for a, b in zip(out.scores, theirs.scores):
+        torch.testing.assert_close(a.masked_fill(a.isinf(), -1e30), b.masked_fill(b.isinf(), -1e30),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def _sequence_log_prob(model, ids, mask, sequences):
@@ -76,52 +172,65 @@ def _sequence_log_prob(model, ids, mask, sequences):
 
 
 @pytest.mark.parametrize("family", ["v1.0", "v1.1"])
-def test_beam_one_is_greedy_and_beam_four_scores_at_least_greedy(family):
+def test_t5x_beam_scores_are_penalised_log_probs_and_beat_greedy(family):
     _, ours = _pair(family, seed=3)
     ids, mask = _batch(seed=4)
-    greedy = generate(ours, ids, mask, max_length=12)
-    one = generate(ours, ids, mask, max_length=12, num_beams=1, alpha=0.0)
-    assert one.sequences.tolist() == greedy.sequences.tolist()
-    # beam search as a search (not the greedy shortcut): a single beam through the beam code path
-    from models.generation import Seq2SeqStepper, beam_search
-    single = beam_search(Seq2SeqStepper(ours, ids, mask), 4, 1, 12, 0.0, 0, 1, 0, ids.device)
-    width = greedy.sequences.shape[1]
-    assert torch.nn.functional.pad(single.sequences, (0, width - single.sequences.shape[1])).tolist() == greedy.sequences.tolist()
-    torch.testing.assert_close(single.log_probs, greedy.log_probs, rtol=1e-5, atol=1e-5)
-
-    beams = generate(ours, ids, mask, max_length=12, num_beams=4)  # alpha 0.6 by default
+    greedy = generate(ours, ids, mask, max_new_tokens=12, return_dict_in_generate=True)
+    one = generate(ours, ids, mask, max_new_tokens=12, num_beams=1, length_penalty=0.0)
+    assert one.tolist() == greedy.sequences.tolist()
+    beams = generate(ours, ids, mask, max_new_tokens=12, num_beams=4, early_stopping="never",
+                     return_dict_in_generate=True, output_scores=True)          # length_penalty 0.6 by default
     greedy_score = greedy.log_probs / brevity_penalty(greedy.lengths.float(), 0.6)
-    assert (beams.scores >= greedy_score - 1e-5).all()
-    assert (beams.scores > greedy_score + 1e-3).any(), "beam search never found anything better: weak test"
-    # the reported scores are the model's real log-probs of the returned sequences
-    lp, length = _sequence_log_prob(ours, ids, mask, beams.sequences)
+    assert (beams.sequences_scores >= greedy_score - 1e-5).all()
+    assert (beams.sequences_scores > greedy_score + 1e-3).any(), "beam search never found anything better"
+    lp, length = _sequence_log_prob(ours, ids, mask, beams.sequences[:, 1:])
     torch.testing.assert_close(lp, beams.log_probs, rtol=1e-4, atol=1e-4)
     assert length.tolist() == beams.lengths.tolist()
-    torch.testing.assert_close(beams.scores, lp / brevity_penalty(length.float(), 0.6), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(beams.sequences_scores, lp / brevity_penalty(length.float(), 0.6), rtol=1e-4,
+                               atol=1e-4)
 
 
-def test_beam_search_matches_transformers_without_penalty():
-    """Same search rules as Hugging Face (EOS counts when ranked in the top K): with no length penalty
-    (HF length_penalty=0) and no early stop, both return the same best hypothesis."""
-    hf, ours = _pair("v1.0", seed=5)
-    ids, mask = _batch(seed=6)
-    theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, num_beams=3, do_sample=False,
-                         length_penalty=0.0, early_stopping=True)
-    out = generate(ours, ids, mask, max_length=10, num_beams=3, alpha=0.0)
-    for row in range(ids.shape[0]):
-        a = [t for t in theirs[row, 1:].tolist()]
-        b = out.sequences[row].tolist()
-        n = max(len(a), len(b))
-        assert (a + [0] * n)[:n] == (b + [0] * n)[:n]
-
-
-def test_bad_arguments():
+def test_unsupported_and_bad_arguments_are_named():
     _, ours = _pair("v1.0")
     ids, mask = _batch()
-    with pytest.raises(ValueError, match="num_beams must be at least 1"):
-        generate(ours, ids, mask, num_beams=0)
-    with pytest.raises(ValueError, match="max_length must be at least 1"):
-        generate(ours, ids, mask, max_length=0)
+    for name, value in (("alpha", 0.6), ("bad_words_ids", [[3]]), ("max_new_token", 4)):
+        with pytest.raises(TypeError, match=name):
+            ours.generate(ids, mask, **{name: value})
+    for args, name in ((dict(num_beams=0), "num_beams"), (dict(max_new_tokens=0), "max_new_tokens"),
+                       (dict(top_p=1.5), "top_p"), (dict(temperature=0.0), "temperature"),
+                       (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+                       (dict(num_return_sequences=2), "num_return_sequences"), (dict(early_stopping="x"), "early_stopping"),
+                       (dict(cache_implementation="paged"), "cache_implementation")):
+        with pytest.raises(ValueError, match=name):
+            ours.generate(ids, mask, **args)
+
+
+def test_generation_config_json_round_trip_and_defaults(tmp_path):
+    import json
+
+    hf, ours = _pair("v1.0")
+    ids, mask = _batch()
+    ours.save_pretrained(tmp_path / "m")
+    written = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    assert written == {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "m").eos_token_id == 1
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps(
+        {"num_beams": 3, "max_length": 8, "no_repeat_ngram_size": 2, "transformers_version": "5.0", "typical_p": 1.0,
+         "_from_model_config": True}))
+    loaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "m", kernel_backend="torch")
+    assert loaded.generate(ids, mask).tolist() == ours.generate(ids, mask, num_beams=3, max_length=8,
+                                                                no_repeat_ngram_size=2).tolist()
+    assert loaded.generate(ids, mask, num_beams=1).tolist() == ours.generate(
+        ids, mask, max_length=8, no_repeat_ngram_size=2).tolist()           # arguments beat the file
+    loaded.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "generation_config.json").read_text())
+    assert again["num_beams"] == 3 and again["max_length"] == 8
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"typical_p": 0.5}))
+    with pytest.raises(ValueError, match="generation_config.json: key 'typical_p'"):
+        T5ForConditionalGeneration.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"num_beams": 0}))
+    with pytest.raises(ValueError, match="generation_config.json: num_beams=0"):
+        T5ForConditionalGeneration.from_pretrained(tmp_path / "m")
 
 
 def test_generate_cli_arguments_file_and_stdin(tmp_path, capsys, monkeypatch):
@@ -135,7 +244,7 @@ def test_generate_cli_arguments_file_and_stdin(tmp_path, capsys, monkeypatch):
     model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                                 num_heads=4, kernel_backend="torch"))
     model.save_pretrained(tmp_path / "m")
-    base = ["--model", str(tmp_path / "m"), "--tokenizer", str(tokenizer), "--max-length", "5"]
+    base = ["--model", str(tmp_path / "m"), "--tokenizer", str(tokenizer), "--max-new-tokens", "5"]
     texts = ["the sea", "snow at the coast is rare", "wind"]
     assert generate_main(base + texts) == 0
     from_args = capsys.readouterr().out.splitlines()
@@ -144,7 +253,13 @@ def test_generate_cli_arguments_file_and_stdin(tmp_path, capsys, monkeypatch):
     assert generate_main(base + ["--file", str(tmp_path / "in.txt"), "--batch-size", "2"]) == 0
     assert capsys.readouterr().out.splitlines() == from_args  # order kept across length-sorted batches
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts)))
-    assert generate_main(base + ["--num-beams", "2"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert generate_main(base + ["--num-beams", "2", "--num-return-sequences", "2", "--early-stopping", "never"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6
+    sample = base + ["--do-sample", "--top-k", "20", "--seed", "3", "--cache-implementation", "dynamic"] + texts
+    assert generate_main(sample) == 0
+    first = capsys.readouterr().out
+    assert generate_main(sample) == 0 and capsys.readouterr().out == first      # seeded: the same draws
     assert generate_main(base + ["--file", str(tmp_path / "missing.txt")]) == 2
     assert "--file: not found" in capsys.readouterr().err
+    assert generate_main(base + ["--top-p", "2"] + texts) == 2
+    assert "top_p" in capsys.readouterr().err

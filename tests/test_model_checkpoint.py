@@ -26,7 +26,7 @@ def same_params(a: T5ForConditionalGeneration, b: T5ForConditionalGeneration) ->
 def test_save_load_round_trip_is_exact(tmp_path, proj):
     m = tiny(proj)
     m.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     names = set(load_file(str(tmp_path / "model.safetensors")))
     assert ("lm_head.weight" in names) == (proj != "relu")
     assert not any("wi_fused" in n for n in names)

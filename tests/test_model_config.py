@@ -95,7 +95,7 @@ def test_hf_dict_round_trip_and_transformers_reads_it():
 def test_hf_dict_rejects_what_we_do_not_run():
     base = T5Config.from_preset("t5-small").to_hf_dict()
     for change, message in (({"feed_forward_proj": "gated-silu"}, "feed_forward_proj='gated-silu'"),
-                            ({"model_type": "mt5"}, "model_type='mt5'"),
+                            ({"model_type": "bart"}, "model_type='bart'"),
                             ({"is_encoder_decoder": False}, "is_encoder_decoder"),
                             ({"num_heads": 0}, "num_heads")):
         with pytest.raises(ValueError, match=message):

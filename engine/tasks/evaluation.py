@@ -39,8 +39,8 @@ def evaluate_tasks(model, tokenizer, eval_sets, *, batch_size: int, max_input_le
     scores: dict[str, float] = {}
     for task, examples in eval_sets:
         mine = generate_texts(model, tokenizer, [e.inputs for e in examples[rank::world_size]],
-                              batch_size=batch_size, max_input_length=max_input_length, max_length=max_length,
-                              num_beams=num_beams)
+                              batch_size=batch_size, max_input_length=max_input_length,
+                              max_new_tokens=max_length, num_beams=num_beams)
         outputs = [""] * len(examples)
         for owner, texts in enumerate(_all_gather_objects(mine, world_size)):
             outputs[owner::world_size] = texts
