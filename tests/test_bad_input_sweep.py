@@ -1,7 +1,6 @@
 """One error policy (issue 15): every command, fed a missing path, an empty file, a directory or a binary
 file where it expects a file, exits non-zero with one line naming the path, never a traceback."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import pytest
 
 from engine.config import load_run_config
+from procs import repo_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,9 +60,8 @@ def hf_model(tmp_path_factory):
 
 def _run_cli(argv):
     code = ("import sys; from engine.cli import main; sys.exit(main(sys.argv[1:]))")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=300)
+                          env=repo_env(), timeout=300)
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 give the same losses and weights bit for bit, and a SIGKILL + rerun reproduces the uninterrupted run."""
 import hashlib
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import torch
 
 from engine.config import load_run_config
 from engine.train import set_determinism
+from procs import repo_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -79,8 +79,7 @@ def _wait_for_step(run_dir, step, proc, timeout=300):
 
 @pytest.mark.slow
 def test_two_default_runs_and_a_killed_run_are_bit_identical(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env["PYTHONPATH"] = str(REPO)
+    env = {k: v for k, v in repo_env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
         subprocess.run(_argv(run), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)

@@ -17,6 +17,6 @@ def test_no_test_replaces_pythonpath():
     offenders = []
     for path in pathlib.Path(__file__).parent.glob("*.py"):
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            if re.search(r"""["']PYTHONPATH["']\s*:\s*str\(REPO\)\s*[,}]""", line):
+            if re.search(r"""["']PYTHONPATH["']\]?\s*[:=]\s*str\(REPO\)\s*([,}]|$)""", line):
                 offenders.append(f"{path.name}:{n}")
     assert not offenders, f"use procs.repo_env(): {offenders}"
