@@ -310,15 +310,26 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
                                 kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                                 kv_positions=kv_positions, q_offset=q_offset, dropout_p=dropout_p,
                                 training=training)
+    meta = _make_meta(B, Lq, Lk, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance,
+                      scale=scale, key_padding_mask=key_padding_mask, causal=causal, prefix_lengths=prefix_lengths,
+                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
+                      kv_positions=kv_positions, q_offset=q_offset, deterministic=deterministic,
+                      dropout_p=dropout_p if training else 0.0, streams=B * H)
+    return _T5AttentionFn.apply(q, k, v, bias_table, meta)
 
+
+def _make_meta(B, Lq, Lk, *, bidirectional, num_buckets, max_distance, scale, key_padding_mask, causal,
+               prefix_lengths, q_segment_ids, kv_segment_ids, q_positions, kv_positions, q_offset,
+               deterministic, dropout_p, streams) -> _Meta:
+    """The kernels' normalised masks and flags (also what benchmarks/kernels/compiled_report.py launches)."""
     meta = _Meta(bidirectional=bool(bidirectional), num_buckets=int(num_buckets), max_distance=int(max_distance),
                  scale=float(scale), q_offset=int(q_offset), causal=bool(causal) or prefix_lengths is not None,
                  deterministic=bool(deterministic))
-    if training and dropout_p > 0.0:
+    if dropout_p > 0.0:
         if Lq * Lk >= 2**31:
             raise ValueError(f"t5_attention: attention dropout needs Lq * Lk < 2**31 (its Philox counter), got "
                              f"{Lq} x {Lk}")
-        meta.dropout_p, meta.seed = float(dropout_p), _draw_dropout_seed(B * H)
+        meta.dropout_p, meta.seed = float(dropout_p), _draw_dropout_seed(streams)
     if q_positions is not None:
         meta.q_pos = _as_rows(q_positions, "q_positions", B, Lq)
     if kv_positions is not None:
@@ -340,7 +351,7 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
         if prefix_lengths.shape != (B,):
             raise ValueError(f"t5_attention: prefix_lengths has shape {tuple(prefix_lengths.shape)}, expected ({B},)")
         meta.prefix = prefix_lengths.to(torch.int32).contiguous()
-    return _T5AttentionFn.apply(q, k, v, bias_table, meta)
+    return meta
 
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True,
