@@ -107,6 +107,37 @@ def _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start
 
 
 @triton.jit
+def _visible_range(lo, hi, offs_o, pos_o, seg_o, POS_I, SEG_I, Lq, Lk, prefix, start_k, pos_offset_i,
+                   BLOCK: tl.constexpr, KEYS_INNER: tl.constexpr, HAS_POS_I: tl.constexpr, LOAD_SEG_I: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
+    """[first, end): the inner blocks of [lo, hi) from the first to the last one holding a visible pair with the
+    program's outer block (offs_o, pos_o, seg_o); an empty range when none does.
+
+    The masks become loop bounds: this cheap pre-pass reads only positions and segment ids (no K, V, no
+    dot), so the main loop over [first, end) has no per-tile branch and triton pipelines its loads; tiles
+    inside the range that are partly (or, with holes, wholly) masked are masked elementwise. KEYS_INNER:
+    the inner blocks are key blocks (forward, dq), otherwise query blocks (dk/dv, keys `offs_o` from
+    `start_k`). FlexAttention's block mask, computed per program instead of stored.
+    """
+    offs_b = tl.arange(0, BLOCK)
+    first = hi
+    end = lo
+    for start in range(lo, hi, BLOCK):
+        offs_i = start + offs_b
+        if KEYS_INNER:
+            pos_i, seg_i = _block_pos_seg(POS_I, SEG_I, offs_i, Lk, pos_offset_i, HAS_POS_I, LOAD_SEG_I)
+            empty = _tile_is_empty(offs_o, offs_i, Lq, Lk, pos_o, pos_i, seg_o, seg_i, prefix, start, CAUSAL,
+                                   HAS_PREFIX, HAS_SEG)
+        else:
+            pos_i, seg_i = _block_pos_seg(POS_I, SEG_I, offs_i, Lq, pos_offset_i, HAS_POS_I, LOAD_SEG_I)
+            empty = _tile_is_empty(offs_i, offs_o, Lq, Lk, pos_i, pos_o, seg_i, seg_o, prefix, start_k, CAUSAL,
+                                   HAS_PREFIX, HAS_SEG)
+        first = tl.where(empty, first, tl.minimum(first, start))
+        end = tl.where(empty, end, start + BLOCK)
+    return first, tl.maximum(end, first)
+
+
+@triton.jit
 def _bias_at(tab_h, stride_tb, BUCKET_LUT, idx):
     """The head's bias (log2 units, fp32) at table index `idx`: the one bias of a far segment."""
     return tl.load(tab_h + tl.load(BUCKET_LUT + idx) * stride_tb).to(tl.float32) * _LOG2E
@@ -174,12 +205,13 @@ def _program_block(seed, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _query_block(QPOS, QSEG, PREFIX, b, start_m, offs_m, Lq, Lk, q_offset, BLOCK_M: tl.constexpr,
-                 HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
-                 HAS_PREFIX: tl.constexpr):
+def _query_block(QPOS, QSEG, KPOS, KSEG, PREFIX, b, start_m, offs_m, Lq, Lk, q_offset, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr):
     """What a forward or dq program needs of its query block besides the tiles: the rows' positions and
-    segments, the batch's prefix length, and the end of the key loop (causal with index-ordered positions:
-    just past the block's last query position, or past the prefix when that is longer)."""
+    segments, the batch's prefix length, and the key blocks [lo, hi) of its loop (causal with index-ordered
+    positions: up to just past the block's last query position, or past the prefix when that is longer;
+    with padding, segments or explicit causal positions, trimmed by `_visible_range`)."""
     qpos, qseg = _block_pos_seg(QPOS, QSEG, offs_m, Lq, q_offset, HAS_QPOS, HAS_SEG == 2)
     prefix = 0
     if HAS_PREFIX:
@@ -189,7 +221,11 @@ def _query_block(QPOS, QSEG, PREFIX, b, start_m, offs_m, Lq, Lk, q_offset, BLOCK
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
         if HAS_PREFIX:
             hi = tl.maximum(hi, tl.minimum(prefix, Lk))
-    return qpos, qseg, prefix, hi
+    lo = 0
+    if HAS_SEG or (CAUSAL and (HAS_QPOS or HAS_KPOS)):
+        lo, hi = _visible_range(0, hi, offs_m, qpos, qseg, KPOS, KSEG, Lq, Lk, prefix, 0, 0, BLOCK_N, True,
+                                HAS_KPOS, HAS_SEG != 0, CAUSAL, HAS_PREFIX, HAS_SEG)
+    return qpos, qseg, prefix, lo, hi
 
 
 @triton.jit
@@ -203,31 +239,28 @@ def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KP
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
         kpos, kseg = _block_pos_seg(KPOS, KSEG, offs_n, Lk, 0, HAS_KPOS, HAS_SEG)
-        empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n, CAUSAL, HAS_PREFIX,
-                               HAS_SEG) if HAS_SEG or CAUSAL else False
-        if not empty:
-            kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=offs_n[None, :] < Lk, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=offs_n[:, None] < Lk, other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            s, vis, _ = _tile_scores(tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale, offs_m[:, None],
-                                     offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :], qseg[:, None],
-                                     kseg[None, :], prefix, D_MAX, lut_row, stride_tb, BUCKET_LUT, bias_const,
-                                     BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:   # l_i keeps the undropped sum: dropout acts on the normalised probabilities
-                pv = p * _dropout_scale(seed_bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
-            else:
-                pv = p
-            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=INPUT_PRECISION)
-            m_i = m_new
+        kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=offs_n[None, :] < Lk, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=offs_n[:, None] < Lk, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s, vis, _ = _tile_scores(tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale, offs_m[:, None],
+                                 offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :], qseg[:, None],
+                                 kseg[None, :], prefix, D_MAX, lut_row, stride_tb, BUCKET_LUT, bias_const,
+                                 BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:   # l_i keeps the undropped sum: dropout acts on the normalised probabilities
+            pv = p * _dropout_scale(seed_bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+        else:
+            pv = p
+        acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -257,12 +290,12 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREF
     kt_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[:, None] * stride_kd
     v_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[None, :] * stride_vd
 
-    qpos, qseg, prefix, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, PREFIX, b, start_m,
-                                          offs_m, Lq, Lk, q_offset, BLOCK_M, HAS_QPOS, HAS_KPOS, HAS_SEG, CAUSAL,
-                                          HAS_PREFIX)
     lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
     kpos_row = KPOS + b * stride_kpos_b
     kseg_row = KSEG + b * stride_kseg_b
+    qpos, qseg, prefix, lo, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, kpos_row, kseg_row,
+                                              PREFIX, b, start_m, offs_m, Lq, Lk, q_offset, BLOCK_M, BLOCK_N, HAS_QPOS,
+                                              HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -270,14 +303,14 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREF
     if not HAS_BIAS or not INDEX_POS:
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
                                    lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                                   0.0, 0, hi, 1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX,
+                                   0.0, lo, hi, 1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX,
                                    UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
     else:   # far-before (one bias: the first table entry), near (gathered), far-after (the last entry)
-        b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
+        b1, b2 = _segment_bounds(lo, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
                                    lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), 0, b1, 2, BLOCK_N, HAS_KPOS,
+                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), lo, b1, 2, BLOCK_N, HAS_KPOS,
                                    HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
                                    lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
@@ -334,42 +367,39 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_mb
         qpos, qseg = _block_pos_seg(QPOS, QSEG, offs_m, Lq, q_offset, HAS_QPOS, HAS_SEG == 2)
-        empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n, CAUSAL, HAS_PREFIX,
-                               HAS_SEG) if HAS_SEG or CAUSAL else False
-        if not empty:
-            m_ok = offs_m[:, None] < Lq
-            q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=m_ok, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=m_ok, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(lse_row + offs_m, mask=offs_m < Lq, other=0.0)
-            delta = tl.load(delta_row + offs_m, mask=offs_m < Lq, other=0.0)
-            st, vis, bucket = _tile_scores(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale,
-                                           offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :], kpos[:, None],
-                                           qseg[None, :], kseg[:, None], prefix, D_MAX, lut_row, stride_tb,
-                                           BUCKET_LUT, bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)  # [N, M]
-            pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
-            if DROPOUT:   # dv = (P o Z)^T dO, dP = (dO V^T) o Z; delta = rowsum(dO o O) still holds
-                zt = _dropout_scale(seed_bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
-                dv += tl.dot((pt * zt).to(do.dtype), do, input_precision=INPUT_PRECISION)
-                dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION) * zt
+        m_ok = offs_m[:, None] < Lq
+        q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=m_ok, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=m_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_row + offs_m, mask=offs_m < Lq, other=0.0)
+        delta = tl.load(delta_row + offs_m, mask=offs_m < Lq, other=0.0)
+        st, vis, bucket = _tile_scores(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale,
+                                       offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :], kpos[:, None],
+                                       qseg[None, :], kseg[:, None], prefix, D_MAX, lut_row, stride_tb,
+                                       BUCKET_LUT, bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)  # [N, M]
+        pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
+        if DROPOUT:   # dv = (P o Z)^T dO, dP = (dO V^T) o Z; delta = rowsum(dO o O) still holds
+            zt = _dropout_scale(seed_bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
+            dv += tl.dot((pt * zt).to(do.dtype), do, input_precision=INPUT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION) * zt
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
+        if BIAS_GRAD:
+            if BIAS_MODE == 1:
+                b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
+                b_hi = tl.max(tl.where(vis, bucket, -1))
+                for bk in range(b_lo, b_hi + 1):
+                    # Reduce along the query axis only (within a warp for the dot's layout) into a
+                    # per-key-row partial; the cross-warp reduction happens once per program.
+                    part = tl.sum(tl.where(bucket == bk, dst, 0.0), 1)                      # [N]
+                    dbias += tl.where(offs_bk[None, :] == bk, part[:, None], 0.0)
             else:
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
-                dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
-            if BIAS_GRAD:
-                if BIAS_MODE == 1:
-                    b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
-                    b_hi = tl.max(tl.where(vis, bucket, -1))
-                    for bk in range(b_lo, b_hi + 1):
-                        # Reduce along the query axis only (within a warp for the dot's layout) into a
-                        # per-key-row partial; the cross-warp reduction happens once per program.
-                        part = tl.sum(tl.where(bucket == bk, dst, 0.0), 1)                      # [N]
-                        dbias += tl.where(offs_bk[None, :] == bk, part[:, None], 0.0)
-                else:
-                    dbias += tl.where(offs_bk[None, :] == bucket_const, tl.sum(dst, 1)[:, None], 0.0)
+                dbias += tl.where(offs_bk[None, :] == bucket_const, tl.sum(dst, 1)[:, None], 0.0)
     return dk, dv, dbias
 
 
@@ -432,6 +462,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
     lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
     qpos_row = QPOS + b * stride_qpos_b
     qseg_row = QSEG + b * stride_qseg_b
+    hi = Lq
+    if HAS_SEG == 2 or (CAUSAL and not INDEX_POS):
+        lo, hi = _visible_range(lo, hi, offs_n, kpos, kseg, qpos_row, qseg_row, Lq, Lk, prefix, start_n, q_offset,
+                                BLOCK_M, False, HAS_QPOS, HAS_SEG == 2, CAUSAL, HAS_PREFIX, HAS_SEG)
+    elif HAS_SEG == 1:   # key padding alone: every query block or, for an all-padding key block, none
+        hi = tl.where(tl.max(tl.where(offs_n < Lk, kseg, 0), 0) == 0, lo, hi)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -439,12 +475,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
     if not HAS_BIAS or not INDEX_POS:
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
-                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, lo, Lq,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, lo, hi,
                                     1 if HAS_BIAS else 0, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
                                     HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
     else:
         # Early query blocks see these keys at rel = k - q >= D_MAX (last table entry), late ones at <= -D_MAX.
-        b1, b2 = _segment_bounds(lo, Lq, q_offset, 0, start_n, start_n + BLOCK_N - 1, D_MAX, BLOCK_M,
+        b1, b2 = _segment_bounds(lo, hi, q_offset, 0, start_n, start_n + BLOCK_N - 1, D_MAX, BLOCK_M,
                                  False)
         last = 2 * D_MAX
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
@@ -461,7 +497,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
-                                    _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), tl.load(BUCKET_LUT), b2, Lq,
+                                    _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), tl.load(BUCKET_LUT), b2, hi,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
                                     HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
 
@@ -489,24 +525,21 @@ def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
         kpos, kseg = _block_pos_seg(KPOS, KSEG, offs_n, Lk, 0, HAS_KPOS, HAS_SEG)
-        empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n, CAUSAL, HAS_PREFIX,
-                               HAS_SEG) if HAS_SEG or CAUSAL else False
-        if not empty:
-            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=offs_n[:, None] < Lk, other=0.0)
-            vt = tl.load(vt_base + offs_n[None, :] * stride_vn, mask=offs_n[None, :] < Lk, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                vt = vt.to(tl.float32)
-            s, vis, _ = _tile_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale,
-                                     offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :],
-                                     qseg[:, None], kseg[None, :], prefix, D_MAX, lut_row, stride_tb, BUCKET_LUT,
-                                     bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)
-            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
-            if DROPOUT:
-                dp = dp * _dropout_scale(seed_bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=offs_n[:, None] < Lk, other=0.0)
+        vt = tl.load(vt_base + offs_n[None, :] * stride_vn, mask=offs_n[None, :] < Lk, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s, vis, _ = _tile_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale,
+                                 offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :],
+                                 qseg[:, None], kseg[None, :], prefix, D_MAX, lut_row, stride_tb, BUCKET_LUT,
+                                 bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            dp = dp * _dropout_scale(seed_bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
     return dq
 
 
@@ -544,25 +577,25 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, Q
     k_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[None, :] * stride_kd
     vt_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[:, None] * stride_vd
 
-    qpos, qseg, prefix, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, PREFIX, b, start_m,
-                                          offs_m, Lq, Lk, q_offset, BLOCK_M, HAS_QPOS, HAS_KPOS, HAS_SEG, CAUSAL,
-                                          HAS_PREFIX)
     lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
     kpos_row = KPOS + b * stride_kpos_b
     kseg_row = KSEG + b * stride_kseg_b
+    qpos, qseg, prefix, lo, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, kpos_row, kseg_row,
+                                              PREFIX, b, start_m, offs_m, Lq, Lk, q_offset, BLOCK_M, BLOCK_N, HAS_QPOS,
+                                              HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not HAS_BIAS or not INDEX_POS:
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
+                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, lo, hi,
                        1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
     else:   # the forward's three segments
-        b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
+        b1, b2 = _segment_bounds(lo, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
                        lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                       _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), 0, b1,
+                       _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), lo, b1,
                        2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
