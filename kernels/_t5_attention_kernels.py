@@ -5,11 +5,12 @@ Layout and conventions shared by every kernel here:
   no axis ever exceeds CUDA's 65535 limit on y/z for realistic H and B.
 - Scores live in the log2 domain: `s2 = (q.k) * scale * log2(e) + bias * log2(e)`, so the softmax uses
   `exp2` (one MUFU op); LSE is stored in log2 units. `ds` (the gradient of the natural-log score) is what dq, dk and dbias need.
-- The bias is `TABLE[BUCKET_LUT[idx], h]`: the learned (num_buckets, H) table read directly (no per-call
-  host work), through a tiny cached int32 table of buckets indexed by the clamped relative position
-  `idx = clamp(k_pos - q_pos, -D_MAX, D_MAX) + D_MAX` (never negative; see MACHINE_NOTES: a negative
-  index corrupts the heap under the interpreter). BUCKET_LUT comes from the reference bucket function,
-  so the kernel's buckets are bit-identical to Hugging Face's fp32 log arithmetic.
+- The bias is `REL[h, idx]`, ONE gather per score: a per-call (H, 2 * D_MAX + 1) fp32 vector of the bias
+  at every clamped relative position `idx = clamp(k_pos - q_pos, -D_MAX, D_MAX) + D_MAX` (never negative;
+  see MACHINE_NOTES: a negative index corrupts the heap under the interpreter), already scaled by log2(e)
+  (kernels/t5_attention.py builds it from the learned table and the bucket of every relative position).
+  The bias gradient still goes by bucket: dk/dv reads `BUCKET_LUT[idx]` (a tiny int32 table from the
+  reference bucket function, bit-identical to Hugging Face's fp32 log arithmetic) for the scores it reduces.
 - Tiles entirely beyond +-D_MAX have ONE bias value and ONE bucket (the bucket saturates there). With
   index-ordered positions the key loop is split in three segments, far-before / near-diagonal / far-after,
   each its own loop so register allocation sees no gather in the far loops: they add a scalar bias and
@@ -46,10 +47,12 @@ def _block_pos_seg(POS, SEG, offs, L, pos_offset, HAS_POS: tl.constexpr, LOAD_SE
 
 
 @triton.jit
-def _tile_scores(s, qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix, D_MAX, tab_h, stride_tb, BUCKET_LUT, bias_const,
-                 BIAS_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
-    """The tile's scores `s` (log2 units) plus the bias, their visibility, and their buckets (BIAS_MODE 1;
-    otherwise the unread table index), from broadcastable query-side (qi, qpos, qseg) and key-side operands.
+def _tile_scores(s, qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix, D_MAX, rel_h, stride_tb, BUCKET_LUT, bias_const,
+                 BIAS_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr,
+                 NEED_BUCKET: tl.constexpr):
+    """The tile's scores `s` (log2 units) plus the bias, their visibility, and their buckets (BIAS_MODE 1 and
+    NEED_BUCKET; otherwise the unread relative index), from broadcastable query-side (qi, qpos, qseg) and
+    key-side operands.
 
     BIAS_MODE 0: no bias, 1: gathered at the relative position clamped to [-D_MAX, D_MAX] and shifted to
     be >= 0 (never a negative index), 2: `bias_const` (a far segment). Callers pass row/column-expanded
@@ -70,8 +73,9 @@ def _tile_scores(s, qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix, D_MAX, tab_h
     idx = tl.minimum(tl.maximum(kpos - qpos, -D_MAX), D_MAX) + D_MAX
     bucket = idx
     if BIAS_MODE == 1:
-        bucket = tl.load(BUCKET_LUT + idx)
-        s += tl.load(tab_h + bucket * stride_tb).to(tl.float32) * _LOG2E
+        s += tl.load(rel_h + idx * stride_tb)   # ONE gather per score; the bucket only for the gradient
+        if NEED_BUCKET:
+            bucket = tl.load(BUCKET_LUT + idx)
     elif BIAS_MODE == 2:
         s += bias_const
     return s, vis, bucket
@@ -138,9 +142,9 @@ def _visible_range(lo, hi, offs_o, pos_o, seg_o, POS_I, SEG_I, Lq, Lk, prefix, s
 
 
 @triton.jit
-def _bias_at(tab_h, stride_tb, BUCKET_LUT, idx):
-    """The head's bias (log2 units, fp32) at table index `idx`: the one bias of a far segment."""
-    return tl.load(tab_h + tl.load(BUCKET_LUT + idx) * stride_tb).to(tl.float32) * _LOG2E
+def _bias_at(rel_h, stride_tb, BUCKET_LUT, idx):
+    """The head's bias (log2 units, fp32) at relative index `idx`: the one bias of a far segment."""
+    return tl.load(rel_h + idx * stride_tb)
 
 
 @triton.jit
@@ -156,9 +160,10 @@ def _dropout_scale(seed_bh, qi, kj, Lk, dropout_p):
 
 
 @triton.jit
-def _dropout_mask_kernel(OUT, seed, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(OUT, SEED, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The multipliers the attention kernels use, materialised (B*H, Lq, Lk) fp32: for tests only."""
     bh = tl.program_id(2)
+    seed = tl.load(SEED)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     z = _dropout_scale(seed + bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
@@ -189,13 +194,15 @@ def _segment_bounds(lo, hi, q_first, q_last, k_first_off, k_last_off, D_MAX, BLO
 
 
 @triton.jit
-def _program_block(seed, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr):
-    """A program's batch and head (grid axes 2 and 1), its dropout stream, and the first row and rows of the
-    block it owns along axis 0. LAST_FIRST launches the last block first (causal, index-ordered positions:
-    the last query blocks see the most keys)."""
+def _program_block(SEED, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr, DROPOUT: tl.constexpr):
+    """A program's batch and head (grid axes 2 and 1), its dropout stream (the call's seed, drawn on the
+    device, read from SEED), and the first row and rows of the block it owns along axis 0. LAST_FIRST
+    launches the last block first (causal, index-ordered positions: the last query blocks see the most keys)."""
     h = tl.program_id(1)
     b = tl.program_id(2)
-    seed_bh = seed + b * H + h   # one dropout stream per (batch, head)
+    seed_bh = 0
+    if DROPOUT:
+        seed_bh = tl.load(SEED) + b * H + h   # one dropout stream per (batch, head)
     if LAST_FIRST:
         pid = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -229,7 +236,7 @@ def _query_block(QPOS, QSEG, KPOS, KSEG, PREFIX, b, start_m, offs_m, Lq, Lk, q_o
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KPOS, KSEG, lut_row, stride_tb,
+def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KPOS, KSEG, rel_h, stride_tb,
                BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
                BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
@@ -246,8 +253,8 @@ def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KP
             v = v.to(tl.float32)
         s, vis, _ = _tile_scores(tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale, offs_m[:, None],
                                  offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :], qseg[:, None],
-                                 kseg[None, :], prefix, D_MAX, lut_row, stride_tb, BUCKET_LUT, bias_const,
-                                 BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)
+                                 kseg[None, :], prefix, D_MAX, rel_h, stride_tb, BUCKET_LUT, bias_const,
+                                 BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG, False)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -265,20 +272,20 @@ def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KP
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
+def _fwd_kernel(Q, K, V, O, LSE, REL, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ob, stride_oh, stride_om, stride_od,
                 stride_tb, stride_th, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
-                H, Lq, Lk, q_offset, qk_scale, D_MAX, seed, dropout_p,
+                H, Lq, Lk, q_offset, qk_scale, D_MAX, SEED, dropout_p,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
                 HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per query block: online softmax over the key blocks; stores O and the LSE."""
     INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
-    b, h, seed_bh, start_m, offs_m = _program_block(seed, H, BLOCK_M, CAUSAL and INDEX_POS)
+    b, h, seed_bh, start_m, offs_m = _program_block(SEED, H, BLOCK_M, CAUSAL and INDEX_POS, DROPOUT)
     offs_d = tl.arange(0, HEAD_DIM)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -290,7 +297,7 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREF
     kt_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[:, None] * stride_kd
     v_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[None, :] * stride_vd
 
-    lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
+    rel_h = REL + h * stride_th   # the head's row of the (H, 2 * D_MAX + 1) bias vector
     kpos_row = KPOS + b * stride_kpos_b
     kseg_row = KSEG + b * stride_kseg_b
     qpos, qseg, prefix, lo, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, kpos_row, kseg_row,
@@ -302,23 +309,23 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREF
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not HAS_BIAS or not INDEX_POS:
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
-                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
                                    0.0, lo, hi, 1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX,
                                    UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
     else:   # far-before (one bias: the first table entry), near (gathered), far-after (the last entry)
         b1, b2 = _segment_bounds(lo, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
-                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), lo, b1, 2, BLOCK_N, HAS_KPOS,
+                                   rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   _bias_at(rel_h, stride_tb, BUCKET_LUT, 0), lo, b1, 2, BLOCK_N, HAS_KPOS,
                                    HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
-                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
                                    0.0, b1, b2, 1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX,
                                    UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
-                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi, 2, BLOCK_N, HAS_KPOS,
+                                   rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   _bias_at(rel_h, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi, 2, BLOCK_N, HAS_KPOS,
                                    HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
 
     has_any = l_i > 0.0
@@ -351,7 +358,7 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 
 @triton.jit
 def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base, lse_row, delta_row,
-                QPOS, QSEG, lut_row, stride_tb, BUCKET_LUT, stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
+                QPOS, QSEG, rel_h, stride_tb, BUCKET_LUT, stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
                 bias_const, bucket_const, lo, hi,
                 BIAS_MODE: tl.constexpr, BIAS_GRAD: tl.constexpr, NB_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 HAS_QPOS: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
@@ -377,8 +384,9 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
         delta = tl.load(delta_row + offs_m, mask=offs_m < Lq, other=0.0)
         st, vis, bucket = _tile_scores(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale,
                                        offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :], kpos[:, None],
-                                       qseg[None, :], kseg[:, None], prefix, D_MAX, lut_row, stride_tb,
-                                       BUCKET_LUT, bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)  # [N, M]
+                                       qseg[None, :], kseg[:, None], prefix, D_MAX, rel_h, stride_tb,
+                                       BUCKET_LUT, bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG,
+                                       BIAS_GRAD)  # [N, M]
         pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
         if DROPOUT:   # dv = (P o Z)^T dO, dP = (dO V^T) o Z; delta = rowsum(dO o O) still holds
             zt = _dropout_scale(seed_bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
@@ -404,7 +412,7 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, REL, BUCKET_LUT,
                      QPOS, KPOS, QSEG, KSEG, PREFIX,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
@@ -413,7 +421,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                      stride_tb, stride_th, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
-                     H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, NUM_BUCKETS, seed, dropout_p,
+                     H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, NUM_BUCKETS, SEED, dropout_p,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      NB_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                      DETERMINISTIC: tl.constexpr,
@@ -428,7 +436,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
     adds (fast mode). Never one atomic per score.
     """
     INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
-    b, h, seed_bh, start_n, offs_n = _program_block(seed, H, BLOCK_N, False)
+    b, h, seed_bh, start_n, offs_n = _program_block(SEED, H, BLOCK_N, False, DROPOUT)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_bk = tl.arange(0, NB_PAD)
     b64 = b.to(tl.int64)
@@ -459,7 +467,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
         lo = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
         if HAS_PREFIX:
             lo = tl.where(start_n < prefix, 0, lo)
-    lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
+    rel_h = REL + h * stride_th   # the head's row of the (H, 2 * D_MAX + 1) bias vector
     qpos_row = QPOS + b * stride_qpos_b
     qseg_row = QSEG + b * stride_qseg_b
     hi = Lq
@@ -474,7 +482,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
     dbias = tl.zeros([BLOCK_N, NB_PAD], tl.float32)   # per key row, per bucket; summed over rows at the end
     if not HAS_BIAS or not INDEX_POS:
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
+                                    lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, lo, hi,
                                     1 if HAS_BIAS else 0, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
                                     HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
@@ -484,20 +492,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
                                  False)
         last = 2 * D_MAX
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
+                                    lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
-                                    _bias_at(lut_row, stride_tb, BUCKET_LUT, last), tl.load(BUCKET_LUT + last), lo, b1,
+                                    _bias_at(rel_h, stride_tb, BUCKET_LUT, last), tl.load(BUCKET_LUT + last), lo, b1,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
                                     HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
+                                    lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, b1, b2,
                                     1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
                                     HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
+                                    lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
-                                    _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), tl.load(BUCKET_LUT), b2, hi,
+                                    _bias_at(rel_h, stride_tb, BUCKET_LUT, 0), tl.load(BUCKET_LUT), b2, hi,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
                                     HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
 
@@ -515,7 +523,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, KPOS, KSEG, lut_row, stride_tb,
+def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, KPOS, KSEG, rel_h, stride_tb,
               BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
               BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
@@ -532,8 +540,8 @@ def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base
             vt = vt.to(tl.float32)
         s, vis, _ = _tile_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale,
                                  offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :],
-                                 qseg[:, None], kseg[None, :], prefix, D_MAX, lut_row, stride_tb, BUCKET_LUT,
-                                 bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)
+                                 qseg[:, None], kseg[None, :], prefix, D_MAX, rel_h, stride_tb, BUCKET_LUT,
+                                 bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG, False)
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
         if DROPOUT:
@@ -544,21 +552,21 @@ def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, REL, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                    stride_tb, stride_th, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
-                   H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, seed, dropout_p,
+                   H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, SEED, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
                    HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per query block: recomputes P from the stored LSE and accumulates dq (no atomics)."""
     INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
-    b, h, seed_bh, start_m, offs_m = _program_block(seed, H, BLOCK_M, CAUSAL and INDEX_POS)
+    b, h, seed_bh, start_m, offs_m = _program_block(SEED, H, BLOCK_M, CAUSAL and INDEX_POS, DROPOUT)
     offs_d = tl.arange(0, HEAD_DIM)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -577,7 +585,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, Q
     k_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[None, :] * stride_kd
     vt_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[:, None] * stride_vd
 
-    lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
+    rel_h = REL + h * stride_th   # the head's row of the (H, 2 * D_MAX + 1) bias vector
     kpos_row = KPOS + b * stride_kpos_b
     kseg_row = KSEG + b * stride_kseg_b
     qpos, qseg, prefix, lo, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, kpos_row, kseg_row,
@@ -587,24 +595,24 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, Q
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not HAS_BIAS or not INDEX_POS:
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, lo, hi,
+                       rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, lo, hi,
                        1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
     else:   # the forward's three segments
         b1, b2 = _segment_bounds(lo, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                       _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), lo, b1,
+                       rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                       _bias_at(rel_h, stride_tb, BUCKET_LUT, 0), lo, b1,
                        2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
+                       rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
                        1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                       _bias_at(lut_row, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi,
+                       rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                       _bias_at(rel_h, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi,
                        2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
 

@@ -248,7 +248,7 @@ def test_attention_dropout_matches_reference_with_the_same_mask(device):
     got = _run(t5_attention, _leaves(q, k, v, table, torch.float32, torch.float32, device), do,
                {**kwargs, "dropout_p": p, "training": True})
     torch.manual_seed(123)
-    seed = attn._draw_dropout_seed(2 * 2)
+    seed = attn._draw_dropout_seed(2 * 2, device)
     scales = attn._dropout_scales(2, 2, 70, 70, seed, p, device).double()
     kept = (scales > 0).double().mean().item()
     assert abs(kept - (1 - p)) < 0.02, kept

@@ -18,8 +18,8 @@ from kernels.t5_attention import _blocks
 from tests.aot_compile import resource_usage
 
 ACT = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-F32 = {"LSE", "DELTA", "TABLE", "DBIAS"}   # the learned table: fp32 master weights
-I32P = {"BUCKET_LUT", "QPOS", "KPOS", "QSEG", "KSEG", "PREFIX"}
+F32 = {"LSE", "DELTA", "REL", "DBIAS"}   # REL: the per-call fp32 bias vector over relative positions
+I32P = {"BUCKET_LUT", "QPOS", "KPOS", "QSEG", "KSEG", "PREFIX", "SEED"}
 
 
 def signature(fn, dtype, consts):

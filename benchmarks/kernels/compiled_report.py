@@ -247,10 +247,11 @@ def _compile_variant(name, batch, heads, length, head_dim, dtype):
                         causal=masks.get("causal", False), prefix_lengths=None,
                         q_segment_ids=masks.get("q_segment_ids"), kv_segment_ids=masks.get("kv_segment_ids"),
                         q_positions=masks.get("q_positions"), kv_positions=masks.get("kv_positions"), q_offset=0,
-                        deterministic=False, dropout_p=0.0, streams=batch * heads)
+                        deterministic=False, dropout_p=0.0, streams=batch * heads, device="cpu")
+    rel = T._relative_bias(table, buckets) if has_bias else None
     with _Recorder() as rec:
-        o, lse = T._forward(q, k, v, table, buckets, meta)
-        T._backward(torch.zeros_like(o), q, k, v, o, lse, table, buckets, meta, bias_grad=has_bias)
+        o, lse = T._forward(q, k, v, rel, buckets, meta)
+        T._backward(torch.zeros_like(o), q, k, v, o, lse, rel, buckets, meta, bias_grad=has_bias)
     names = {"_fwd_kernel": "fwd", "_bwd_delta_kernel": "delta", "_bwd_dkdv_kernel": "dkdv", "_bwd_dq_kernel": "dq"}
     return [(names.get(fn, fn), kernel, launch) for fn, kernel, launch in rec.compiled]
 
