@@ -357,6 +357,31 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 
 
 @triton.jit
+def _bucket_grad_by_diagonal(dst, c, D_MAX, BUCKET_LUT, NB_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_M: tl.constexpr):
+    """The [BLOCK_N, NB_PAD] bias-gradient partial of one near [N, M] dS tile with index-ordered positions,
+    where key row j and query column i lie at relative position c + j - i: the tile is sheared (one
+    register gather) so that each diagonal becomes a column, the columns are summed (one reduction: the
+    gradient per relative position), and those DIAGS sums are mapped to buckets with a one-hot sum. Row 0
+    holds the result, the other rows zeros (the caller sums its partial over rows once per program).
+    Branch-free and loop-free: the dk/dv tile loop stays the innermost loop, which triton pipelines.
+    Invisible scores need no mask here: their dS is 0.
+    """
+    DIAGS: tl.constexpr = 2 * BLOCK_N if BLOCK_N >= BLOCK_M else 2 * BLOCK_M   # a power of 2 >= M + N - 1
+    rows = tl.arange(0, BLOCK_N)
+    u = tl.arange(0, DIAGS)                                  # diagonal j - i = u - (M - 1)
+    row = u[:, None] + tl.arange(0, BLOCK_M)[None, :] - (BLOCK_M - 1)   # [DIAGS, M]: the key row on it
+    on = (row >= 0) & (row < BLOCK_N)
+    sheared = tl.where(on, tl.gather(dst, tl.minimum(tl.maximum(row, 0), BLOCK_N - 1), 0), 0.0)
+    per_rel = tl.sum(sheared, 1)                             # [DIAGS]
+    idx = tl.minimum(tl.maximum(c + u - (BLOCK_M - 1), -D_MAX), D_MAX) + D_MAX
+    bucket = tl.load(BUCKET_LUT + idx)
+    offs_bk = tl.arange(0, NB_PAD)
+    per_bucket = tl.sum(tl.where(bucket[:, None] == offs_bk[None, :], per_rel[:, None], 0.0), 0)    # [NB_PAD]
+    return tl.where(rows[:, None] == 0, per_bucket[None, :], 0.0)
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base, lse_row, delta_row,
                 QPOS, QSEG, rel_h, stride_tb, BUCKET_LUT, stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
                 bias_const, bucket_const, lo, hi,
@@ -398,7 +423,10 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
         if BIAS_GRAD:
-            if BIAS_MODE == 1:
+            if BIAS_MODE == 1 and not HAS_QPOS:   # index-ordered positions: rel = const + (key row - query col)
+                dbias += _bucket_grad_by_diagonal(dst, start_n - start_m - q_offset, D_MAX, BUCKET_LUT, NB_PAD,
+                                                  offs_n.shape[0], BLOCK_M)
+            elif BIAS_MODE == 1:
                 b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
                 b_hi = tl.max(tl.where(vis, bucket, -1))
                 for bk in range(b_lo, b_hi + 1):

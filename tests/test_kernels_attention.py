@@ -153,6 +153,25 @@ def test_matches_float64_reference(case: Case, device):
         assert got[1][-1].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)], ids=["keys-taller", "queries-taller"])
+def test_non_square_tiles_match_reference(tiles, device, monkeypatch):
+    """The GPU's dk/dv tile is 32 queries x 64 keys (non-square): the diagonal bias-gradient reduction and
+    the loop bounds are checked with non-square tiles in every kernel too (the interpreter default is square)."""
+    if device.type == "cuda":
+        pytest.skip("compiled run: the real tiles are used")
+    m, n = tiles
+    monkeypatch.setattr(attn, "_blocks", lambda *_a: attn._Blocks(m, n, m, n, m, n, 1, 1, 1, 1))
+    for case in (Case("pad-bidi", torch.float32, 64, 2, 2, 70, 70, dict(max_distance=24), masks="pad"),
+                 Case("causal-offset", torch.float32, 64, 1, 2, 37, 70,
+                      dict(causal=True, bidirectional=False, max_distance=20, q_offset=33))):
+        q, k, v, table, do, masks = _make(case, device, seed=11)
+        kwargs = {**case.kwargs, **masks}
+        got = _run(t5_attention, _leaves(q, k, v, table, torch.float32, torch.float32, device), do, kwargs)
+        ref64 = _run(t5_attention_ref, _leaves(q, k, v, table, torch.float64, torch.float64, device), do, kwargs)
+        low = _run(t5_attention_ref, _leaves(q, k, v, table, torch.float32, torch.float32, device), do, kwargs)
+        _check(f"{case.id}-{m}x{n}", ["out", "dq", "dk", "dv", "dtable"], got, ref64, low, torch.float32)
+
+
 def test_deterministic_mode_is_bit_exact(device):
     case = Case("det", torch.float32, 64, 1, 2, 130, 130, dict(bidirectional=False), masks="packed_pad")
     q, k, v, table, do, masks = _make(case, device, seed=3)

@@ -59,6 +59,19 @@ def test_sass_counts_reads_opcodes_and_skips_nops():
     assert R.sass_counts(listing) == {"LDC": 1, "LDGSTS": 1, "HGMMA": 1, "MUFU": 1, "BAR": 1}
 
 
+def test_loop_bodies_are_the_spans_of_backward_branches():
+    listing = """
+        /*0000*/                   MOV R1, R2 ;
+        /*0010*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0020*/                   NOP ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   BRA 0x60 ;
+        /*0050*/                   EXIT ;
+        /*0060*/                   BRA 0x60;
+    """
+    assert R.loop_bodies(listing) == [2]   # IADD3 + BRA; the NOP and the forward / self branches do not count
+
+
 @pytest.mark.parametrize("length", [16, 45])
 def test_plain_flash_yardstick_matches_torch(length, device):
     gen = torch.Generator().manual_seed(length)

@@ -209,6 +209,22 @@ def sass_counts(sass: str) -> dict[str, int]:
     return ops
 
 
+_SASS_ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(?:\s0x([0-9a-f]+))?\s*;")
+
+
+def loop_bodies(sass: str) -> list[int]:
+    """Instructions (NOPs excluded) of every loop body, in code order: from a backward branch's target to
+    the branch. In these kernels each is one tile loop (far / near / far segment, or the mask pre-pass), so
+    this is the static cost of one tile of that loop."""
+    instrs = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_ADDR.finditer(sass)]
+    bodies = []
+    for addr, op, target in instrs:
+        if op == "BRA" and target is not None and int(target, 16) < addr:
+            lo = int(target, 16)
+            bodies.append(sum(1 for a, o, _ in instrs if lo <= a <= addr and o != "NOP"))
+    return bodies
+
+
 def analyse(kernel) -> dict:
     """The figures of one compiled kernel (a triton CompiledKernel with asm['cubin'], ['ttgir'], ['ptx'])."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,7 +243,7 @@ def analyse(kernel) -> dict:
         hgmma=ops.get("HGMMA", 0), mma_sync=ops.get("HMMA", 0),
         ldgsts=ops.get("LDGSTS", 0), tma=ops.get("UTMALDG", 0) + ops.get("UBLKCP", 0),
         ttgir_async=len(re.findall(r"async_copy_global_to_local|async_tma_copy_global_to_local", ttgir)),
-        mufu=ops.get("MUFU", 0), bar=ops.get("BAR", 0), sass=sum(ops.values()),
+        mufu=ops.get("MUFU", 0), bar=ops.get("BAR", 0), sass=sum(ops.values()), loops=loop_bodies(sass),
         warps_per_cta=sorted(set(re.findall(r"warpsPerCTA = \[([0-9, ]+)\]", ttgir))),
     )
 
@@ -295,7 +311,8 @@ def _git_commit() -> str:
 _COLUMNS = [("variant", "variant"), ("kernel", "kernel"), ("tile", None), ("warps", "num_warps"),
             ("stages", "num_stages"), ("regs", "regs"), ("stack B", "stack"), ("LDL/STL", "spill_ops"),
             ("smem B", "shared"), ("HGMMA", "hgmma"), ("HMMA", "mma_sync"), ("LDGSTS", "ldgsts"), ("TMA", "tma"),
-            ("async (ttgir)", "ttgir_async"), ("MUFU", "mufu"), ("BAR", "bar"), ("SASS", "sass")]
+            ("async (ttgir)", "ttgir_async"), ("MUFU", "mufu"), ("BAR", "bar"), ("SASS", "sass"),
+            ("loop bodies", "loops")]
 
 
 def to_markdown(report: dict) -> str:
@@ -308,6 +325,8 @@ def to_markdown(report: dict) -> str:
         for title, key in _COLUMNS:
             if key is None:
                 cells.append(f"{r.get('BLOCK_M', '-')}x{r.get('BLOCK_N', '-')}")
+            elif key == "loops":
+                cells.append("/".join(map(str, r.get(key, []))) or "-")
             else:
                 cells.append(str(r.get(key, "-")))
         lines.append("| " + " | ".join(cells) + " |")
