@@ -78,7 +78,10 @@ def _blocks(head_dim: int, q_len: int, gather_everywhere: bool) -> _Blocks:
         fwd = (min(128, short), 32, 8 if short >= 64 else 4)   # decode steps: one 16-row tile, 4 warps
     else:
         fwd = (min(64, short), 32, 4)
-    dkdv = (32, 64, 8)
+    # dk/dv: 128 keys on 8 warps, so each warpgroup owns 64 distinct key rows of the score tile (a 64-key tile
+    # on 8 warps has warpsPerCTA [8, 1] on 64 rows: both warpgroups computed the same S and dP, twice the
+    # MUFU and wgmma per score); 16 queries per step keeps it at ~227 registers without spills (d <= 64).
+    dkdv = (16, 128, 8) if head_dim <= 64 else (32, 64, 8)
     dq = (128, 32, 8) if head_dim <= 64 else (32, 32, 4)
     return _Blocks(fwd[0], fwd[1], dkdv[0], dkdv[1], dq[0], dq[1], fwd[2], dkdv[2], dq[2], num_stages=2)
 
