@@ -59,14 +59,15 @@ def _interpreting() -> bool:
 _INTERPRET_BLOCK = 32
 
 
-def _blocks(head_dim: int, q_len: int, gather_everywhere: bool) -> _Blocks:
+def _blocks(head_dim: int, q_len: int, gather_everywhere: bool, fp32: bool = False) -> _Blocks:
     """Tile sizes per kernel.
 
     Not timed yet (no GPU in the session that wrote this; benchmarks/kernels/bench_attention.py measures
     them). Chosen from the sm_90 register report of AOT-compiled kernels (triton 3.9 + its ptxas, see
     tests/test_kernels_attention_compile.py): tiles whose kernels do not spill for d=64 under every mask
-    kind (padding, causal, prefix, packing), and spill least for d=128. The in-kernel bias gather (a
-    64-bit address per score) is what presses on registers; the far-from-diagonal tiles skip it.
+    kind (padding, causal, prefix, packing), and spill least for d=128 (benchmarks/kernels/compiled_report.py
+    shows them per kernel). `fp32` inputs (exact fp32 dots: operands in registers, not a training path) keep
+    32-key steps in the forward and dq, which spill kilobytes at 64.
     """
     if _interpreting():
         n = _INTERPRET_BLOCK
@@ -74,15 +75,20 @@ def _blocks(head_dim: int, q_len: int, gather_everywhere: bool) -> _Blocks:
     # A short query block (decoding: Lq = 1) must not pay for 128 rows; tl.dot needs >= 16.
     short = max(16, triton.next_power_of_2(q_len))
     # (BLOCK_M, BLOCK_N, num_warps); d=128 with explicit positions still spills some (~250 B/thread).
-    if head_dim <= 64 or not gather_everywhere:
-        fwd = (min(128, short), 32, 8 if short >= 64 else 4)   # decode steps: one 16-row tile, 4 warps
+    # 64-key steps at d <= 64: one accumulator rescale per 64 scores, not per 32 (sm_90 report: ~12-21% fewer
+    # instructions per score, 172-178 registers, no spills, pipelined).
+    wide = head_dim <= 64 and not fp32
+    if wide:
+        fwd = (min(128, short), 64, 8 if short >= 64 else 4)   # decode steps: one 16-row tile, 4 warps
+    elif not gather_everywhere:
+        fwd = (min(128, short), 32, 8 if short >= 64 else 4)
     else:
         fwd = (min(64, short), 32, 4)
     # dk/dv: 128 keys on 8 warps, so each warpgroup owns 64 distinct key rows of the score tile (a 64-key tile
     # on 8 warps has warpsPerCTA [8, 1] on 64 rows: both warpgroups computed the same S and dP, twice the
     # MUFU and wgmma per score); 16 queries per step keeps it at ~227 registers without spills (d <= 64).
     dkdv = (16, 128, 8) if head_dim <= 64 else (32, 64, 8)
-    dq = (128, 32, 8) if head_dim <= 64 else (32, 32, 4)
+    dq = (128, 64 if wide else 32, 8) if head_dim <= 64 else (32, 32, 4)
     return _Blocks(fwd[0], fwd[1], dkdv[0], dkdv[1], dq[0], dq[1], fwd[2], dkdv[2], dq[2], num_stages=2)
 
 
@@ -164,7 +170,7 @@ def _launch_common(q, k, meta: _Meta, rel, blocks_m: int, blocks_n: int):
 def _forward(q, k, v, rel, buckets, meta: _Meta):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None)
+    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None, q.dtype == torch.float32)
     # (B, Lq, H, D) storage viewed as (B, H, Lq, D): the model's merge of heads is then a free reshape.
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
@@ -181,7 +187,7 @@ def _forward(q, k, v, rel, buckets, meta: _Meta):
 def _backward(do, q, k, v, o, lse, rel, buckets, meta: _Meta, bias_grad: bool):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None)
+    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None, q.dtype == torch.float32)
     delta = torch.empty_like(lse)
     delta_m = min(cfg.dq_m, 64)   # memory-bound row sums: small tiles, no register pressure
     _k._bwd_delta_kernel[(triton.cdiv(Lq, delta_m), H, B)](
