@@ -72,6 +72,16 @@ def test_loop_bodies_are_the_spans_of_backward_branches():
     assert R.loop_bodies(listing) == [2]   # IADD3 + BRA; the NOP and the forward / self branches do not count
 
 
+def test_compare_lists_each_kernel_before_and_after():
+    row = dict(variant="enc-pad", kernel="fwd", BLOCK_M=128, BLOCK_N=32, regs=182, stack=0, ldgsts=0, hgmma=18,
+               mufu=88, sass=2239, loops=[281, 982])
+    after = dict(row, BLOCK_N=64, regs=172, ldgsts=94, loops=[431, 680])
+    md = R.compare(dict(commit="a", rows=[row]), dict(commit="b", rows=[after, dict(after, variant="new")]))
+    assert "| enc-pad | fwd | 128x32 -> 128x64 | 182 -> 172 | 0 -> 0 | 0 -> 94 |" in md
+    assert "70/246 -> 54/85 |" in md        # 281 and 982 per 4096 scores; 431 and 680 per 8192
+    assert "| new |" not in md               # only kernels present in both
+
+
 @pytest.mark.parametrize("length", [16, 45])
 def test_plain_flash_yardstick_matches_torch(length, device):
     gen = torch.Generator().manual_seed(length)

@@ -15,7 +15,8 @@ same tiles, and once with the 128 x 64, 3-stage tiles of published Hopper flash 
 Per kernel: registers and stack (spill) bytes per thread, spill loads/stores (LDL/STL) in SASS, shared memory,
 wgmma count (HGMMA in SASS), asynchronous copies (LDGSTS = cp.async, UTMALDG/UBLKCP = TMA; and the
 `async_copy` ops in TTGIR), MUFU (exp2/log2/rcp) and barrier counts, and the SASS instruction count.
-Writes `<out>/<name>.json` and `<out>/<name>.md`; prints the Markdown table.
+Writes `<out>/<name>.json` and `<out>/<name>.md`; prints the Markdown table. `--compare BEFORE AFTER` prints
+the before/after table of two such JSON files.
 
 Counts are static (instructions in the binary, not executed per tile): they show whether the loop is
 pipelined and on wgmma, and how much code each tile carries, not time. Timing needs a GPU
@@ -333,6 +334,31 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_kscores(r: dict) -> str:
+    """Loop bodies per 1024 scores of the kernel's tile (static instructions per thread), e.g. "54/85/54"."""
+    scores = r.get("BLOCK_M", 0) * r.get("BLOCK_N", 0)
+    return "/".join(str(round(n * 1024 / scores)) for n in r.get("loops", [])) if scores else "-"
+
+
+def compare(before: dict, after: dict) -> str:
+    """Markdown table of two reports, kernel by kernel: `before -> after` for the figures that matter."""
+    old = {(r["variant"], r["kernel"]): r for r in before["rows"]}
+    keys = ("regs", "stack", "ldgsts", "hgmma", "mufu", "sass")
+    lines = [f"Before: commit {before['commit']}; after: commit {after['commit']}. Loop bodies per 1k scores: static "
+             f"instructions per thread of each tile loop divided by the tile's scores, x 1024.", "",
+             "| variant | kernel | tile | " + " | ".join(keys) + " | loop bodies / 1k scores |",
+             "|" + "---|" * (len(keys) + 4)]
+    for r in after["rows"]:
+        b = old.get((r["variant"], r["kernel"]))
+        if b is None or r["kernel"] == "delta":
+            continue
+        tile = f"{b.get('BLOCK_M')}x{b.get('BLOCK_N')} -> {r.get('BLOCK_M')}x{r.get('BLOCK_N')}"
+        cells = [f"{b[k]} -> {r[k]}" for k in keys]
+        lines.append(f"| {r['variant']} | {r['kernel']} | {tile} | " + " | ".join(cells)
+                     + f" | {_per_kscores(b)} -> {_per_kscores(r)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -344,7 +370,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="directory of <name>.json and <name>.md")
     ap.add_argument("--name", default=None, help="file stem (default: report-L<length>-d<head_dim>-<dtype>)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print the before/after table of two "
+                    "report JSON files (compiles nothing)")
     args = ap.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(pathlib.Path(f).read_text()) for f in args.compare)
+        print(compare(before, after))
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter must be off before triton is imported: rerun without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
