@@ -113,9 +113,13 @@ def _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start
 @triton.jit
 def _visible_range(lo, hi, offs_o, pos_o, seg_o, POS_I, SEG_I, Lq, Lk, prefix, start_k, pos_offset_i,
                    BLOCK: tl.constexpr, KEYS_INNER: tl.constexpr, HAS_POS_I: tl.constexpr, LOAD_SEG_I: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
+                   CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr,
+                   CHECK_ALIGNED: tl.constexpr):
     """[first, end): the inner blocks of [lo, hi) from the first to the last one holding a visible pair with the
-    program's outer block (offs_o, pos_o, seg_o); an empty range when none does.
+    program's outer block (offs_o, pos_o, seg_o); an empty range when none does. Third result (CHECK_ALIGNED,
+    dk/dv with explicit positions): whether every same-segment pair lies at relative position
+    `key index - query index` (positions restart per contiguous segment, as packing makes them), which lets
+    dk/dv reduce the bias gradient by diagonals.
 
     The masks become loop bounds: this cheap pre-pass reads only positions and segment ids (no K, V, no
     dot), so the main loop over [first, end) has no per-tile branch and triton pipelines its loads; tiles
@@ -126,6 +130,7 @@ def _visible_range(lo, hi, offs_o, pos_o, seg_o, POS_I, SEG_I, Lq, Lk, prefix, s
     offs_b = tl.arange(0, BLOCK)
     first = hi
     end = lo
+    aligned = lo == lo
     for start in range(lo, hi, BLOCK):
         offs_i = start + offs_b
         if KEYS_INNER:
@@ -136,9 +141,15 @@ def _visible_range(lo, hi, offs_o, pos_o, seg_o, POS_I, SEG_I, Lq, Lk, prefix, s
             pos_i, seg_i = _block_pos_seg(POS_I, SEG_I, offs_i, Lq, pos_offset_i, HAS_POS_I, LOAD_SEG_I)
             empty = _tile_is_empty(offs_i, offs_o, Lq, Lk, pos_i, pos_o, seg_i, seg_o, prefix, start_k, CAUSAL,
                                    HAS_PREFIX, HAS_SEG)
+            if CHECK_ALIGNED:   # [keys, queries]: pairs that can be visible must share pos - index
+                pair = (offs_o[:, None] < Lk) & (offs_i[None, :] < Lq)
+                if HAS_SEG == 2:
+                    pair = pair & (seg_o[:, None] == seg_i[None, :]) & (seg_o[:, None] != 0)
+                shift = (pos_o - offs_o)[:, None] - (pos_i - offs_i)[None, :]
+                aligned = aligned & (tl.max(tl.where(pair, tl.abs(shift), 0)) == 0)
         first = tl.where(empty, first, tl.minimum(first, start))
         end = tl.where(empty, end, start + BLOCK)
-    return first, tl.maximum(end, first)
+    return first, tl.maximum(end, first), aligned
 
 
 @triton.jit
@@ -230,8 +241,8 @@ def _query_block(QPOS, QSEG, KPOS, KSEG, PREFIX, b, start_m, offs_m, Lq, Lk, q_o
             hi = tl.maximum(hi, tl.minimum(prefix, Lk))
     lo = 0
     if HAS_SEG or (CAUSAL and (HAS_QPOS or HAS_KPOS)):
-        lo, hi = _visible_range(0, hi, offs_m, qpos, qseg, KPOS, KSEG, Lq, Lk, prefix, 0, 0, BLOCK_N, True,
-                                HAS_KPOS, HAS_SEG != 0, CAUSAL, HAS_PREFIX, HAS_SEG)
+        lo, hi, _ = _visible_range(0, hi, offs_m, qpos, qseg, KPOS, KSEG, Lq, Lk, prefix, 0, 0, BLOCK_N, True,
+                                   HAS_KPOS, HAS_SEG != 0, CAUSAL, HAS_PREFIX, HAS_SEG, False)
     return qpos, qseg, prefix, lo, hi
 
 
@@ -384,15 +395,17 @@ def _bucket_grad_by_diagonal(dst, c, D_MAX, BUCKET_LUT, NB_PAD: tl.constexpr, BL
 @triton.jit
 def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base, lse_row, delta_row,
                 QPOS, QSEG, rel_h, stride_tb, BUCKET_LUT, stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
-                bias_const, bucket_const, lo, hi,
+                bias_const, bucket_const, diag_shift, lo, hi,
                 BIAS_MODE: tl.constexpr, BIAS_GRAD: tl.constexpr, NB_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 HAS_QPOS: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                seed_bh, dropout_p, DROPOUT: tl.constexpr):
+                seed_bh, dropout_p, DROPOUT: tl.constexpr, DIAGONAL: tl.constexpr):
     """dk, dv and the bias partial over query blocks [lo, hi), transposed [N, M] orientation.
 
-    BIAS_MODE 1 (near tiles): gather the bias, and reduce dS by bucket -- one masked sum per bucket present
-    in the tile. BIAS_MODE 2 (far tiles): one bias value and one bucket for the whole tile, one sum.
+    BIAS_MODE 1 (near tiles): gather the bias, and reduce dS by bucket: with DIAGONAL (every visible pair at
+    relative position key index - query index + diag_shift) by diagonals, loop-free; otherwise one masked sum
+    per bucket present in the tile (a nested loop). BIAS_MODE 2 (far tiles): one bias value and one bucket
+    for the whole tile, one sum.
     """
     offs_mb = tl.arange(0, BLOCK_M)
     offs_bk = tl.arange(0, NB_PAD)
@@ -423,8 +436,8 @@ def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
         if BIAS_GRAD:
-            if BIAS_MODE == 1 and not HAS_QPOS:   # index-ordered positions: rel = const + (key row - query col)
-                dbias += _bucket_grad_by_diagonal(dst, start_n - start_m - q_offset, D_MAX, BUCKET_LUT, NB_PAD,
+            if BIAS_MODE == 1 and DIAGONAL:   # rel = const + (key row - query col)
+                dbias += _bucket_grad_by_diagonal(dst, start_n - start_m + diag_shift, D_MAX, BUCKET_LUT, NB_PAD,
                                                   offs_n.shape[0], BLOCK_M)
             elif BIAS_MODE == 1:
                 b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
@@ -499,21 +512,37 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, REL, BUCKET_LUT,
     qpos_row = QPOS + b * stride_qpos_b
     qseg_row = QSEG + b * stride_qseg_b
     hi = Lq
-    if HAS_SEG == 2 or (CAUSAL and not INDEX_POS):
-        lo, hi = _visible_range(lo, hi, offs_n, kpos, kseg, qpos_row, qseg_row, Lq, Lk, prefix, start_n, q_offset,
-                                BLOCK_M, False, HAS_QPOS, HAS_SEG == 2, CAUSAL, HAS_PREFIX, HAS_SEG)
+    aligned = hi < 0   # False: reduce the bias gradient bucket by bucket unless the pre-pass shows alignment
+    PREPASS: tl.constexpr = HAS_SEG == 2 or (CAUSAL and not INDEX_POS)
+    if PREPASS:
+        lo, hi, aligned = _visible_range(lo, hi, offs_n, kpos, kseg, qpos_row, qseg_row, Lq, Lk, prefix, start_n,
+                                         q_offset, BLOCK_M, False, HAS_QPOS, HAS_SEG == 2, CAUSAL, HAS_PREFIX, HAS_SEG,
+                                         BIAS_GRAD and not INDEX_POS)
     elif HAS_SEG == 1:   # key padding alone: every query block or, for an all-padding key block, none
         hi = tl.where(tl.max(tl.where(offs_n < Lk, kseg, 0), 0) == 0, lo, hi)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dbias = tl.zeros([BLOCK_N, NB_PAD], tl.float32)   # per key row, per bucket; summed over rows at the end
-    if not HAS_BIAS or not INDEX_POS:
+    if HAS_BIAS and BIAS_GRAD and PREPASS and not INDEX_POS:
+        if aligned:   # packing's positions: the diagonal reduction, in its own (pipelined) loop
+            dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
+                                        lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT,
+                                        stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, 0, lo, hi,
+                                        1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST,
+                                        INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, True)
+        else:         # arbitrary positions: bucket by bucket
+            dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
+                                        lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT,
+                                        stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, 0, lo, hi,
+                                        1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST,
+                                        INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, False)
+    elif not HAS_BIAS or not INDEX_POS:
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
-                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, lo, hi,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, 0, lo, hi,
                                     1 if HAS_BIAS else 0, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, False)
     else:
         # Early query blocks see these keys at rel = k - q >= D_MAX (last table entry), late ones at <= -D_MAX.
         b1, b2 = _segment_bounds(lo, hi, q_offset, 0, start_n, start_n + BLOCK_N - 1, D_MAX, BLOCK_M,
@@ -522,20 +551,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, REL, BUCKET_LUT,
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
-                                    _bias_at(rel_h, stride_tb, BUCKET_LUT, last), tl.load(BUCKET_LUT + last), lo, b1,
-                                    2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+                                    _bias_at(rel_h, stride_tb, BUCKET_LUT, last), tl.load(BUCKET_LUT + last), 0, lo,
+                                    b1, 2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, False)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
-                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, b1, b2,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, -q_offset, b1, b2,
                                     1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, True)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                     lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
-                                    _bias_at(rel_h, stride_tb, BUCKET_LUT, 0), tl.load(BUCKET_LUT), b2, hi,
+                                    _bias_at(rel_h, stride_tb, BUCKET_LUT, 0), tl.load(BUCKET_LUT), 0, b2, hi,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, False)
 
     dk_ptrs = DK + b64 * stride_dkb + h64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b64 * stride_dvb + h64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd

@@ -33,7 +33,7 @@ class Case:
     kv_len: int
     kwargs: dict = field(default_factory=dict)
     bias: bool = True
-    masks: str = ""            # "pad", "pad_empty", "prefix", "packed", "packed_pad"
+    masks: str = ""            # "pad", "pad_empty", "prefix", "packed", "packed_pad", "packed_scrambled"
     table_dtype: torch.dtype | None = None
     bhld_layout: bool = False  # q/k/v as (B, L, H, D) storage viewed (B, H, L, D), as the model passes them
 
@@ -51,6 +51,9 @@ CASES = [
     Case("packed-enc-fp32-d64", torch.float32, 64, 2, 2, 130, 130, masks="packed_pad"),
     Case("packed-dec-causal-fp16-d64", torch.float16, 64, 2, 1, 130, 130, dict(causal=True, bidirectional=False),
          masks="packed"),
+    # explicit positions in no particular order: dk/dv reduces the bias gradient bucket by bucket
+    Case("packed-scrambled-positions-fp32-d64", torch.float32, 64, 2, 2, 70, 70, dict(max_distance=20),
+         masks="packed_scrambled"),
     Case("cross-nobias-pad-fp32-d64", torch.float32, 64, 2, 2, 17, 130, dict(scale=0.125), bias=False,
          masks="pad_empty"),
     Case("len1-fp32-d64", torch.float32, 64, 2, 2, 1, 1),
@@ -90,6 +93,8 @@ def _mask_kwargs(case: Case, gen: torch.Generator, device) -> dict:
         out["prefix_lengths"] = torch.tensor([0, 50][:B])
     elif case.masks.startswith("packed"):
         seg, pos = _packed(B, Lk, gen, pad=case.masks == "packed_pad")
+        if case.masks == "packed_scrambled":   # positions that are not index - segment start (any order)
+            pos = torch.randint(0, 40, pos.shape, generator=gen)
         out.update(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
         if case.masks == "packed_pad":
             out["key_padding_mask"] = seg != 0
