@@ -514,17 +514,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, REL, BUCKET_LUT,
     hi = Lq
     aligned = hi < 0   # False: reduce the bias gradient bucket by bucket unless the pre-pass shows alignment
     PREPASS: tl.constexpr = HAS_SEG == 2 or (CAUSAL and not INDEX_POS)
+    # Two loops (diagonal / per bucket) for explicit positions; at d = 128 their registers spill more than the
+    # per-bucket loop alone saves, so that head dim keeps one loop.
+    TWO_LOOPS: tl.constexpr = HAS_BIAS and BIAS_GRAD and PREPASS and not INDEX_POS and HEAD_DIM <= 64
     if PREPASS:
         lo, hi, aligned = _visible_range(lo, hi, offs_n, kpos, kseg, qpos_row, qseg_row, Lq, Lk, prefix, start_n,
                                          q_offset, BLOCK_M, False, HAS_QPOS, HAS_SEG == 2, CAUSAL, HAS_PREFIX, HAS_SEG,
-                                         BIAS_GRAD and not INDEX_POS)
+                                         TWO_LOOPS)
     elif HAS_SEG == 1:   # key padding alone: every query block or, for an all-padding key block, none
         hi = tl.where(tl.max(tl.where(offs_n < Lk, kseg, 0), 0) == 0, lo, hi)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dbias = tl.zeros([BLOCK_N, NB_PAD], tl.float32)   # per key row, per bucket; summed over rows at the end
-    if HAS_BIAS and BIAS_GRAD and PREPASS and not INDEX_POS:
+    if TWO_LOOPS:
         if aligned:   # packing's positions: the diagonal reduction, in its own (pipelined) loop
             dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
                                         lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT,
