@@ -5,11 +5,12 @@ Layout and conventions shared by every kernel here:
   no axis ever exceeds CUDA's 65535 limit on y/z for realistic H and B.
 - Scores live in the log2 domain: `s2 = (q.k) * scale * log2(e) + bias * log2(e)`, so the softmax uses
   `exp2` (one MUFU op); LSE is stored in log2 units. `ds` (the gradient of the natural-log score) is what dq, dk and dbias need.
-- The bias is `TABLE[BUCKET_LUT[idx], h]`: the learned (num_buckets, H) table read directly (no per-call
-  host work), through a tiny cached int32 table of buckets indexed by the clamped relative position
-  `idx = clamp(k_pos - q_pos, -D_MAX, D_MAX) + D_MAX` (never negative; see MACHINE_NOTES: a negative
-  index corrupts the heap under the interpreter). BUCKET_LUT comes from the reference bucket function,
-  so the kernel's buckets are bit-identical to Hugging Face's fp32 log arithmetic.
+- The bias is `REL[h, idx]`, ONE gather per score: a per-call (H, 2 * D_MAX + 1) fp32 vector of the bias
+  at every clamped relative position `idx = clamp(k_pos - q_pos, -D_MAX, D_MAX) + D_MAX` (never negative;
+  see MACHINE_NOTES: a negative index corrupts the heap under the interpreter), already scaled by log2(e)
+  (kernels/t5_attention.py builds it from the learned table and the bucket of every relative position).
+  The bias gradient still goes by bucket: dk/dv reads `BUCKET_LUT[idx]` (a tiny int32 table from the
+  reference bucket function, bit-identical to Hugging Face's fp32 log arithmetic) for the scores it reduces.
 - Tiles entirely beyond +-D_MAX have ONE bias value and ONE bucket (the bucket saturates there). With
   index-ordered positions the key loop is split in three segments, far-before / near-diagonal / far-after,
   each its own loop so register allocation sees no gather in the far loops: they add a scalar bias and
@@ -24,110 +25,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_BIG = tl.constexpr(1 << 30)  # "no segment / position" sentinel for masked min/max reductions
-_LOG2E = tl.constexpr(1.4426950408889634)
+from ._t5_attention_tiles import (_bias_at, _block_pos_seg, _bucket_grad_by_diagonal, _dropout_scale,
+                                  _program_block, _query_block, _segment_bounds, _tile_scores, _visible_range)
 
 
 @triton.jit
-def _block_pos_seg(POS, SEG, offs, L, pos_offset, HAS_POS: tl.constexpr, LOAD_SEG: tl.constexpr):
-    """Positions and segment ids of the query or key indices `offs` (POS/SEG: the batch's row).
-
-    Without explicit positions a position is the index plus `pos_offset` (q_offset for queries, 0 for
-    keys). Without loaded ids `seg` is the index itself, a placeholder only compile-time-dead code reads.
-    """
-    if HAS_POS:
-        pos = tl.load(POS + offs, mask=offs < L, other=0)
-    else:
-        pos = offs + pos_offset
-    seg = offs
-    if LOAD_SEG:
-        seg = tl.load(SEG + offs, mask=offs < L, other=0)
-    return pos, seg
-
-
-@triton.jit
-def _tile_scores(s, qi, kj, Lq, Lk, qpos, kpos, qseg, kseg, prefix, D_MAX, tab_h, stride_tb, BUCKET_LUT, bias_const,
-                 BIAS_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
-    """The tile's scores `s` (log2 units) plus the bias, their visibility, and their buckets (BIAS_MODE 1;
-    otherwise the unread table index), from broadcastable query-side (qi, qpos, qseg) and key-side operands.
-
-    BIAS_MODE 0: no bias, 1: gathered at the relative position clamped to [-D_MAX, D_MAX] and shifted to
-    be >= 0 (never a negative index), 2: `bias_const` (a far segment). Callers pass row/column-expanded
-    vectors, so the same code serves the [M, N] orientation and the transposed [N, M] one of the dk/dv
-    kernel. Mask and bias in one helper: under the interpreter every device-function call re-patches
-    triton.language, which dominates the test time.
-    """
-    vis = (qi < Lq) & (kj < Lk)
-    if CAUSAL:
-        ok = kpos <= qpos
-        if HAS_PREFIX:
-            ok = ok | (kj < prefix)
-        vis = vis & ok
-    if HAS_SEG == 2:
-        vis = vis & (qseg == kseg) & (kseg != 0)
-    elif HAS_SEG == 1:    # key padding only: a [1, N] (or [N, 1]) vector, no query-side compare
-        vis = vis & (kseg != 0)
-    idx = tl.minimum(tl.maximum(kpos - qpos, -D_MAX), D_MAX) + D_MAX
-    bucket = idx
-    if BIAS_MODE == 1:
-        bucket = tl.load(BUCKET_LUT + idx)
-        s += tl.load(tab_h + bucket * stride_tb).to(tl.float32) * _LOG2E
-    elif BIAS_MODE == 2:
-        s += bias_const
-    return s, vis, bucket
-
-
-@triton.jit
-def _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n,
-                   CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SEG: tl.constexpr):
-    """True when no (query, key) pair of the tile can be visible: disjoint segment ranges, an all-padding
-    key block, or (causal) every key position after every query position. Works for arbitrary positions
-    and segment orders (it checks ranges, it assumes no sorting); packed rows skip most off-diagonal tiles.
-    """
-    m_ok = offs_m < Lq
-    n_ok = offs_n < Lk
-    empty = tl.max(n_ok.to(tl.int32), 0) == 0
-    if HAS_SEG == 1:
-        empty = empty | (tl.max(tl.where(n_ok, kseg, 0), 0) == 0)
-    if HAS_SEG == 2:
-        q_lo = tl.min(tl.where(m_ok, qseg, _BIG), 0)
-        q_hi = tl.max(tl.where(m_ok, qseg, -1), 0)
-        k_real = n_ok & (kseg != 0)
-        k_lo = tl.min(tl.where(k_real, kseg, _BIG), 0)
-        k_hi = tl.max(tl.where(k_real, kseg, -1), 0)
-        empty = empty | (k_hi < 0) | (q_hi < k_lo) | (k_hi < q_lo)
-    if CAUSAL:
-        q_last = tl.max(tl.where(m_ok, qpos, -_BIG), 0)
-        k_first = tl.min(tl.where(n_ok, kpos, _BIG), 0)
-        after = k_first > q_last
-        if HAS_PREFIX:
-            after = after & (start_n >= prefix)
-        empty = empty | after
-    return empty
-
-
-@triton.jit
-def _bias_at(tab_h, stride_tb, BUCKET_LUT, idx):
-    """The head's bias (log2 units, fp32) at table index `idx`: the one bias of a far segment."""
-    return tl.load(tab_h + tl.load(BUCKET_LUT + idx) * stride_tb).to(tl.float32) * _LOG2E
-
-
-@triton.jit
-def _dropout_scale(seed_bh, qi, kj, Lk, dropout_p):
-    """Attention-dropout multiplier per (query, key): 1 / (1 - p) where kept, 0 where dropped.
-
-    Counter-based (Philox via tl.rand): the stream of (batch, head) is `seed_bh`, the counter the score's
-    flat index `q * Lk + k`, so forward, dk/dv and dq regenerate the same mask in any tile orientation
-    without storing it.
-    """
-    r = tl.rand(seed_bh, qi * Lk + kj)
-    return tl.where(r >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
-
-
-@triton.jit
-def _dropout_mask_kernel(OUT, seed, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(OUT, SEED, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The multipliers the attention kernels use, materialised (B*H, Lq, Lk) fp32: for tests only."""
     bh = tl.program_id(2)
+    seed = tl.load(SEED)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     z = _dropout_scale(seed + bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
@@ -136,64 +42,7 @@ def _dropout_mask_kernel(OUT, seed, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _segment_bounds(lo, hi, q_first, q_last, k_first_off, k_last_off, D_MAX, BLOCK: tl.constexpr,
-                    KEYS_INNER: tl.constexpr):
-    """[lo, b1) / [b1, b2) / [b2, hi): the far / near / far segments of the inner loop, block aligned.
-
-    KEYS_INNER (forward, dq): the loop runs over key blocks n for query positions [q_first, q_last]; a key
-    block is far-before when n + BLOCK - 1 - q_first <= -D_MAX and far-after when n - q_last >= D_MAX.
-    Otherwise (dk/dv): the loop runs over query blocks m (position m + q_first .. m + BLOCK - 1 + q_first)
-    for keys [k_first_off, k_last_off]; small m lie far-after (rel >= D_MAX), large m far-before.
-    Divisions only see non-negative numerators (C semantics, MACHINE_NOTES).
-    """
-    if KEYS_INNER:
-        near_lo = tl.maximum(q_first - D_MAX - BLOCK + 2, 0)
-        near_hi = tl.maximum(q_last + D_MAX, 0)
-    else:
-        near_lo = tl.maximum(k_first_off - BLOCK + 2 - q_first - D_MAX, 0)
-        near_hi = tl.maximum(k_last_off - q_first + D_MAX, 0)
-    b1 = tl.minimum(tl.maximum((near_lo + BLOCK - 1) // BLOCK * BLOCK, lo), hi)
-    b2 = tl.minimum(tl.maximum((near_hi + BLOCK - 1) // BLOCK * BLOCK, b1), hi)
-    return b1, b2
-
-
-@triton.jit
-def _program_block(seed, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr):
-    """A program's batch and head (grid axes 2 and 1), its dropout stream, and the first row and rows of the
-    block it owns along axis 0. LAST_FIRST launches the last block first (causal, index-ordered positions:
-    the last query blocks see the most keys)."""
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    seed_bh = seed + b * H + h   # one dropout stream per (batch, head)
-    if LAST_FIRST:
-        pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        pid = tl.program_id(0)
-    start = pid * BLOCK
-    return b, h, seed_bh, start, start + tl.arange(0, BLOCK)
-
-
-@triton.jit
-def _query_block(QPOS, QSEG, PREFIX, b, start_m, offs_m, Lq, Lk, q_offset, BLOCK_M: tl.constexpr,
-                 HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
-                 HAS_PREFIX: tl.constexpr):
-    """What a forward or dq program needs of its query block besides the tiles: the rows' positions and
-    segments, the batch's prefix length, and the end of the key loop (causal with index-ordered positions:
-    just past the block's last query position, or past the prefix when that is longer)."""
-    qpos, qseg = _block_pos_seg(QPOS, QSEG, offs_m, Lq, q_offset, HAS_QPOS, HAS_SEG == 2)
-    prefix = 0
-    if HAS_PREFIX:
-        prefix = tl.load(PREFIX + b)
-    hi = Lk
-    if CAUSAL and not HAS_QPOS and not HAS_KPOS:
-        hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
-        if HAS_PREFIX:
-            hi = tl.maximum(hi, tl.minimum(prefix, Lk))
-    return qpos, qseg, prefix, hi
-
-
-@triton.jit
-def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KPOS, KSEG, lut_row, stride_tb,
+def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KPOS, KSEG, rel_h, stride_tb,
                BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
                BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
@@ -203,49 +52,46 @@ def _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, KP
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
         kpos, kseg = _block_pos_seg(KPOS, KSEG, offs_n, Lk, 0, HAS_KPOS, HAS_SEG)
-        empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n, CAUSAL, HAS_PREFIX,
-                               HAS_SEG) if HAS_SEG or CAUSAL else False
-        if not empty:
-            kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=offs_n[None, :] < Lk, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=offs_n[:, None] < Lk, other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            s, vis, _ = _tile_scores(tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale, offs_m[:, None],
-                                     offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :], qseg[:, None],
-                                     kseg[None, :], prefix, D_MAX, lut_row, stride_tb, BUCKET_LUT, bias_const,
-                                     BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:   # l_i keeps the undropped sum: dropout acts on the normalised probabilities
-                pv = p * _dropout_scale(seed_bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
-            else:
-                pv = p
-            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=INPUT_PRECISION)
-            m_i = m_new
+        kt = tl.load(kt_base + offs_n[None, :] * stride_kn, mask=offs_n[None, :] < Lk, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=offs_n[:, None] < Lk, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s, vis, _ = _tile_scores(tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale, offs_m[:, None],
+                                 offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :], qseg[:, None],
+                                 kseg[None, :], prefix, D_MAX, rel_h, stride_tb, BUCKET_LUT, bias_const,
+                                 BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG, False)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:   # l_i keeps the undropped sum: dropout acts on the normalised probabilities
+            pv = p * _dropout_scale(seed_bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+        else:
+            pv = p
+        acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
+def _fwd_kernel(Q, K, V, O, LSE, REL, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ob, stride_oh, stride_om, stride_od,
                 stride_tb, stride_th, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
-                H, Lq, Lk, q_offset, qk_scale, D_MAX, seed, dropout_p,
+                H, Lq, Lk, q_offset, qk_scale, D_MAX, SEED, dropout_p,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
                 HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per query block: online softmax over the key blocks; stores O and the LSE."""
     INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
-    b, h, seed_bh, start_m, offs_m = _program_block(seed, H, BLOCK_M, CAUSAL and INDEX_POS)
+    b, h, seed_bh, start_m, offs_m = _program_block(SEED, H, BLOCK_M, CAUSAL and INDEX_POS, DROPOUT)
     offs_d = tl.arange(0, HEAD_DIM)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -257,35 +103,35 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREF
     kt_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[:, None] * stride_kd
     v_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[None, :] * stride_vd
 
-    qpos, qseg, prefix, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, PREFIX, b, start_m,
-                                          offs_m, Lq, Lk, q_offset, BLOCK_M, HAS_QPOS, HAS_KPOS, HAS_SEG, CAUSAL,
-                                          HAS_PREFIX)
-    lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
+    rel_h = REL + h * stride_th   # the head's row of the (H, 2 * D_MAX + 1) bias vector
     kpos_row = KPOS + b * stride_kpos_b
     kseg_row = KSEG + b * stride_kseg_b
+    qpos, qseg, prefix, lo, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, kpos_row, kseg_row,
+                                              PREFIX, b, start_m, offs_m, Lq, Lk, q_offset, BLOCK_M, BLOCK_N, HAS_QPOS,
+                                              HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not HAS_BIAS or not INDEX_POS:
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
-                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                                   0.0, 0, hi, 1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX,
+                                   rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   0.0, lo, hi, 1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX,
                                    UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
     else:   # far-before (one bias: the first table entry), near (gathered), far-after (the last entry)
-        b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
+        b1, b2 = _segment_bounds(lo, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
-                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), 0, b1, 2, BLOCK_N, HAS_KPOS,
+                                   rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   _bias_at(rel_h, stride_tb, BUCKET_LUT, 0), lo, b1, 2, BLOCK_N, HAS_KPOS,
                                    HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
-                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
                                    0.0, b1, b2, 1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX,
                                    UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qpos, qseg, prefix, offs_m, kt_base, v_base, kpos_row, kseg_row,
-                                   lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                                   _bias_at(lut_row, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi, 2, BLOCK_N, HAS_KPOS,
+                                   rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                                   _bias_at(rel_h, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi, 2, BLOCK_N, HAS_KPOS,
                                    HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
 
     has_any = l_i > 0.0
@@ -318,63 +164,66 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 
 @triton.jit
 def _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base, lse_row, delta_row,
-                QPOS, QSEG, lut_row, stride_tb, BUCKET_LUT, stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
-                bias_const, bucket_const, lo, hi,
+                QPOS, QSEG, rel_h, stride_tb, BUCKET_LUT, stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
+                bias_const, bucket_const, diag_shift, lo, hi,
                 BIAS_MODE: tl.constexpr, BIAS_GRAD: tl.constexpr, NB_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                 HAS_QPOS: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                seed_bh, dropout_p, DROPOUT: tl.constexpr):
+                seed_bh, dropout_p, DROPOUT: tl.constexpr, DIAGONAL: tl.constexpr):
     """dk, dv and the bias partial over query blocks [lo, hi), transposed [N, M] orientation.
 
-    BIAS_MODE 1 (near tiles): gather the bias, and reduce dS by bucket -- one masked sum per bucket present
-    in the tile. BIAS_MODE 2 (far tiles): one bias value and one bucket for the whole tile, one sum.
+    BIAS_MODE 1 (near tiles): gather the bias, and reduce dS by bucket: with DIAGONAL (every visible pair at
+    relative position key index - query index + diag_shift) by diagonals, loop-free; otherwise one masked sum
+    per bucket present in the tile (a nested loop). BIAS_MODE 2 (far tiles): one bias value and one bucket
+    for the whole tile, one sum.
     """
     offs_mb = tl.arange(0, BLOCK_M)
     offs_bk = tl.arange(0, NB_PAD)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_mb
         qpos, qseg = _block_pos_seg(QPOS, QSEG, offs_m, Lq, q_offset, HAS_QPOS, HAS_SEG == 2)
-        empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n, CAUSAL, HAS_PREFIX,
-                               HAS_SEG) if HAS_SEG or CAUSAL else False
-        if not empty:
-            m_ok = offs_m[:, None] < Lq
-            q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=m_ok, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=m_ok, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(lse_row + offs_m, mask=offs_m < Lq, other=0.0)
-            delta = tl.load(delta_row + offs_m, mask=offs_m < Lq, other=0.0)
-            st, vis, bucket = _tile_scores(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale,
-                                           offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :], kpos[:, None],
-                                           qseg[None, :], kseg[:, None], prefix, D_MAX, lut_row, stride_tb,
-                                           BUCKET_LUT, bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)  # [N, M]
-            pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
-            if DROPOUT:   # dv = (P o Z)^T dO, dP = (dO V^T) o Z; delta = rowsum(dO o O) still holds
-                zt = _dropout_scale(seed_bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
-                dv += tl.dot((pt * zt).to(do.dtype), do, input_precision=INPUT_PRECISION)
-                dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION) * zt
+        m_ok = offs_m[:, None] < Lq
+        q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=m_ok, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=m_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_row + offs_m, mask=offs_m < Lq, other=0.0)
+        delta = tl.load(delta_row + offs_m, mask=offs_m < Lq, other=0.0)
+        st, vis, bucket = _tile_scores(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale,
+                                       offs_m[None, :], offs_n[:, None], Lq, Lk, qpos[None, :], kpos[:, None],
+                                       qseg[None, :], kseg[:, None], prefix, D_MAX, rel_h, stride_tb,
+                                       BUCKET_LUT, bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG,
+                                       BIAS_GRAD)  # [N, M]
+        pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
+        if DROPOUT:   # dv = (P o Z)^T dO, dP = (dO V^T) o Z; delta = rowsum(dO o O) still holds
+            zt = _dropout_scale(seed_bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
+            dv += tl.dot((pt * zt).to(do.dtype), do, input_precision=INPUT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION) * zt
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
+        if BIAS_GRAD:
+            if BIAS_MODE == 1 and DIAGONAL:   # rel = const + (key row - query col)
+                dbias += _bucket_grad_by_diagonal(dst, start_n - start_m + diag_shift, D_MAX, BUCKET_LUT, NB_PAD,
+                                                  offs_n.shape[0], BLOCK_M)
+            elif BIAS_MODE == 1:
+                b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
+                b_hi = tl.max(tl.where(vis, bucket, -1))
+                for bk in range(b_lo, b_hi + 1):
+                    # Reduce along the query axis only (within a warp for the dot's layout) into a
+                    # per-key-row partial; the cross-warp reduction happens once per program.
+                    part = tl.sum(tl.where(bucket == bk, dst, 0.0), 1)                      # [N]
+                    dbias += tl.where(offs_bk[None, :] == bk, part[:, None], 0.0)
             else:
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION)
-                dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=INPUT_PRECISION)
-            if BIAS_GRAD:
-                if BIAS_MODE == 1:
-                    b_lo = tl.min(tl.where(vis, bucket, NB_PAD))
-                    b_hi = tl.max(tl.where(vis, bucket, -1))
-                    for bk in range(b_lo, b_hi + 1):
-                        # Reduce along the query axis only (within a warp for the dot's layout) into a
-                        # per-key-row partial; the cross-warp reduction happens once per program.
-                        part = tl.sum(tl.where(bucket == bk, dst, 0.0), 1)                      # [N]
-                        dbias += tl.where(offs_bk[None, :] == bk, part[:, None], 0.0)
-                else:
-                    dbias += tl.where(offs_bk[None, :] == bucket_const, tl.sum(dst, 1)[:, None], 0.0)
+                dbias += tl.where(offs_bk[None, :] == bucket_const, tl.sum(dst, 1)[:, None], 0.0)
     return dk, dv, dbias
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, REL, BUCKET_LUT,
                      QPOS, KPOS, QSEG, KSEG, PREFIX,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
@@ -383,7 +232,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                      stride_tb, stride_th, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
-                     H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, NUM_BUCKETS, seed, dropout_p,
+                     H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, NUM_BUCKETS, SEED, dropout_p,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      NB_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                      DETERMINISTIC: tl.constexpr,
@@ -398,7 +247,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
     adds (fast mode). Never one atomic per score.
     """
     INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
-    b, h, seed_bh, start_n, offs_n = _program_block(seed, H, BLOCK_N, False)
+    b, h, seed_bh, start_n, offs_n = _program_block(SEED, H, BLOCK_N, False, DROPOUT)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_bk = tl.arange(0, NB_PAD)
     b64 = b.to(tl.int64)
@@ -429,41 +278,66 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
         lo = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
         if HAS_PREFIX:
             lo = tl.where(start_n < prefix, 0, lo)
-    lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
+    rel_h = REL + h * stride_th   # the head's row of the (H, 2 * D_MAX + 1) bias vector
     qpos_row = QPOS + b * stride_qpos_b
     qseg_row = QSEG + b * stride_qseg_b
+    hi = Lq
+    aligned = hi < 0   # False: reduce the bias gradient bucket by bucket unless the pre-pass shows alignment
+    PREPASS: tl.constexpr = HAS_SEG == 2 or (CAUSAL and not INDEX_POS)
+    # Two loops (diagonal / per bucket) for explicit positions; at d = 128 their registers spill more than the
+    # per-bucket loop alone saves, so that head dim keeps one loop.
+    TWO_LOOPS: tl.constexpr = HAS_BIAS and BIAS_GRAD and PREPASS and not INDEX_POS and HEAD_DIM <= 64
+    if PREPASS:
+        lo, hi, aligned = _visible_range(lo, hi, offs_n, kpos, kseg, qpos_row, qseg_row, Lq, Lk, prefix, start_n,
+                                         q_offset, BLOCK_M, False, HAS_QPOS, HAS_SEG == 2, CAUSAL, HAS_PREFIX, HAS_SEG,
+                                         TWO_LOOPS)
+    elif HAS_SEG == 1:   # key padding alone: every query block or, for an all-padding key block, none
+        hi = tl.where(tl.max(tl.where(offs_n < Lk, kseg, 0), 0) == 0, lo, hi)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dbias = tl.zeros([BLOCK_N, NB_PAD], tl.float32)   # per key row, per bucket; summed over rows at the end
-    if not HAS_BIAS or not INDEX_POS:
+    if TWO_LOOPS:
+        if aligned:   # packing's positions: the diagonal reduction, in its own (pipelined) loop
+            dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
+                                        lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT,
+                                        stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, 0, lo, hi,
+                                        1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST,
+                                        INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, True)
+        else:         # arbitrary positions: bucket by bucket
+            dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
+                                        lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT,
+                                        stride_qm, stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, 0, lo, hi,
+                                        1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST,
+                                        INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, False)
+    elif not HAS_BIAS or not INDEX_POS:
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
-                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, lo, Lq,
+                                    lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, 0, lo, hi,
                                     1 if HAS_BIAS else 0, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, False)
     else:
         # Early query blocks see these keys at rel = k - q >= D_MAX (last table entry), late ones at <= -D_MAX.
-        b1, b2 = _segment_bounds(lo, Lq, q_offset, 0, start_n, start_n + BLOCK_N - 1, D_MAX, BLOCK_M,
+        b1, b2 = _segment_bounds(lo, hi, q_offset, 0, start_n, start_n + BLOCK_N - 1, D_MAX, BLOCK_M,
                                  False)
         last = 2 * D_MAX
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
+                                    lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
-                                    _bias_at(lut_row, stride_tb, BUCKET_LUT, last), tl.load(BUCKET_LUT + last), lo, b1,
-                                    2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+                                    _bias_at(rel_h, stride_tb, BUCKET_LUT, last), tl.load(BUCKET_LUT + last), 0, lo,
+                                    b1, 2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, False)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
-                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, b1, b2,
+                                    lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
+                                    stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX, 0.0, 0, -q_offset, b1, b2,
                                     1, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, True)
         dk, dv, dbias = _dkdv_inner(dk, dv, dbias, k, v, kpos, kseg, prefix, offs_n, start_n, q_base, do_base,
-                                    lse_row, delta_row, qpos_row, qseg_row, lut_row, stride_tb, BUCKET_LUT, stride_qm,
+                                    lse_row, delta_row, qpos_row, qseg_row, rel_h, stride_tb, BUCKET_LUT, stride_qm,
                                     stride_dom, Lq, Lk, q_offset, qk_scale, D_MAX,
-                                    _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), tl.load(BUCKET_LUT), b2, Lq,
+                                    _bias_at(rel_h, stride_tb, BUCKET_LUT, 0), tl.load(BUCKET_LUT), 0, b2, hi,
                                     2, BIAS_GRAD, NB_PAD, BLOCK_M, HAS_QPOS, HAS_SEG, CAUSAL,
-                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT)
+                                    HAS_PREFIX, UPCAST, INPUT_PRECISION, seed_bh, dropout_p, DROPOUT, False)
 
     dk_ptrs = DK + b64 * stride_dkb + h64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b64 * stride_dvb + h64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
@@ -479,7 +353,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, TABLE, BUCKET_LUT,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, KPOS, KSEG, lut_row, stride_tb,
+def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, KPOS, KSEG, rel_h, stride_tb,
               BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, bias_const, lo, hi,
               BIAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KPOS: tl.constexpr, HAS_SEG: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
@@ -489,43 +363,40 @@ def _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
         kpos, kseg = _block_pos_seg(KPOS, KSEG, offs_n, Lk, 0, HAS_KPOS, HAS_SEG)
-        empty = _tile_is_empty(offs_m, offs_n, Lq, Lk, qpos, kpos, qseg, kseg, prefix, start_n, CAUSAL, HAS_PREFIX,
-                               HAS_SEG) if HAS_SEG or CAUSAL else False
-        if not empty:
-            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=offs_n[:, None] < Lk, other=0.0)
-            vt = tl.load(vt_base + offs_n[None, :] * stride_vn, mask=offs_n[None, :] < Lk, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                vt = vt.to(tl.float32)
-            s, vis, _ = _tile_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale,
-                                     offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :],
-                                     qseg[:, None], kseg[None, :], prefix, D_MAX, lut_row, stride_tb, BUCKET_LUT,
-                                     bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG)
-            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
-            if DROPOUT:
-                dp = dp * _dropout_scale(seed_bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=offs_n[:, None] < Lk, other=0.0)
+        vt = tl.load(vt_base + offs_n[None, :] * stride_vn, mask=offs_n[None, :] < Lk, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s, vis, _ = _tile_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale,
+                                 offs_m[:, None], offs_n[None, :], Lq, Lk, qpos[:, None], kpos[None, :],
+                                 qseg[:, None], kseg[None, :], prefix, D_MAX, rel_h, stride_tb, BUCKET_LUT,
+                                 bias_const, BIAS_MODE, CAUSAL, HAS_PREFIX, HAS_SEG, False)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            dp = dp * _dropout_scale(seed_bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
     return dq
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, REL, BUCKET_LUT, QPOS, KPOS, QSEG, KSEG, PREFIX,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                    stride_tb, stride_th, stride_qpos_b, stride_kpos_b, stride_qseg_b, stride_kseg_b,
-                   H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, seed, dropout_p,
+                   H, Lq, Lk, q_offset, qk_scale, sm_scale, D_MAX, SEED, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KPOS: tl.constexpr,
                    HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """One program per query block: recomputes P from the stored LSE and accumulates dq (no atomics)."""
     INDEX_POS: tl.constexpr = not HAS_QPOS and not HAS_KPOS
-    b, h, seed_bh, start_m, offs_m = _program_block(seed, H, BLOCK_M, CAUSAL and INDEX_POS)
+    b, h, seed_bh, start_m, offs_m = _program_block(SEED, H, BLOCK_M, CAUSAL and INDEX_POS, DROPOUT)
     offs_d = tl.arange(0, HEAD_DIM)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -544,34 +415,34 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TABLE, BUCKET_LUT, QPOS, KPOS, Q
     k_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[None, :] * stride_kd
     vt_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[:, None] * stride_vd
 
-    qpos, qseg, prefix, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, PREFIX, b, start_m,
-                                          offs_m, Lq, Lk, q_offset, BLOCK_M, HAS_QPOS, HAS_KPOS, HAS_SEG, CAUSAL,
-                                          HAS_PREFIX)
-    lut_row = TABLE + h * stride_th   # the head's column of the (num_buckets, H) table
+    rel_h = REL + h * stride_th   # the head's row of the (H, 2 * D_MAX + 1) bias vector
     kpos_row = KPOS + b * stride_kpos_b
     kseg_row = KSEG + b * stride_kseg_b
+    qpos, qseg, prefix, lo, hi = _query_block(QPOS + b * stride_qpos_b, QSEG + b * stride_qseg_b, kpos_row, kseg_row,
+                                              PREFIX, b, start_m, offs_m, Lq, Lk, q_offset, BLOCK_M, BLOCK_N, HAS_QPOS,
+                                              HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not HAS_BIAS or not INDEX_POS:
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, 0, hi,
+                       rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, lo, hi,
                        1 if HAS_BIAS else 0, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
     else:   # the forward's three segments
-        b1, b2 = _segment_bounds(0, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
+        b1, b2 = _segment_bounds(lo, hi, start_m + q_offset, start_m + BLOCK_M - 1 + q_offset, 0, 0,
                                  D_MAX, BLOCK_N, True)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                       _bias_at(lut_row, stride_tb, BUCKET_LUT, 0), 0, b1,
+                       rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                       _bias_at(rel_h, stride_tb, BUCKET_LUT, 0), lo, b1,
                        2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
+                       rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX, 0.0, b1, b2,
                        1, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
         dq = _dq_inner(dq, q, do, lse, delta, qpos, qseg, prefix, offs_m, k_base, vt_base, kpos_row, kseg_row,
-                       lut_row, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
-                       _bias_at(lut_row, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi,
+                       rel_h, stride_tb, BUCKET_LUT, stride_kn, stride_vn, Lq, Lk, qk_scale, D_MAX,
+                       _bias_at(rel_h, stride_tb, BUCKET_LUT, 2 * D_MAX), b2, hi,
                        2, BLOCK_N, HAS_KPOS, HAS_SEG, CAUSAL, HAS_PREFIX, UPCAST, INPUT_PRECISION,
                        seed_bh, dropout_p, DROPOUT)
 

@@ -6,9 +6,10 @@ position). The encoder buckets both directions, decoder self-attention only the 
 cross-attention has no bias at all.
 
 Fast path `t5_attention` (kernels in kernels/_t5_attention_kernels.py): flash attention (tiled, online
-softmax in fp32, LSE stored, backward recomputes P) with the bias read INSIDE the kernel from the learned
-`(num_buckets, H)` table through a cached `(2 * max_distance + 1)` relative-position -> bucket table, and
-the gradient of the bias table reduced per tile by bucket (no L x L tensor, no atomic per score). Masks:
+softmax in fp32, LSE stored, backward recomputes P) with the bias read INSIDE the kernel, one gather per
+score, from a per-call `(H, 2 * max_distance + 1)` vector of the learned table at every clamped relative
+position, and the gradient of the bias table reduced per tile by bucket through a cached relative-position
+-> bucket table (no L x L tensor, no atomic per score). Masks, as loop bounds plus elementwise masks:
 key padding, causal, prefix-LM, packed segments with per-segment positions; a row with no visible key
 gives zeros. Optional in-kernel attention dropout. Decoding: a query block against a KV cache (q_offset).
 
@@ -58,14 +59,15 @@ def _interpreting() -> bool:
 _INTERPRET_BLOCK = 32
 
 
-def _blocks(head_dim: int, q_len: int, gather_everywhere: bool) -> _Blocks:
+def _blocks(head_dim: int, q_len: int, gather_everywhere: bool, fp32: bool = False) -> _Blocks:
     """Tile sizes per kernel.
 
     Not timed yet (no GPU in the session that wrote this; benchmarks/kernels/bench_attention.py measures
     them). Chosen from the sm_90 register report of AOT-compiled kernels (triton 3.9 + its ptxas, see
     tests/test_kernels_attention_compile.py): tiles whose kernels do not spill for d=64 under every mask
-    kind (padding, causal, prefix, packing), and spill least for d=128. The in-kernel bias gather (a
-    64-bit address per score) is what presses on registers; the far-from-diagonal tiles skip it.
+    kind (padding, causal, prefix, packing), and spill least for d=128 (benchmarks/kernels/compiled_report.py
+    shows them per kernel). `fp32` inputs (exact fp32 dots: operands in registers, not a training path) keep
+    32-key steps in the forward and dq, which spill kilobytes at 64.
     """
     if _interpreting():
         n = _INTERPRET_BLOCK
@@ -73,12 +75,20 @@ def _blocks(head_dim: int, q_len: int, gather_everywhere: bool) -> _Blocks:
     # A short query block (decoding: Lq = 1) must not pay for 128 rows; tl.dot needs >= 16.
     short = max(16, triton.next_power_of_2(q_len))
     # (BLOCK_M, BLOCK_N, num_warps); d=128 with explicit positions still spills some (~250 B/thread).
-    if head_dim <= 64 or not gather_everywhere:
-        fwd = (min(128, short), 32, 8 if short >= 64 else 4)   # decode steps: one 16-row tile, 4 warps
+    # 64-key steps at d <= 64: one accumulator rescale per 64 scores, not per 32 (sm_90 report: ~12-21% fewer
+    # instructions per score, 172-178 registers, no spills, pipelined).
+    wide = head_dim <= 64 and not fp32
+    if wide:
+        fwd = (min(128, short), 64, 8 if short >= 64 else 4)   # decode steps: one 16-row tile, 4 warps
+    elif not gather_everywhere:
+        fwd = (min(128, short), 32, 8 if short >= 64 else 4)
     else:
         fwd = (min(64, short), 32, 4)
-    dkdv = (32, 64, 8)
-    dq = (128, 32, 8) if head_dim <= 64 else (32, 32, 4)
+    # dk/dv: 128 keys on 8 warps, so each warpgroup owns 64 distinct key rows of the score tile (a 64-key tile
+    # on 8 warps has warpsPerCTA [8, 1] on 64 rows: both warpgroups computed the same S and dP, twice the
+    # MUFU and wgmma per score); 16 queries per step keeps it at ~227 registers without spills (d <= 64).
+    dkdv = (16, 128, 8) if head_dim <= 64 else (32, 64, 8)
+    dq = (128, 64 if wide else 32, 8) if head_dim <= 64 else (32, 32, 4)
     return _Blocks(fwd[0], fwd[1], dkdv[0], dkdv[1], dq[0], dq[1], fwd[2], dkdv[2], dq[2], num_stages=2)
 
 
@@ -113,7 +123,7 @@ class _Meta:
     causal: bool
     deterministic: bool
     dropout_p: float = 0.0   # > 0 only when training with attention dropout
-    seed: int = 0            # base of the per-(batch, head) Philox streams of the dropout mask
+    seed: torch.Tensor | None = None   # (1,) int32 on the device: base of the per-(batch, head) Philox streams
     q_pos: torch.Tensor | None = None
     kv_pos: torch.Tensor | None = None
     q_seg: torch.Tensor | None = None
@@ -134,17 +144,17 @@ def _as_rows(t: torch.Tensor, name: str, batch: int, length: int) -> torch.Tenso
     return t.to(torch.int32).contiguous()
 
 
-def _launch_common(q, k, meta: _Meta, table, blocks_m: int, blocks_n: int):
-    """Arguments shared by every kernel (after the tensors), and the constexpr flags."""
+def _launch_common(q, k, meta: _Meta, rel, blocks_m: int, blocks_n: int):
+    """Arguments shared by every kernel (after the tensors), the dropout seed pointer, and the constexpr flags."""
     dummy = q.new_empty(1, dtype=torch.int32)
     tensors = [meta.q_pos if meta.q_pos is not None else dummy, meta.kv_pos if meta.kv_pos is not None else dummy,
                meta.q_seg if meta.q_seg is not None else dummy, meta.kv_seg if meta.kv_seg is not None else dummy,
                meta.prefix if meta.prefix is not None else dummy]
-    strides = [table.stride(0) if table is not None else 0, table.stride(1) if table is not None else 0,
+    strides = [rel.stride(1) if rel is not None else 0, rel.stride(0) if rel is not None else 0,
                _b_stride(meta.q_pos), _b_stride(meta.kv_pos),
                _b_stride(meta.q_seg), _b_stride(meta.kv_seg)]
     interp_bf16 = _interpreting() and q.dtype == torch.bfloat16
-    flags = dict(HEAD_DIM=q.shape[-1], BLOCK_M=blocks_m, BLOCK_N=blocks_n, HAS_BIAS=table is not None,
+    flags = dict(HEAD_DIM=q.shape[-1], BLOCK_M=blocks_m, BLOCK_N=blocks_n, HAS_BIAS=rel is not None,
                  HAS_QPOS=meta.q_pos is not None, HAS_KPOS=meta.kv_pos is not None,
                  # 0: no segments/padding, 1: key padding only, 2: segment ids on both sides.
                  HAS_SEG=0 if meta.kv_seg is None else (1 if meta.q_seg is None else 2),
@@ -154,30 +164,30 @@ def _launch_common(q, k, meta: _Meta, table, blocks_m: int, blocks_n: int):
                  # fp32 inputs get true fp32 dots (torch's matmul default), not TF32.
                  INPUT_PRECISION="ieee" if q.dtype == torch.float32 or interp_bf16 else "tf32",
                  DROPOUT=meta.dropout_p > 0.0)
-    return tensors, strides, flags
+    return tensors, strides, (meta.seed if meta.seed is not None else dummy), flags
 
 
-def _forward(q, k, v, table, buckets, meta: _Meta):
+def _forward(q, k, v, rel, buckets, meta: _Meta):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None)
+    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None, q.dtype == torch.float32)
     # (B, Lq, H, D) storage viewed as (B, H, Lq, D): the model's merge of heads is then a free reshape.
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    tensors, strides, flags = _launch_common(q, k, meta, table, cfg.fwd_m, cfg.fwd_n)
+    tensors, strides, seed, flags = _launch_common(q, k, meta, rel, cfg.fwd_m, cfg.fwd_n)
     grid = (triton.cdiv(Lq, cfg.fwd_m), H, B)
     _k._fwd_kernel[grid](
-        q, k, v, o, lse, table if table is not None else lse, buckets if buckets is not None else lse, *tensors,
+        q, k, v, o, lse, rel if rel is not None else lse, buckets if buckets is not None else lse, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
-        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.max_distance, meta.seed, meta.dropout_p,
+        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.max_distance, seed, meta.dropout_p,
         **flags, num_warps=cfg.fwd_warps, num_stages=cfg.num_stages)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, table, buckets, meta: _Meta, bias_grad: bool):
+def _backward(do, q, k, v, o, lse, rel, buckets, meta: _Meta, bias_grad: bool):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None)
+    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None, q.dtype == torch.float32)
     delta = torch.empty_like(lse)
     delta_m = min(cfg.dq_m, 64)   # memory-bound row sums: small tiles, no register pressure
     _k._bwd_delta_kernel[(triton.cdiv(Lq, delta_m), H, B)](
@@ -191,22 +201,22 @@ def _backward(do, q, k, v, o, lse, table, buckets, meta: _Meta, bias_grad: bool)
         dbias = torch.empty((B, H, n_kv_blocks, nb_pad), dtype=torch.float32, device=q.device)
     else:
         dbias = torch.zeros((H, nb_pad), dtype=torch.float32, device=q.device)
-    tab = table if table is not None else lse           # never read without HAS_BIAS
+    tab = rel if rel is not None else lse           # never read without HAS_BIAS
     bkt = buckets if buckets is not None else lse
-    tensors, strides, flags = _launch_common(q, k, meta, table, cfg.bwd_m, cfg.bwd_n)
+    tensors, strides, seed, flags = _launch_common(q, k, meta, rel, cfg.bwd_m, cfg.bwd_n)
     _k._bwd_dkdv_kernel[(n_kv_blocks, H, B)](
         q, k, v, do, lse, delta, dk, dv, dbias, tab, bkt, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
         H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, meta.num_buckets,
-        meta.seed, meta.dropout_p,
+        seed, meta.dropout_p,
         NB_PAD=nb_pad, BIAS_GRAD=bias_grad, DETERMINISTIC=meta.deterministic, **flags,
         num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
 
-    tensors, strides, flags = _launch_common(q, k, meta, table, cfg.dq_m, cfg.dq_n)
+    tensors, strides, seed, flags = _launch_common(q, k, meta, rel, cfg.dq_m, cfg.dq_n)
     _k._bwd_dq_kernel[(triton.cdiv(Lq, cfg.dq_m), H, B)](
         q, k, v, do, lse, delta, dq, tab, bkt, *tensors,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
-        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, meta.seed, meta.dropout_p,
+        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, seed, meta.dropout_p,
         **flags, num_warps=cfg.dq_warps, num_stages=cfg.num_stages)
 
     dtable = None
@@ -217,13 +227,22 @@ def _backward(do, q, k, v, o, lse, table, buckets, meta: _Meta, bias_grad: bool)
     return dq, dk, dv, dtable
 
 
-def _draw_dropout_seed(streams: int) -> int:
-    """Seed of one call's dropout mask, from torch's CPU generator: reproducible under torch.manual_seed,
-    replayed by activation checkpointing (it restores the RNG state), and no device sync."""
-    return int(torch.randint(0, 2**31 - 1 - streams, (1,)).item())
+def _draw_dropout_seed(streams: int, device) -> torch.Tensor:
+    """Seed of one call's dropout mask, a (1,) int32 tensor drawn on `device` by its generator and read by the
+    kernels: reproducible under torch.manual_seed, replayed by activation checkpointing (it restores the
+    RNG states), no host sync, and a fresh draw on every replay of a CUDA graph (graph-safe RNG)."""
+    return torch.randint(0, 2**31 - 1 - streams, (1,), device=device, dtype=torch.int32)
 
 
-def _dropout_scales(batch: int, heads: int, q_len: int, kv_len: int, seed: int, dropout_p: float,
+def _relative_bias(table: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """The (H, 2 * max_distance + 1) fp32 bias at every clamped relative position, scaled by log2(e) for the
+    kernels' exp2 softmax: one gather per score in-kernel. Built per call (the table changes every step),
+    outside the autograd Function, without a graph (the table's gradient comes from the kernels)."""
+    with torch.no_grad():
+        return (table.detach().index_select(0, buckets).t().float() * _LOG2E).contiguous()
+
+
+def _dropout_scales(batch: int, heads: int, q_len: int, kv_len: int, seed: torch.Tensor, dropout_p: float,
                     device) -> torch.Tensor:
     """The (B, H, Lq, Lk) dropout multipliers (0 or 1/(1-p)) the kernels apply for `seed`: for tests."""
     out = torch.empty((batch * heads, q_len, kv_len), dtype=torch.float32, device=device)
@@ -233,24 +252,26 @@ def _dropout_scales(batch: int, heads: int, q_len: int, kv_len: int, seed: int, 
 
 
 class _T5AttentionFn(torch.autograd.Function):
+    """Creates nothing but its outputs in forward: the bucket table (cached) and the relative bias vector
+    (per call) come in as inputs, so torch.compile never sees a tensor made here escape (issue 13).
+    `bias_table` is an input for its gradient only; the kernels read `rel`."""
+
     @staticmethod
-    def forward(ctx, q, k, v, bias_table, meta: _Meta):
-        buckets = None
-        if bias_table is not None:
-            buckets = _bucket_table(meta.bidirectional, meta.num_buckets, meta.max_distance, q.device)
-        o, lse = _forward(q, k, v, bias_table, buckets, meta)
-        ctx.save_for_backward(q, k, v, o, lse, bias_table, buckets)
+    def forward(ctx, q, k, v, bias_table, rel, buckets, meta: _Meta):
+        o, lse = _forward(q, k, v, rel, buckets, meta)
+        ctx.save_for_backward(q, k, v, o, lse, rel, buckets)
         ctx.meta = meta
+        ctx.table_dtype = None if bias_table is None else bias_table.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, table, buckets = ctx.saved_tensors
-        bias_grad = table is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dtable = _backward(do, q, k, v, o, lse, table, buckets, ctx.meta, bias_grad)
+        q, k, v, o, lse, rel, buckets = ctx.saved_tensors
+        bias_grad = rel is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dtable = _backward(do, q, k, v, o, lse, rel, buckets, ctx.meta, bias_grad)
         if dtable is not None:
-            dtable = dtable.to(table.dtype)
-        return dq, dk, dv, dtable, None
+            dtable = dtable.to(ctx.table_dtype)
+        return dq, dk, dv, dtable, None, None, None
 
 
 def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32, max_distance=128,
@@ -264,7 +285,7 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
     `deterministic=True` reduces the bias-table gradient through per-program partial buffers summed in a
     fixed order (bit-exact across runs); otherwise each program adds its partial with num_buckets atomics.
     dq, dk, dv never use atomics. `dropout_p` (applied when `training`, as Hugging Face T5 drops attention
-    probabilities) draws its mask in-kernel from a seed taken from torch's CPU generator.
+    probabilities) draws its mask in-kernel from a seed drawn on q's device (no host sync).
     """
     if triton is None:
         raise RuntimeError("t5_attention: triton is not installed; use kernel_backend='torch' "
@@ -310,15 +331,30 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
                                 kv_segment_ids=kv_segment_ids, q_positions=q_positions,
                                 kv_positions=kv_positions, q_offset=q_offset, dropout_p=dropout_p,
                                 training=training)
+    meta = _make_meta(B, Lq, Lk, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance,
+                      scale=scale, key_padding_mask=key_padding_mask, causal=causal, prefix_lengths=prefix_lengths,
+                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
+                      kv_positions=kv_positions, q_offset=q_offset, deterministic=deterministic,
+                      dropout_p=dropout_p if training else 0.0, streams=B * H, device=q.device)
+    buckets = rel = None
+    if bias_table is not None:
+        buckets = _bucket_table(bidirectional, num_buckets, max_distance, q.device)
+        rel = _relative_bias(bias_table, buckets)
+    return _T5AttentionFn.apply(q, k, v, bias_table, rel, buckets, meta)
 
+
+def _make_meta(B, Lq, Lk, *, bidirectional, num_buckets, max_distance, scale, key_padding_mask, causal,
+               prefix_lengths, q_segment_ids, kv_segment_ids, q_positions, kv_positions, q_offset,
+               deterministic, dropout_p, streams, device) -> _Meta:
+    """The kernels' normalised masks and flags (also what benchmarks/kernels/compiled_report.py launches)."""
     meta = _Meta(bidirectional=bool(bidirectional), num_buckets=int(num_buckets), max_distance=int(max_distance),
                  scale=float(scale), q_offset=int(q_offset), causal=bool(causal) or prefix_lengths is not None,
                  deterministic=bool(deterministic))
-    if training and dropout_p > 0.0:
+    if dropout_p > 0.0:
         if Lq * Lk >= 2**31:
             raise ValueError(f"t5_attention: attention dropout needs Lq * Lk < 2**31 (its Philox counter), got "
                              f"{Lq} x {Lk}")
-        meta.dropout_p, meta.seed = float(dropout_p), _draw_dropout_seed(B * H)
+        meta.dropout_p, meta.seed = float(dropout_p), _draw_dropout_seed(streams, device)
     if q_positions is not None:
         meta.q_pos = _as_rows(q_positions, "q_positions", B, Lq)
     if kv_positions is not None:
@@ -340,7 +376,7 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
         if prefix_lengths.shape != (B,):
             raise ValueError(f"t5_attention: prefix_lengths has shape {tuple(prefix_lengths.shape)}, expected ({B},)")
         meta.prefix = prefix_lengths.to(torch.int32).contiguous()
-    return _T5AttentionFn.apply(q, k, v, bias_table, meta)
+    return meta
 
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True,

@@ -33,7 +33,7 @@ class Case:
     kv_len: int
     kwargs: dict = field(default_factory=dict)
     bias: bool = True
-    masks: str = ""            # "pad", "pad_empty", "prefix", "packed", "packed_pad"
+    masks: str = ""            # "pad", "pad_empty", "prefix", "packed", "packed_pad", "packed_scrambled"
     table_dtype: torch.dtype | None = None
     bhld_layout: bool = False  # q/k/v as (B, L, H, D) storage viewed (B, H, L, D), as the model passes them
 
@@ -51,6 +51,9 @@ CASES = [
     Case("packed-enc-fp32-d64", torch.float32, 64, 2, 2, 130, 130, masks="packed_pad"),
     Case("packed-dec-causal-fp16-d64", torch.float16, 64, 2, 1, 130, 130, dict(causal=True, bidirectional=False),
          masks="packed"),
+    # explicit positions in no particular order: dk/dv reduces the bias gradient bucket by bucket
+    Case("packed-scrambled-positions-fp32-d64", torch.float32, 64, 2, 2, 70, 70, dict(max_distance=20),
+         masks="packed_scrambled"),
     Case("cross-nobias-pad-fp32-d64", torch.float32, 64, 2, 2, 17, 130, dict(scale=0.125), bias=False,
          masks="pad_empty"),
     Case("len1-fp32-d64", torch.float32, 64, 2, 2, 1, 1),
@@ -90,6 +93,8 @@ def _mask_kwargs(case: Case, gen: torch.Generator, device) -> dict:
         out["prefix_lengths"] = torch.tensor([0, 50][:B])
     elif case.masks.startswith("packed"):
         seg, pos = _packed(B, Lk, gen, pad=case.masks == "packed_pad")
+        if case.masks == "packed_scrambled":   # positions that are not index - segment start (any order)
+            pos = torch.randint(0, 40, pos.shape, generator=gen)
         out.update(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
         if case.masks == "packed_pad":
             out["key_padding_mask"] = seg != 0
@@ -151,6 +156,25 @@ def test_matches_float64_reference(case: Case, device):
     if case.masks == "pad_empty":   # the batch row without keys: exact zeros, zero gradients
         assert got[0][-1].abs().max().item() == 0.0
         assert got[1][-1].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)], ids=["keys-taller", "queries-taller"])
+def test_non_square_tiles_match_reference(tiles, device, monkeypatch):
+    """The GPU's dk/dv tile is 32 queries x 64 keys (non-square): the diagonal bias-gradient reduction and
+    the loop bounds are checked with non-square tiles in every kernel too (the interpreter default is square)."""
+    if device.type == "cuda":
+        pytest.skip("compiled run: the real tiles are used")
+    m, n = tiles
+    monkeypatch.setattr(attn, "_blocks", lambda *_a: attn._Blocks(m, n, m, n, m, n, 1, 1, 1, 1))
+    for case in (Case("pad-bidi", torch.float32, 64, 2, 2, 70, 70, dict(max_distance=24), masks="pad"),
+                 Case("causal-offset", torch.float32, 64, 1, 2, 37, 70,
+                      dict(causal=True, bidirectional=False, max_distance=20, q_offset=33))):
+        q, k, v, table, do, masks = _make(case, device, seed=11)
+        kwargs = {**case.kwargs, **masks}
+        got = _run(t5_attention, _leaves(q, k, v, table, torch.float32, torch.float32, device), do, kwargs)
+        ref64 = _run(t5_attention_ref, _leaves(q, k, v, table, torch.float64, torch.float64, device), do, kwargs)
+        low = _run(t5_attention_ref, _leaves(q, k, v, table, torch.float32, torch.float32, device), do, kwargs)
+        _check(f"{case.id}-{m}x{n}", ["out", "dq", "dk", "dv", "dtable"], got, ref64, low, torch.float32)
 
 
 def test_deterministic_mode_is_bit_exact(device):
@@ -248,7 +272,7 @@ def test_attention_dropout_matches_reference_with_the_same_mask(device):
     got = _run(t5_attention, _leaves(q, k, v, table, torch.float32, torch.float32, device), do,
                {**kwargs, "dropout_p": p, "training": True})
     torch.manual_seed(123)
-    seed = attn._draw_dropout_seed(2 * 2)
+    seed = attn._draw_dropout_seed(2 * 2, device)
     scales = attn._dropout_scales(2, 2, 70, 70, seed, p, device).double()
     kept = (scales > 0).double().mean().item()
     assert abs(kept - (1 - p)) < 0.02, kept

@@ -18,8 +18,8 @@ from kernels.t5_attention import _blocks
 from tests.aot_compile import resource_usage
 
 ACT = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-F32 = {"LSE", "DELTA", "TABLE", "DBIAS"}   # the learned table: fp32 master weights
-I32P = {"BUCKET_LUT", "QPOS", "KPOS", "QSEG", "KSEG", "PREFIX"}
+F32 = {"LSE", "DELTA", "REL", "DBIAS"}   # REL: the per-call fp32 bias vector over relative positions
+I32P = {"BUCKET_LUT", "QPOS", "KPOS", "QSEG", "KSEG", "PREFIX", "SEED"}
 
 
 def signature(fn, dtype, consts):
@@ -51,7 +51,7 @@ base = dict(HAS_BIAS=True, HAS_QPOS=False, HAS_KPOS=False, HAS_SEG=0, CAUSAL=Fal
             DROPOUT=False)
 for name, dtype, d, flags in VARIANTS:
     flags = dict(base, **flags, HEAD_DIM=d, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-    cfg = _blocks(d, 4096, flags["HAS_QPOS"])
+    cfg = _blocks(d, 4096, flags["HAS_QPOS"], dtype == "fp32")
     runs = [("fwd", K._fwd_kernel, dict(flags, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n), cfg.fwd_warps),
             ("dkdv", K._bwd_dkdv_kernel, dict(flags, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, NB_PAD=32,
                                                BIAS_GRAD=flags["HAS_BIAS"], DETERMINISTIC=False), cfg.bwd_warps),
