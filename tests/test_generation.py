@@ -260,6 +260,6 @@ def test_generate_cli_arguments_file_and_stdin(tmp_path, capsys, monkeypatch):
     first = capsys.readouterr().out
     assert generate_main(sample) == 0 and capsys.readouterr().out == first      # seeded: the same draws
     assert generate_main(base + ["--file", str(tmp_path / "missing.txt")]) == 2
-    assert "--file: not found" in capsys.readouterr().err
+    assert "--file not found: " + str(tmp_path / "missing.txt") in capsys.readouterr().err
     assert generate_main(base + ["--top-p", "2"] + texts) == 2
     assert "top_p" in capsys.readouterr().err
