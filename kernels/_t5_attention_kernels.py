@@ -7,7 +7,7 @@ Layout and conventions shared by every kernel here:
   `exp2` (one MUFU op); LSE is stored in log2 units. `ds` (the gradient of the natural-log score) is what dq, dk and dbias need.
 - The bias is `REL[h, idx]`, ONE gather per score: a per-call (H, 2 * D_MAX + 1) fp32 vector of the bias
   at every clamped relative position `idx = clamp(k_pos - q_pos, -D_MAX, D_MAX) + D_MAX` (never negative;
-  see MACHINE_NOTES: a negative index corrupts the heap under the interpreter), already scaled by log2(e)
+  see docs/MACHINE_NOTES.md: a negative index corrupts the heap under the interpreter), already scaled by log2(e)
   (kernels/t5_attention.py builds it from the learned table and the bucket of every relative position).
   The bias gradient still goes by bucket: dk/dv reads `BUCKET_LUT[idx]` (a tiny int32 table from the
   reference bucket function, bit-identical to Hugging Face's fp32 log arithmetic) for the scores it reduces.

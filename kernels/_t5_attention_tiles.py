@@ -161,7 +161,7 @@ def _segment_bounds(lo, hi, q_first, q_last, k_first_off, k_last_off, D_MAX, BLO
     block is far-before when n + BLOCK - 1 - q_first <= -D_MAX and far-after when n - q_last >= D_MAX.
     Otherwise (dk/dv): the loop runs over query blocks m (position m + q_first .. m + BLOCK - 1 + q_first)
     for keys [k_first_off, k_last_off]; small m lie far-after (rel >= D_MAX), large m far-before.
-    Divisions only see non-negative numerators (C semantics, MACHINE_NOTES).
+    Divisions only see non-negative numerators (C semantics, docs/MACHINE_NOTES.md).
     """
     if KEYS_INNER:
         near_lo = tl.maximum(q_first - D_MAX - BLOCK + 2, 0)

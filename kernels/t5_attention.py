@@ -1,6 +1,6 @@
 """Attention with T5's learned relative position bias: Triton flash kernel and plain-PyTorch reference.
 
-T5 (shared/reference/T5.md) uses NO 1/sqrt(d) scaling (scale = 1.0) and adds a learned bias looked
+T5 (docs/T5.md) uses NO 1/sqrt(d) scaling (scale = 1.0) and adds a learned bias looked
 up from a `[num_buckets, heads]` table by a bucketed relative position (key position - query
 position). The encoder buckets both directions, decoder self-attention only the past, and
 cross-attention has no bias at all.
@@ -159,7 +159,7 @@ def _launch_common(q, k, meta: _Meta, rel, blocks_m: int, blocks_n: int):
                  # 0: no segments/padding, 1: key padding only, 2: segment ids on both sides.
                  HAS_SEG=0 if meta.kv_seg is None else (1 if meta.q_seg is None else 2),
                  CAUSAL=meta.causal, HAS_PREFIX=meta.prefix is not None,
-                 # The interpreter's bf16 tl.dot is broken (MACHINE_NOTES): upcast tiles to fp32 there.
+                 # The interpreter's bf16 tl.dot is broken (docs/MACHINE_NOTES.md): upcast tiles to fp32 there.
                  UPCAST=interp_bf16,
                  # fp32 inputs get true fp32 dots (torch's matmul default), not TF32.
                  INPUT_PRECISION="ieee" if q.dtype == torch.float32 or interp_bf16 else "tf32",
