@@ -2,7 +2,7 @@
 
     from engine.tasks import get_task
     task = get_task("sst2")
-    examples = list(task.examples("../shared/data", split="validation"))   # or a file path
+    examples = list(task.examples("glue_data/", split="validation"))        # a data directory or a file path
     scores = task.evaluate(examples, model_output_texts)                     # {"accuracy": ...}
 
 Importing this package registers the built-in tasks: GLUE (cola, sst2, mrpc, stsb, qqp, mnli, qnli,
