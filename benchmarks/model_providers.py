@@ -82,7 +82,7 @@ def engine_run_config(preset: str, scfg: ModelSuiteConfig, on_cpu: bool, offload
 
 
 def engine_model_config(preset: str, run_cfg, depth: int | None = None):
-    from engine.train import build_model_config
+    from engine.build import build_model_config
     from models.config import T5Config
 
     # The ready configs pin vocab_size; the preset's own size stands in for a tokenizer (tiny pins none).

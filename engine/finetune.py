@@ -306,7 +306,7 @@ def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch
     if (init / "model.safetensors").is_file():
         from safetensors.torch import load_file, load_model
 
-        from engine.train import build_model_config
+        from engine.build import build_model_config
         from engine.tokenizer import Tokenizer
 
         saved = run_config.config_from_dict(ckpt.load_trainer_state(init)["config"])
@@ -470,7 +470,7 @@ def build_finetune(argv: list[str]):
     from engine.optim import build_optimizer
     from engine.tasks import get_task
     from engine.tokenizer import Tokenizer
-    from engine.train import pick_device, seed_everything, set_determinism, set_threads
+    from engine.build import pick_device, seed_everything, set_determinism, set_threads
     from models.adapters import add_adapters, freeze_for_adapters
 
     cfg, ft, tasks = parse_finetune_config(argv)
@@ -534,15 +534,15 @@ def build_finetune(argv: list[str]):
 
 
 def finetune_main(argv: list[str]) -> int:
-    from engine.train import _strip_launcher_args
+    from engine.launcher import strip_launcher_args
     from engine.errors import USER_ERRORS, report
     from engine.trainer import NonFiniteLossError
 
-    argv = _strip_launcher_args(list(argv))
+    argv = strip_launcher_args(list(argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    from engine.train import watch_launcher
+    from engine.launcher import watch_launcher
 
     try:
         watch_launcher()  # stop and save when the deepspeed launcher dies (it forwards no signal on one node)

@@ -22,7 +22,7 @@ from engine_synthetic import SyntheticData  # noqa: E402
 
 from engine.config import load_run_config  # noqa: E402
 from engine.metrics import read_metrics  # noqa: E402
-from engine.train import build_trainer  # noqa: E402
+from engine.build import build_trainer  # noqa: E402
 
 # Shared with the test's single-rank reference: plain AdamW is elementwise, so ZeRO's flat partitions
 # give the same update as whole tensors and the runs must agree to rounding.
@@ -69,7 +69,7 @@ def check_partitioned_build(run_root: str, precision: str) -> dict:
     import deepspeed
     import torch
 
-    from engine.train import build_model_config, seed_everything
+    from engine.build import build_model_config, seed_everything
     from engine.zero3 import build_model
     from models.t5 import T5ForConditionalGeneration
 

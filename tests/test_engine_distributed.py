@@ -53,7 +53,7 @@ def test_process_group_is_destroyed_before_interpreter_exit():
 
 def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
     from engine.config import load_run_config
-    from engine.train import build_trainer
+    from engine.build import build_trainer
 
     hf_model = _write_hf_dirs(tmp_path)
     ours_model = _write_local_checkpoint(tmp_path, load_run_config(COMMON + ["--run.dir", str(tmp_path / "x")]))
@@ -117,7 +117,7 @@ def _write_local_checkpoint(tmp_path, cfg):
 
     from safetensors.torch import save_model
 
-    from engine.train import build_model_config
+    from engine.build import build_model_config
     from models.t5 import T5ForConditionalGeneration
 
     (tmp_path / "ours").mkdir()
@@ -151,7 +151,7 @@ def _check_partitioned_build(tmp_path, results, cfg):
     rounds a plain fp32 model)."""
     from safetensors.torch import load_file
 
-    from engine.train import build_model_config, seed_everything
+    from engine.build import build_model_config, seed_everything
     from models.t5 import T5ForConditionalGeneration
 
     seed_everything(cfg.run.seed)
@@ -176,7 +176,7 @@ def test_deepspeed_features_match_single_rank(tmp_path):
     single local rank's losses with the same global batch and the same settings (offload is DeepSpeed's
     only: its reference is the plain run)."""
     from engine.config import load_run_config
-    from engine.train import build_trainer
+    from engine.build import build_trainer
 
     runs = {"2:accum": "accum", "2:clip": "clip", "3:ckpt_zloss": "ckpt_zloss", "2:offload": "offload",
             "3:offload_all": "offload_all"}

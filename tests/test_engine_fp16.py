@@ -49,7 +49,7 @@ class _InfGrad(torch.autograd.Function):
 
 def _trainer(run_dir, engine, zero):
     from engine.config import load_run_config
-    from engine.train import build_trainer
+    from engine.build import build_trainer
 
     cfg = load_run_config(["--run.dir", str(run_dir), "--run.engine", engine, "--deepspeed.zero_stage", zero, *ARGS])
     trainer, _ = build_trainer(cfg, data=_OneBatch(100, 4), tokenizer_vocab=100)
@@ -99,7 +99,7 @@ def test_fp16_dynamic_loss_scale_skips_overflow_and_resumes(tmp_path, engine, ze
 def _common_losses(run_dir, engine, precision, zero="0"):
     """4 steps of tests/engine_ds_worker.py's COMMON run on one rank holding the 2-rank global batch."""
     from engine.config import load_run_config
-    from engine.train import build_trainer
+    from engine.build import build_trainer
     from engine_ds_worker import COMMON, MICRO, VOCAB
 
     cfg = load_run_config(COMMON + ["--run.dir", str(run_dir), "--run.engine", engine, "--deepspeed.precision",

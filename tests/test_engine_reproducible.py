@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.config import load_run_config
-from engine.train import set_determinism
+from engine.build import set_determinism
 from procs import repo_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -132,7 +132,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, needle):
 
 def _synthetic_trainer(tmp_path, *extra):
     from engine.config import load_run_config
-    from engine.train import build_trainer
+    from engine.build import build_trainer
 
     cfg = load_run_config(["--run.dir", str(tmp_path / "run"), "--model.vocab_size", "128",
                            "--checkpoint.every", "2", *SMALL, *extra])

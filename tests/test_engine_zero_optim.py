@@ -278,7 +278,7 @@ def test_zero_partitions_keep_per_parameter_statistics(tmp_path):
     from engine_synthetic import SyntheticData
 
     from engine.config import load_run_config
-    from engine.train import build_trainer
+    from engine.build import build_trainer
 
     runs = ["shards", "2:adafactor", "3:adafactor", "2:adamw_scaled", "3:adamw_scaled"]
     out = tmp_path / "losses.json"
