@@ -117,18 +117,23 @@ def build_data(cfg: RunConfig, files: list[str], tokenizer, rank: int, world_siz
         num_workers=cfg.data.num_workers, strict=cfg.data.strict)
 
 
+def model_overrides(cfg: RunConfig) -> dict:
+    """What the run's [model] section changes in a model config, whatever the config comes from (a preset,
+    a checkpoint to fine-tune, a saved run): kernels, activation checkpointing, dropout when set."""
+    out = {"kernel_backend": cfg.model.kernel_backend, "gradient_checkpointing": cfg.model.gradient_checkpointing}
+    if cfg.model.dropout_rate >= 0:
+        out["dropout_rate"] = cfg.model.dropout_rate
+    return out
+
+
 def build_model_config(cfg: RunConfig, tokenizer_vocab: int):
     from models.config import T5Config
 
     vocab = cfg.model.vocab_size or -(-tokenizer_vocab // 128) * 128
     if vocab < tokenizer_vocab:
         raise ValueError(f"config key 'model.vocab_size': {vocab} is smaller than the tokenizer's {tokenizer_vocab}")
-    overrides = dict(vocab_size=vocab, kernel_backend=cfg.model.kernel_backend,
-                     gradient_checkpointing=cfg.model.gradient_checkpointing)
-    if cfg.model.dropout_rate >= 0:
-        overrides["dropout_rate"] = cfg.model.dropout_rate
     try:
-        return T5Config.from_preset(cfg.model.preset, **overrides)
+        return T5Config.from_preset(cfg.model.preset, vocab_size=vocab, **model_overrides(cfg))
     except (KeyError, ValueError) as err:
         raise ValueError(f"config key 'model.preset': {err}") from None
 
