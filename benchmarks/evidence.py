@@ -24,7 +24,6 @@ import argparse
 import datetime
 import os
 import pathlib
-import sys
 import time
 
 import torch
@@ -151,9 +150,10 @@ def run(argv: list[str], log=print) -> dict[str, pathlib.Path]:
 
 
 def main(argv: list[str]) -> int:
+    from engine.errors import USER_ERRORS, report
+
     try:
         run(argv)
-    except ValueError as e:
-        print(f"t5forge bench gpu: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report("bench gpu", e)
     return 0

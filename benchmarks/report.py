@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
+
+from engine.errors import USER_ERRORS, report
 
 SCHEMA = "t5forge-bench/1"
 # Kernel records whose provider is one of ours; every other provider is a baseline for the speed-ups.
@@ -358,8 +359,7 @@ def compare_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     try:
         a, b = load_results(args.a), load_results(args.b)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"t5forge compare: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report("compare", e)
     print(format_comparison(a, b, args.a, args.b))
     return 0

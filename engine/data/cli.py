@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.errors import one_line
+from engine.errors import USER_ERRORS, report
 from engine.data.clean_c4 import (C4Cleaner, C4Rules, check_input_file, check_output_path, clean_wet_files,
                                   langdetect_detector, load_bad_words)
 
@@ -50,6 +50,5 @@ def data_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return _clean_c4(args)
-    except (ValueError, OSError) as exc:
-        print(f"t5forge data {args.cmd}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report(f"data {args.cmd}", exc)
