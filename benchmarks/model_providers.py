@@ -4,7 +4,7 @@ Every provider trains the SAME random batch (`make_batch`: inputs / targets of f
   t5forge          the engine as a user trains with it: the preset's ready config (engine/configs/
                    <preset>.toml: ZeRO stage, precision regime, optimizer, activation checkpointing) with
                    the micro-batch overridden for this machine and grad_accum 1, the DeepSpeed JSON derived
-                   by engine/deepspeed_config.py, `deepspeed.initialize` on one rank (gloo on the CPU)
+                   by engine/distributed/deepspeed_config.py, `deepspeed.initialize` on one rank (gloo on the CPU)
   t5forge-torch    models/t5.py in the baselines' plain-torch set-up (below): the model code alone
   hf-sdpa          transformers' T5ForConditionalGeneration, attn_implementation="sdpa"
   hf-sdpa-compile  the same under torch.compile (compile time excluded: it runs during warm-up)
@@ -92,11 +92,11 @@ def engine_model_config(preset: str, run_cfg, depth: int | None = None):
 
 def engine_fields(run_cfg) -> dict:
     """What a t5forge record says about the engine set-up it ran under."""
-    from engine.deepspeed_config import autocast_dtype
+    from engine.distributed.deepspeed_config import autocast_dtype
 
     ds = run_cfg.deepspeed
     offload = "+".join(n for n, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_params)) if on)
-    # The regime the engine derives from the precision key (engine/deepspeed_config.py): at ZeRO 0 bf16 is
+    # The regime the engine derives from the precision key (engine/distributed/deepspeed_config.py): at ZeRO 0 bf16 is
     # an autocast over fp32 weights, from ZeRO 1 on DeepSpeed holds bf16 weights and fp32 master partitions.
     if autocast_dtype(run_cfg) is not None:
         regime = f"{ds.precision} autocast, fp32 weights"
@@ -326,7 +326,7 @@ def one_rank_world(device: torch.device):
     The process group is created once and kept: DeepSpeed caches its groups, and a destroyed group cannot
     be made again in the same process. The launcher variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*)
     are only set while an engine is built and stepped (DeepSpeed reads LOCAL_RANK then), so nothing run
-    later in the process mistakes itself for a launched rank (engine.engines.launched_distributed).
+    later in the process mistakes itself for a launched rank (engine.distributed.process_group.launched_distributed).
     """
     import torch.distributed as dist
 
@@ -334,7 +334,7 @@ def one_rank_world(device: torch.device):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     try:
         if not dist.is_initialized():
-            from engine.engines import start_process_group
+            from engine.distributed.process_group import start_process_group
 
             os.environ["MASTER_PORT"] = str(free_port())  # other jobs on this machine may hold a fixed one
             start_process_group(device)
@@ -350,15 +350,15 @@ def one_rank_world(device: torch.device):
 
 def measure_engine_step(run_cfg, mcfg, scfg: ModelSuiteConfig, device: torch.device) -> dict:
     """The t5forge provider: the engine's model, optimizer and DeepSpeed engine from `run_cfg`, one rank."""
-    from engine.deepspeed_config import deepspeed_config
+    from engine.distributed.deepspeed_config import deepspeed_config
     from engine.engines import build_engine
     from engine.optim import build_optimizer
-    from engine.zero3 import build_model
+    from engine.distributed.zero3 import build_model
     from models.t5 import T5ForConditionalGeneration
 
     with one_rank_world(device):
         torch.manual_seed(run_cfg.run.seed)
-        # As build_trainer: at ZeRO-3 built partitioned (engine/zero3.py).
+        # As build_trainer: at ZeRO-3 built partitioned (engine/distributed/zero3.py).
         model = build_model(lambda: T5ForConditionalGeneration(mcfg), run_cfg, "deepspeed", device)
         n_params = mcfg.num_parameters()  # the whole model's (a ZeRO-3 rank holds only shards)
         engine = build_engine("deepspeed", model, build_optimizer(model.parameters(), run_cfg.optim), run_cfg, device)
@@ -379,7 +379,7 @@ def measure_engine_step(run_cfg, mcfg, scfg: ModelSuiteConfig, device: torch.dev
         try:
             out = _time_steps(step, clock, scfg, device)
         finally:
-            inner = getattr(engine, "engine", None)  # deepspeed's own engine: drop its hooks and buffers
+            inner = getattr(engine, "ds", None)  # deepspeed's own engine: drop its hooks and buffers
             if inner is not None and hasattr(inner, "destroy"):
                 inner.destroy()
             del engine, model, batch

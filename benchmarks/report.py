@@ -226,7 +226,7 @@ def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
                   "- `t5forge`: the engine as a user trains with it: the preset's ready config "
                   "(`engine/configs/<preset>.toml`: ZeRO stage, precision regime, optimizer, activation "
                   "checkpointing) with the micro-batch set to the batch above and grad_accum 1, the DeepSpeed "
-                  "JSON from `engine/deepspeed_config.py`, `deepspeed.initialize` on one rank. A preset whose own "
+                  "JSON from `engine/distributed/deepspeed_config.py`, `deepspeed.initialize` on one rank. A preset whose own "
                   "config does not fit the device runs ZeRO-3 with optimizer and parameters offloaded to the CPU "
                   "when `t5forge plan`'s estimates say the host memory allows (*measured, CPU offload*).",
                   "- `t5forge-torch`, `hf-sdpa`, `hf-sdpa-compile`: plain torch, one set-up for all three (bf16 "

@@ -143,7 +143,7 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
     from engine.engines import build_engine, choose_engine
     from engine.optim import build_optimizer
     from engine.trainer import Trainer
-    from engine.zero3 import build_model
+    from engine.distributed.zero3 import build_model
     from models.t5 import T5ForConditionalGeneration
 
     from models.config import PRESETS
@@ -162,7 +162,7 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
         tokenizer_vocab = tokenizer.vocab_size
     model_config = build_model_config(cfg, tokenizer_vocab)
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
-    # ZeRO-3: built partitioned (engine/zero3.py), the same weights as this plain build.
+    # ZeRO-3: built partitioned (engine/distributed/zero3.py), the same weights as this plain build.
     model = build_model(lambda: T5ForConditionalGeneration(model_config), cfg, kind, device)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     engine = build_engine(kind, model, optimizer, cfg, device)

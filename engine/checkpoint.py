@@ -21,7 +21,6 @@ import pathlib
 import random
 import re
 import shutil
-from typing import Callable
 
 import numpy as np
 import torch
@@ -277,10 +276,3 @@ def load_trainer_state(directory: pathlib.Path) -> dict:
     from models.checkpoint import read_json_object
 
     return read_json_object(directory / "trainer_state.json", "trainer state")
-
-
-def barrier_noop() -> None:
-    return None
-
-
-BarrierFn = Callable[[], None]

@@ -242,9 +242,9 @@ def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch
     """The starting model and its tokenizer file: a Hugging Face directory, or one of our local-engine
     checkpoints (model.safetensors + trainer state holding the run config, tokenizer/ next to it).
     At ZeRO-3 the model is built partitioned and the weights loaded one module at a time, read by
-    rank 0 only (engine/zero3.py)."""
+    rank 0 only (engine/distributed/zero3.py)."""
     from engine import checkpoint as ckpt
-    from engine.zero3 import build_model, builds_partitioned, load_partitioned
+    from engine.distributed.zero3 import build_model, builds_partitioned, load_partitioned
     from models.checkpoint import convert_hf_state_dict, from_pretrained, read_config, read_weights
     from models.t5 import T5ForConditionalGeneration
 

@@ -10,7 +10,7 @@ partitions, not the model's tensors: a partition holds slices of many parameters
 split across ranks. Adafactor's factored second moment (row and column means of g^2), its
 parameter-scale RMS and its update-clipping RMS, and AdamW's parameter-RMS scaling are statistics of the
 WHOLE parameter, so the engine tells the optimizer what each partition holds (`set_partition_layout`,
-filled from DeepSpeed's own bookkeeping in engine/engines.py). Each rank then computes its slices'
+filled from DeepSpeed's own bookkeeping in engine/distributed/partitions.py). Each rank then computes its slices'
 partial sums (sum of p^2, sum of u^2, row and column sums of g^2 — a flat slice of a row-major matrix
 is some whole rows plus partial rows at its ends), one all-reduce per statistic pass sums them over the
 ranks (a flat buffer for all parameters of the partition, so a step costs two collectives for Adafactor

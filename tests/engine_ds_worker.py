@@ -70,7 +70,7 @@ def check_partitioned_build(run_root: str, precision: str) -> dict:
     import torch
 
     from engine.build import build_model_config, seed_everything
-    from engine.zero3 import build_model
+    from engine.distributed.zero3 import build_model
     from models.t5 import T5ForConditionalGeneration
 
     cfg = load_run_config(COMMON + ["--run.dir", f"{run_root}/init", "--run.engine", "deepspeed",
@@ -145,7 +145,7 @@ def main(argv):
 
             from test_engine_zero_optim import check_partitions
 
-            from engine.engines import start_process_group
+            from engine.distributed.process_group import start_process_group
 
             start_process_group(torch.device("cpu"))  # the group the trainers reuse
             results[run] = check_partitions()

@@ -109,7 +109,7 @@ def test_engine_provider_runs_the_presets_ready_config_through_deepspeed(cpu_run
     row = next(line for line in md.splitlines() if line.startswith("| tiny | t5forge |"))
     assert row.split(" | ")[5] == " / ".join(f"{r['phase_s'][k] * 1e3:.0f}" for k in ("forward", "backward", "optimizer"))
     assert "- tiny: engine/configs/tiny.toml; micro_batch_size 2" in md
-    # The one-rank world leaves no launcher variables behind (engine.engines.launched_distributed reads them).
+    # The one-rank world leaves no launcher variables behind (engine.distributed.process_group.launched_distributed reads them).
     assert {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")} == \
         {k: env_before.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.config import RunConfig, load_run_config, preset_config_path
-from engine.deepspeed_config import deepspeed_config
+from engine.distributed.deepspeed_config import deepspeed_config
 from engine.optim import Adafactor, AdamWScale
 from engine.schedules import lr_at
 

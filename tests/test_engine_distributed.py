@@ -38,7 +38,7 @@ def test_process_group_is_destroyed_before_interpreter_exit():
     script = (
         "import atexit, os, sys, torch, torch.distributed as dist\n"
         "atexit.register(lambda: print('group at exit:', dist.is_initialized(), flush=True))\n"
-        "from engine.engines import start_process_group\n"
+        "from engine.distributed.process_group import start_process_group\n"
         "start_process_group(torch.device('cpu'))\n"
         "print('group after start:', dist.is_initialized(), dist.get_world_size(), flush=True)\n"
     )

@@ -111,7 +111,7 @@ def _common_losses(run_dir, engine, precision, zero="0"):
 @pytest.mark.parametrize("zero", ["0", "1", "2", "3"])
 def test_deepspeed_fp16_trains_like_fp32(tmp_path, zero):
     """fp16 weights with the loss scale give fp32's loss curve to fp16 rounding. Guards the two DeepSpeed
-    0.19 ZeRO-0 workarounds in engine/engines.py (without either, step 3 is off by > 0.02)."""
+    0.19 ZeRO-0 workarounds in engine/distributed/zero_engine.py (without either, step 3 is off by > 0.02)."""
     reference = _common_losses(tmp_path / "fp32", "local", "fp32")
     losses = _common_losses(tmp_path / "fp16", "deepspeed", "fp16", zero)
     assert losses == pytest.approx(reference, abs=2e-3), (losses, reference)

@@ -10,7 +10,7 @@
      NaN is in the other rank's slice is skipped on both ranks;
   2. end to end, ZeRO 2 and 3 training with Adafactor (T5's settings) and with AdamW-scaled gives the
      same per-step losses as the single-rank run with the same global batch. Without the partition
-     layouts (engine/engines.py) the losses differ by ~4e-2 from step 2 on.
+     layouts (engine/distributed/partitions.py) the losses differ by ~4e-2 from step 2 on.
 """
 import json
 import pathlib

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from engine.config import RunConfig
-from engine.deepspeed_config import deepspeed_config
+from engine.distributed.deepspeed_config import deepspeed_config
 
 
 def builds_partitioned(cfg: RunConfig, kind: str) -> bool:
@@ -46,7 +46,7 @@ def model_init_context(cfg: RunConfig, kind: str, device: torch.device):
     import deepspeed
     import torch.distributed as dist
 
-    from engine.engines import init_distributed
+    from engine.distributed.process_group import init_distributed
 
     init_distributed(device)
     ds_config = deepspeed_config(cfg, dist.get_world_size())

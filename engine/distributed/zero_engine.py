@@ -1,0 +1,139 @@
+"""The DeepSpeed engine: `deepspeed.initialize` around our model and optimizer, behind the `Engine`
+protocol of engine/engines.py, with the fixes DeepSpeed 0.19 needs (fp16 loss scaling at ZeRO 0, its
+initial fp16 step, ZeRO-3 leaf modules)."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import torch
+
+from engine.config import RunConfig
+from engine.distributed.deepspeed_config import autocast_dtype, deepspeed_config
+from engine.distributed.partitions import whole_tensor_names, zero_partition_layouts
+from engine.distributed.process_group import init_distributed
+from engine.engines import StepInfo, autocast, set_lr
+
+
+class ZeroEngine:
+    """deepspeed.initialize around the model and our optimizer (ZeRO 0-3); gloo on the CPU, NCCL on GPUs.
+
+    `ds` is DeepSpeed's own engine; everything else is the `Engine` protocol of engine/engines.py."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig,
+                 device: torch.device):
+        import deepspeed
+        import torch.distributed as dist
+
+        self._dist = dist
+        init_distributed(device)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        self.base_optimizer = optimizer
+        self.amp_dtype = autocast_dtype(cfg)
+        ds_config = deepspeed_config(cfg, self.world_size)
+        if cfg.deepspeed.zero_stage == 3:
+            _prepare_zero3(model)
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.module = self.ds.module
+        if cfg.deepspeed.zero_stage > 0 and hasattr(optimizer, "set_partition_layout"):
+            names = {id(p): n for n, p in self.module.named_parameters()}
+            for flat, layout in zero_partition_layouts(self.ds.optimizer, names):
+                optimizer.set_partition_layout(flat, layout)
+        elif hasattr(optimizer, "name_whole_tensors"):
+            optimizer.name_whole_tensors(whole_tensor_names(self.ds.optimizer, self.module))
+        self._fp16 = cfg.deepspeed.precision == "fp16"
+        self._bf16_ds = "bf16" in ds_config
+        # DeepSpeed 0.19's engine.backward applies the fp16 loss scale for ZeRO optimizers only, while
+        # ZeRO 0's FP16_(Unfused)Optimizer still divides the gradients by it in step(): without scaling
+        # here its gradients would be 1/65536 of the true ones (tests/test_engine_fp16.py checks this).
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        self._scale_loss_here = self._fp16 and not isinstance(self.ds.optimizer, ZeROOptimizer)
+        if self._scale_loss_here:
+            _undo_fp16_init_step(self.ds.optimizer, optimizer)
+
+    @property
+    def loss_scale(self) -> float | None:
+        return float(self.ds.optimizer.loss_scale) if self._fp16 else None
+
+    def forward(self, batch: dict):
+        with autocast(self.device, self.amp_dtype):
+            return self.ds(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self._scale_loss_here:
+            loss = loss * self.ds.optimizer.loss_scale
+        self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+
+    def micro_step(self, boundary: bool, lr: float) -> StepInfo | None:
+        if boundary != self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("trainer and DeepSpeed disagree on the gradient-accumulation boundary")
+        if boundary:
+            set_lr(self.base_optimizer, lr)
+        # ZeRO 3 calls the optimizer once per sub-group: count skips over the whole step, not the last call.
+        skipped_before = getattr(self.base_optimizer, "skipped_steps", 0)
+        self.ds.step()
+        if not boundary:
+            return None
+        applied = self.ds.was_step_applied() and getattr(self.base_optimizer, "skipped_steps", 0) == skipped_before
+        norm = self.ds.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            norm = float(norm)
+        return StepInfo(applied=applied, grad_norm=None if norm is None or norm < 0 else norm)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        self._dist.barrier()
+
+    def save(self, ckpt_root: pathlib.Path, tag: str) -> None:
+        # save_latest=False: our `latest` pointer is written only after the directory is complete.
+        self.ds.save_checkpoint(str(ckpt_root), tag=tag, client_state={}, save_latest=False)
+
+    def load(self, ckpt_root: pathlib.Path, tag: str) -> None:
+        path, _ = self.ds.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{ckpt_root / tag}: DeepSpeed found no checkpoint to load "
+                                    "(a local-engine checkpoint? set run.engine = local)")
+
+    def close(self) -> None:
+        if self._dist.is_initialized():
+            self._dist.barrier()
+
+
+def _undo_fp16_init_step(fp16_optimizer, base: torch.optim.Optimizer) -> None:
+    """DeepSpeed 0.19's FP16_UnfusedOptimizer (fp16 at ZeRO 0) steps the base optimizer once on zero
+    gradients to create its state, so Adam / Adafactor would count a step that never happened (bias
+    correction, decay schedule) and weight decay would already have moved the fp32 masters. Drop that
+    state and copy the masters back from the fp16 weights they were made from."""
+    base.state.clear()
+    with torch.no_grad():
+        for masters, halves in zip(getattr(fp16_optimizer, "fp32_groups", []), getattr(fp16_optimizer, "fp16_groups", [])):
+            for master, half in zip(masters, halves):
+                master.copy_(half)
+
+
+def _prepare_zero3(model: torch.nn.Module) -> None:
+    """Tell ZeRO-3 where T5 uses weights outside the owning module's forward, so they are gathered.
+
+    The FFN and attention modules read their weights directly (the fused / Triton kernels take weight
+    tensors, not Linear calls): make them ZeRO-3 leaf modules, gathered whole on entry. The relative
+    bias tables (owned by block 0, used by the model to build the bias once per stack) and a tied
+    embedding used as the head are external parameters of the top-level model.
+    """
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from models.zero3_layout import external_parameters, leaf_modules  # named by the model package
+
+    leaf_types = leaf_modules(model)
+    if leaf_types:
+        set_z3_leaf_modules(model, leaf_types)
+    for param in external_parameters(model):
+        deepspeed.zero.register_external_parameter(model, param)
