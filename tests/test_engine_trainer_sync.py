@@ -3,7 +3,6 @@ batch.grad_accum (losses accumulate on the device and cross once per step, with 
 import sys
 import pathlib
 
-import torch
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
