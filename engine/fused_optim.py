@@ -4,7 +4,8 @@ engine/optim.py's implementations (the reference, kept for tests and for ZeRO pa
 aten operations per tensor and step: on a GPU each is microseconds of host time, a few hundred
 milliseconds a step at T5-base sizes (benchmarks/op_counts.py). Here the whole tensors (local engine,
 DeepSpeed ZeRO 0) are stacked by (param group, shape, device) into fp32 buckets of shape (B, *shape),
-built once: every step copies the gradients and the weights in with one multi-tensor copy each, does
+built once: every step gathers the gradients (one concatenation per bucket) and copies the weights in (one
+multi-tensor copy), does
 the math once per bucket (rows / columns of g^2, per-parameter RMS and clipping along the bucket's
 first dim, per-parameter scalars as (B, 1) tensors where the parameters' clocks differ), and copies the
 weights back with one more. The optimizer state of every parameter is a view of its bucket's buffer
@@ -15,7 +16,8 @@ the bucket's view (after `load_state_dict`, a `state.clear()`) is copied back in
 The same update as the reference to fp32 rounding (only some reductions run in another order); the
 same skip on a non-finite gradient, frozen parameters and per-parameter clocks. Flat ZeRO partitions
 (`set_partition_layout`) go through the reference's per-slice path, in the same step and skip decision.
-Costs 8 bytes per parameter for the gradient and weight buffers.
+Costs 4 bytes per parameter for the fp32 weight buffers, and a temporary fp32 copy of the gradients
+during the step (when the activations are gone).
 """
 from __future__ import annotations
 
@@ -35,9 +37,9 @@ class _Bucket:
         self.params = params
         self.shape = shape
         self.numel = math.prod(shape)
-        self.grads = torch.zeros((len(params),) + shape, dtype=_F32, device=device)
-        self.values = torch.zeros_like(self.grads)
-        self.grad_views = list(self.grads.unbind(0))
+        self.device = device
+        self.grads: torch.Tensor | None = None  # this step's gradients, (B, *shape) fp32; dropped after it
+        self.values = torch.zeros((len(params),) + shape, dtype=_F32, device=device)
         self.value_views = list(self.values.unbind(0))
         self.buffers: dict = {}  # state key -> (B, *per-parameter shape) buffer
         self.views: dict = {}  # state key -> the buffer's per-parameter views
@@ -45,12 +47,20 @@ class _Bucket:
 
     def buffer(self, key: str, shape: tuple) -> torch.Tensor:
         if key not in self.buffers:
-            self.buffers[key] = torch.zeros((len(self.params),) + tuple(shape), dtype=_F32, device=self.grads.device)
+            self.buffers[key] = torch.zeros((len(self.params),) + tuple(shape), dtype=_F32, device=self.device)
             self.views[key] = list(self.buffers[key].unbind(0))
         return self.buffers[key]
 
     def flat(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(len(self.params), -1)
+
+
+def _flat_grad(t: torch.Tensor) -> torch.Tensor:
+    g = t.grad
+    if g.device != t.device or g.shape != t.shape:
+        raise ValueError(f"engine/fused_optim.py: a gradient of shape {tuple(g.shape)} on {g.device} for a "
+                         f"parameter of shape {tuple(t.shape)} on {t.device}")
+    return g.view(-1) if g.is_contiguous() else g.reshape(-1)
 
 
 def _per_param(values: list, device: torch.device, ndim: int = 1):
@@ -102,20 +112,23 @@ class _Fused:
         return [t.grad is not None and not self._is_frozen_whole(t) for t in bucket.params]
 
     def _load_in(self, buckets: list) -> list:
-        """Copy the active tensors' gradients and weights into their buckets (two multi-tensor copies);
-        inactive slots' gradients read as zeros. Returns (group, bucket, mask) for buckets with work."""
+        """Gather the active tensors' gradients (one concatenation per bucket, a temporary: the step runs
+        when the activations are gone) and weights (one multi-tensor copy into the buckets); inactive
+        slots' gradients read as zeros. Returns (group, bucket, mask) for buckets with work."""
         work, dst, src = [], [], []
         for group, bucket in buckets:
             mask = self._active_mask(bucket)
             if not any(mask):
                 continue
             work.append((group, bucket, mask))
+            flat = [_flat_grad(t) if on else torch.zeros(bucket.numel, dtype=_F32, device=bucket.device)
+                    for t, on in zip(bucket.params, mask)]
+            grads = torch.cat(flat) if len(flat) > 1 else flat[0].clone()
+            bucket.grads = (grads if grads.dtype == _F32 else grads.float()).view(bucket.values.shape)
             for b, (t, on) in enumerate(zip(bucket.params, mask)):
                 if on:
-                    dst += [bucket.grad_views[b], bucket.value_views[b]]
-                    src += [t.grad, t]
-                else:
-                    bucket.grad_views[b].zero_()
+                    dst.append(bucket.value_views[b])
+                    src.append(t)
         if dst:
             torch._foreach_copy_(dst, src)
         return work
@@ -179,6 +192,8 @@ class _Fused:
         prepared = [self._prepare(group, bucket) for group, bucket, _ in work]
         heads = [s[0] for s in stats] + [p["total"] for p in prepared]
         if self._decide_skip(heads):
+            for _, bucket, _ in work:
+                bucket.grads = None
             return loss
         if units:
             self._step_units(units, stats)
@@ -187,6 +202,8 @@ class _Fused:
             self._apply_bucket(group, bucket, steps, prep)
             self._commit_state(bucket, steps)
         self._write_back(work)
+        for _, bucket, _ in work:
+            bucket.grads = None
         return loss
 
 
@@ -226,7 +243,7 @@ class FusedAdafactor(_Fused, Adafactor):
         return prep
 
     def _apply_bucket(self, group, bucket: _Bucket, steps: list, prep: dict) -> None:
-        n, device = len(bucket.params), bucket.grads.device
+        n, device = len(bucket.params), bucket.device
         beta2 = [1.0 if s is None else 1.0 - s ** (-group["decay_rate"]) for s in steps]
         keep, fresh = _per_param(beta2, device), _per_param([1.0 - b for b in beta2], device)
         g = bucket.flat(bucket.grads)
@@ -268,7 +285,7 @@ class FusedAdamWScale(_Fused, AdamWScale):
         return prep
 
     def _apply_bucket(self, group, bucket: _Bucket, steps: list, prep: dict) -> None:
-        device = bucket.grads.device
+        device = bucket.device
         beta1, beta2 = group["betas"]
         on = [s is not None for s in steps]  # inactive slots keep their moments: keep 1, fresh 0
         keep1, fresh1 = _per_param([beta1 if a else 1.0 for a in on], device), _per_param(
