@@ -4,11 +4,10 @@ engine/optim.py's implementations (the reference, kept for tests and for ZeRO pa
 aten operations per tensor and step: on a GPU each is microseconds of host time, a few hundred
 milliseconds a step at T5-base sizes (benchmarks/op_counts.py). Here the whole tensors (local engine,
 DeepSpeed ZeRO 0) are stacked by (param group, shape, device) into fp32 buckets of shape (B, *shape),
-built once: every step gathers the gradients (one concatenation per bucket) and copies the weights in (one
-multi-tensor copy), does
-the math once per bucket (rows / columns of g^2, per-parameter RMS and clipping along the bucket's
-first dim, per-parameter scalars as (B, 1) tensors where the parameters' clocks differ), and copies the
-weights back with one more. The optimizer state of every parameter is a view of its bucket's buffer
+built once: every step gathers the gradients (one concatenation per bucket) and copies the weights in
+(one multi-tensor copy), does the math once per bucket (rows / columns of g^2, per-parameter RMS and
+clipping along the bucket's first dim, per-parameter scalars as (B, 1) tensors where the parameters'
+clocks differ), and copies the weights back with one more. The optimizer state of every parameter is a view of its bucket's buffer
 under the reference's keys and shapes (`exp_avg_sq_row`, `exp_avg_sq_col`, `exp_avg_sq`, `exp_avg`,
 an int `step`), so `state_dict()` and checkpoints read and load the same either way; state that is not
 the bucket's view (after `load_state_dict`, a `state.clear()`) is copied back in at the next step.
