@@ -450,11 +450,18 @@ class AdamWScale(_PartitionAware):
                     p.copy_(p32)
 
 
-def build_optimizer(params, cfg: OptimSection) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: OptimSection, fused: bool = True) -> torch.optim.Optimizer:
+    """The configured optimizer; `fused` (default): engine/fused_optim.py's bucketed step, the same
+    update as the classes here (the reference) with a few hundred aten operations per step instead of
+    ~150 per tensor."""
+    if fused:
+        from engine.fused_optim import FusedAdafactor as adafactor, FusedAdamWScale as adamw
+    else:
+        adafactor, adamw = Adafactor, AdamWScale
     if cfg.name == "adafactor":
-        return Adafactor(params, lr=cfg.lr, decay_rate=cfg.decay_rate, clip_threshold=cfg.clip_threshold,
+        return adafactor(params, lr=cfg.lr, decay_rate=cfg.decay_rate, clip_threshold=cfg.clip_threshold,
                          weight_decay=cfg.weight_decay, factored=cfg.factored)
     if cfg.name == "adamw":
-        return AdamWScale(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                          scale_by_param_rms=cfg.scale_by_param_rms)
+        return adamw(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                     scale_by_param_rms=cfg.scale_by_param_rms)
     raise ValueError(f"config key 'optim.name': unknown optimizer {cfg.name!r}")

@@ -60,6 +60,12 @@ def _stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """total + value as a float64 0-d tensor on value's device (no host copy)."""
+    value = value.detach().double()
+    return value.clone() if total is None else total.add_(value)
+
+
 def count_tokens(batch: dict) -> int:
     """Tokens a step processes, input + target positions including padding (what the FLOPs count)."""
     return int(batch["input_ids"].numel() + batch["labels"].numel())
@@ -219,8 +225,9 @@ class Trainer:
         """One optimizer step over batch.grad_accum micro-batches; returns the step's global metrics."""
         accum = self.cfg.batch.grad_accum
         lr = lr_at(self.step + 1, self.cfg.optim.lr, self.cfg.schedule, self.cfg.run.max_steps)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        z_sum = torch.zeros((), dtype=torch.float64)
+        # The losses add up where they are computed (float64, as before on the host): no device sync per
+        # micro-batch; they cross to the host once per step, with the all-reduce below.
+        loss_sum = z_sum = None
         tokens = 0
         info = None
         for micro in range(accum):
@@ -229,21 +236,23 @@ class Trainer:
             loss = out.loss
             if self.cfg.optim.z_loss > 0:
                 z = z_loss(out.logits, batch["labels"])
-                z_sum += z.detach().double().cpu()
+                z_sum = _accumulate(z_sum, z)
                 loss = loss + self.cfg.optim.z_loss * z
             # A non-finite loss still runs backward: its gradients are non-finite on every rank after
             # the reduction, so DeepSpeed's overflow check / our optimizers skip the update everywhere
             # and every rank takes part in the same collectives.
             self.engine.backward(loss)
-            loss_sum += out.loss.detach().double().cpu()
+            loss_sum = _accumulate(loss_sum, out.loss)
             tokens += count_tokens(batch)
             info = self.engine.micro_step(micro == accum - 1, lr)
         # One all-reduce per step: losses, tokens and the stop request travel together. Only the reduced
         # flag decides the stop, so every rank stops after the same step even when a signal lands between
         # this reduction and the end of the step on one rank only (it is then carried by the next step's).
         stop = 1.0 if self._stop_signal is not None else 0.0
-        packed = torch.tensor([loss_sum.item(), z_sum.item(), float(tokens), stop], dtype=torch.float64)
-        packed = self.engine.all_reduce_sum(packed.to(self._reduce_device())).cpu()
+        where = self._reduce_device()
+        losses = torch.stack([loss_sum, loss_sum.new_zeros(()) if z_sum is None else z_sum.to(loss_sum.device)])
+        packed = torch.cat([losses.to(where), torch.tensor([float(tokens), stop], dtype=torch.float64, device=where)])
+        packed = self.engine.all_reduce_sum(packed).cpu()
         world = self.engine.world_size
         self.step += 1
         loss = packed[0].item() / (accum * world)

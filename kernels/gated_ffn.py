@@ -17,7 +17,8 @@ Triton path:
   * True: nothing but x is saved; backward re-runs the up GEMM with the gradient epilogue (one extra
     2*d_ff-wide GEMM, ~22% more FFN FLOPs) -- the [tokens, 2*d_ff] intermediate never reaches memory.
   Eager PyTorch saves x, h, gelu(a) and g: tokens x (d_model + 4 d_ff) elements vs d_model + 2 d_ff here.
-- The down projection, dx, dwi and dwo are cuBLAS GEMMs (torch.matmul) inside the same autograd.Function.
+- The down projection, dx, dwi and dwo are cuBLAS GEMMs (torch.matmul) inside the same custom op (torch.library,
+  with fake implementations and registered autograd, so torch.compile traces the block as one node).
 - `gelu_tanh_gate(h)`: the gate alone as a fused elementwise kernel (forward and backward, GELU recomputed
   in backward), for callers that keep their own GEMMs.
 All math in fp32 (accumulators, activations); results rounded once to the input dtype.
@@ -283,63 +284,132 @@ def _up_backward(x, wi, h, dg, gated, act_gelu, need_g):
     return _ffn_up(x, wi, gated, act_gelu, dg=dg, store_g=need_g)
 
 
-# ------------------------------------------------------------------------------------------- autograd
-class _GateFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h2, gated, act_gelu):
-        ctx.save_for_backward(h2)
-        ctx.flags = (gated, act_gelu)
-        return _gate_fwd(h2, gated, act_gelu)
-
-    @staticmethod
-    def backward(ctx, dg):
-        (h2,) = ctx.saved_tensors
-        dh, _ = _gate_bwd(h2, dg.contiguous(), *ctx.flags, store_g=False)
-        return dh, None, None
+# ------------------------------------------------------------------------------------ custom ops + autograd
+# torch.library custom ops with fake implementations and registered autograd: torch.compile traces them as
+# single graph nodes. A tensor backward does not need travels as an empty (0,) placeholder (a custom op
+# returns tensors only); plain ReLU without recompute saves g as h (see _up_forward).
+def _relu_saves_g(gated: bool, act_gelu: bool, recompute: bool) -> bool:
+    return not gated and not act_gelu and not recompute
 
 
-class _FFNUpFunction(torch.autograd.Function):
-    """x -> g = act(x wi_0^T) * (x wi_1^T); used when dropout sits between g and wo."""
-
-    @staticmethod
-    def forward(ctx, x2, wi, gated, act_gelu, recompute):
-        g, h = _up_forward(x2, wi, gated, act_gelu, recompute)
-        ctx.save_for_backward(x2, wi, h)
-        ctx.flags = (gated, act_gelu)
-        return g
-
-    @staticmethod
-    def backward(ctx, dg):
-        x2, wi, h = ctx.saved_tensors
-        dh, _ = _up_backward(x2, wi, h, dg.contiguous(), *ctx.flags, need_g=False)
-        return _input_grads(ctx, dh, x2, wi) + (None, None, None)
+def _fake_h(x2, wi, recompute):
+    # h is (tokens, wi rows) whenever it is kept: [a | b], the pre-activation, or (ReLU) g of that width.
+    return x2.new_empty(0) if recompute else x2.new_empty((x2.shape[0], wi.shape[0]))
 
 
-class _FFNFunction(torch.autograd.Function):
-    """The whole block x -> y; g is not saved (rebuilt in backward), so only x (and h) stay alive."""
-
-    @staticmethod
-    def forward(ctx, x2, wi, wo, gated, act_gelu, recompute):
-        g, h = _up_forward(x2, wi, gated, act_gelu, recompute)
-        y = torch.matmul(g.to(wo.dtype), wo.t())
-        ctx.save_for_backward(x2, wi, wo, h)
-        ctx.flags = (gated, act_gelu)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, wi, wo, h = ctx.saved_tensors
-        dg = torch.matmul(dy, wo).to(x2.dtype)
-        dh, g = _up_backward(x2, wi, h, dg, *ctx.flags, need_g=ctx.needs_input_grad[2])
-        dwo = torch.matmul(dy.t(), g.to(dy.dtype)) if ctx.needs_input_grad[2] else None
-        dx, dwi = _input_grads(ctx, dh, x2, wi)
-        return dx, dwi, dwo, None, None, None
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
 
 
-def _input_grads(ctx, dh, x2, wi):
-    dx = torch.matmul(dh, wi) if ctx.needs_input_grad[0] else None
-    dwi = torch.matmul(dh.t(), x2) if ctx.needs_input_grad[1] else None
-    return dx, dwi
+@torch.library.custom_op("t5forge::gelu_tanh_gate", mutates_args=())
+def _gate_op(h2: torch.Tensor) -> torch.Tensor:
+    return _gate_fwd(h2, True, True)
+
+
+@_gate_op.register_fake
+def _(h2):
+    return h2.new_empty((h2.shape[0], h2.shape[1] // 2))
+
+
+@torch.library.custom_op("t5forge::gelu_tanh_gate_backward", mutates_args=())
+def _gate_bwd_op(h2: torch.Tensor, dg: torch.Tensor) -> torch.Tensor:
+    return _gate_bwd(h2, dg.contiguous(), True, True, store_g=False)[0]
+
+
+@_gate_bwd_op.register_fake
+def _(h2, dg):
+    return torch.empty_like(h2)
+
+
+@torch.library.custom_op("t5forge::ffn_up", mutates_args=())
+def _ffn_up_op(x2: torch.Tensor, wi: torch.Tensor, gated: bool, act_gelu: bool,
+               recompute: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (g = act(x wi_0^T) * (x wi_1^T), h or a placeholder); used when dropout sits between g and wo."""
+    g, h = _up_forward(x2, wi, gated, act_gelu, recompute)
+    return g, _or_empty(None if h is g else h, x2)
+
+
+@_ffn_up_op.register_fake
+def _(x2, wi, gated, act_gelu, recompute):
+    g = x2.new_empty((x2.shape[0], wi.shape[0] // 2 if gated else wi.shape[0]))
+    return g, (x2.new_empty(0) if _relu_saves_g(gated, act_gelu, recompute) else _fake_h(x2, wi, recompute))
+
+
+@torch.library.custom_op("t5forge::ffn", mutates_args=())
+def _ffn_op(x2: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, gated: bool, act_gelu: bool,
+            recompute: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole block x -> (y, h or a placeholder); g is not kept (rebuilt in backward)."""
+    g, h = _up_forward(x2, wi, gated, act_gelu, recompute)
+    return torch.matmul(g.to(wo.dtype), wo.t()), _or_empty(h, x2)
+
+
+@_ffn_op.register_fake
+def _(x2, wi, wo, gated, act_gelu, recompute):
+    return x2.new_empty((x2.shape[0], wo.shape[0]), dtype=wo.dtype), _fake_h(x2, wi, recompute)
+
+
+@torch.library.custom_op("t5forge::ffn_backward", mutates_args=())
+def _ffn_bwd_op(dy: torch.Tensor, x2: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor | None, h: torch.Tensor | None,
+                gated: bool, act_gelu: bool, need_dx: bool, need_dwi: bool,
+                need_dwo: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dwi, dwo), placeholders where not needed. wo None: dy is the gradient of g (ffn_up)."""
+    dg = torch.matmul(dy, wo).to(x2.dtype) if wo is not None else dy.contiguous()
+    dh, g = _up_backward(x2, wi, h, dg, gated, act_gelu, need_g=need_dwo)
+    dwo = torch.matmul(dy.t(), g.to(dy.dtype)) if need_dwo else None
+    dx = torch.matmul(dh, wi) if need_dx else None
+    dwi = torch.matmul(dh.t(), x2) if need_dwi else None
+    return _or_empty(dx, x2), _or_empty(dwi, x2), _or_empty(dwo, dy)
+
+
+@_ffn_bwd_op.register_fake
+def _(dy, x2, wi, wo, h, gated, act_gelu, need_dx, need_dwi, need_dwo):
+    dwo = dy.new_empty((dy.shape[1], wi.shape[0] // 2 if gated else wi.shape[0])) if need_dwo else dy.new_empty(0)
+    return (x2.new_empty(x2.shape) if need_dx else x2.new_empty(0),
+            x2.new_empty(wi.shape) if need_dwi else x2.new_empty(0), dwo)
+
+
+def _setup_gate(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward_gate(ctx, dg):
+    return _gate_bwd_op(ctx.saved_tensors[0], dg)
+
+
+def _setup_up(ctx, inputs, output):
+    x2, wi, gated, act_gelu, recompute = inputs
+    g, h = output
+    ctx.mark_non_differentiable(h)
+    ctx.save_for_backward(x2, wi, g if _relu_saves_g(gated, act_gelu, recompute) else h)
+    ctx.flags = (gated, act_gelu, recompute)
+
+
+def _backward_up(ctx, dg, _dh):
+    x2, wi, h = ctx.saved_tensors
+    gated, act_gelu, recompute = ctx.flags
+    need = ctx.needs_input_grad
+    dx, dwi, _ = _ffn_bwd_op(dg, x2, wi, None, None if recompute else h, gated, act_gelu, need[0], need[1], False)
+    return (dx if need[0] else None), (dwi if need[1] else None), None, None, None
+
+
+def _setup_ffn(ctx, inputs, output):
+    x2, wi, wo, gated, act_gelu, recompute = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x2, wi, wo, output[1])
+    ctx.flags = (gated, act_gelu, recompute)
+
+
+def _backward_ffn(ctx, dy, _dh):
+    x2, wi, wo, h = ctx.saved_tensors
+    gated, act_gelu, recompute = ctx.flags
+    need = ctx.needs_input_grad
+    dx, dwi, dwo = _ffn_bwd_op(dy, x2, wi, wo, None if recompute else h, gated, act_gelu, *need[:3])
+    return (dx if need[0] else None), (dwi if need[1] else None), (dwo if need[2] else None), None, None, None
+
+
+_gate_op.register_autograd(_backward_gate, setup_context=_setup_gate)
+_ffn_up_op.register_autograd(_backward_up, setup_context=_setup_up)
+_ffn_op.register_autograd(_backward_ffn, setup_context=_setup_ffn)
 
 
 # -------------------------------------------------------------------------------------------- public
@@ -359,7 +429,7 @@ def gelu_tanh_gate(h: torch.Tensor) -> torch.Tensor:
     h2 = h.reshape(-1, h.shape[-1])
     if h2.numel() and h2.stride(-1) != 1:
         h2 = h2.contiguous()
-    return _GateFunction.apply(h2, True, True).view(*h.shape[:-1], h.shape[-1] // 2)
+    return _gate_op(h2).view(*h.shape[:-1], h.shape[-1] // 2)
 
 
 def ffn(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, *, gated: bool, activation: str = "gelu_tanh",
@@ -389,10 +459,10 @@ def ffn(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, *, gated: bool, act
     wi, wo = wi.contiguous(), wo.contiguous()
     if dropout_p > 0.0 and training:
         # Same RNG call on the same (tokens, d_ff) shape as ffn_ref, so a shared seed gives the same mask.
-        g = _FFNUpFunction.apply(x2, wi, gated, act_gelu, recompute)
+        g = _ffn_up_op(x2, wi, gated, act_gelu, recompute)[0]
         y = F.linear(F.dropout(g, p=dropout_p, training=True).to(wo.dtype), wo)
     else:
-        y = _FFNFunction.apply(x2, wi, wo, gated, act_gelu, recompute)
+        y = _ffn_op(x2, wi, wo, gated, act_gelu, recompute)[0]
     return y.view(*x.shape[:-1], wo.shape[0])
 
 

@@ -168,57 +168,107 @@ def _num_bwd_programs(device: torch.device, row_blocks: int) -> int:
     return num_programs_persistent(device, row_blocks, per_sm=4)
 
 
-# ------------------------------------------------------------------------------------------- autograd
-class _RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, _, rstd = _rms_norm_fwd(x, weight, None, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = _rms_norm_bwd(dy, x, weight, rstd, None, x.dtype)
-        return dx, (dw if ctx.needs_input_grad[1] else None), None
+# ------------------------------------------------------------------------------------ custom ops + autograd
+# Registered PyTorch custom ops (torch.library) with fake implementations and registered autograd, so that
+# torch.compile / torch._dynamo trace a model through them as single graph nodes (no graph break) and
+# CUDA graphs capture them: the launchers allocate their outputs and cache nothing.
+def _rows(x: torch.Tensor) -> int:
+    n = 1
+    for d in x.shape[:-1]:
+        n = n * d
+    return n
 
 
-class _AddRMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        y, s, rstd = _rms_norm_fwd(x, weight, residual, eps)
-        # s is what the next layer adds to anyway: saving it costs nothing extra over x and residual.
-        ctx.save_for_backward(s, weight, rstd)
-        ctx.set_materialize_grads(False)  # an unused output should not cost a zero-filled gradient
-        ctx.dtypes = (x.dtype, residual.dtype)
-        return y, s
+@torch.library.custom_op("t5forge::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): rstd (rows,) fp32 is what backward needs besides x and weight."""
+    y, _, rstd = _rms_norm_fwd(x, weight, None, eps)
+    return y, rstd
 
-    @staticmethod
-    def backward(ctx, dy, ds):
-        s, weight, rstd = ctx.saved_tensors
-        if dy is None and ds is None:
-            return None, None, None, None
-        if dy is None:
-            d_s, dw = ds, None
-        else:
-            d_s, dw = _rms_norm_bwd(dy, s, weight, rstd, ds, s.dtype)
-        # s = x + residual: both inputs receive d_s (AddBackward hands out one tensor twice as well).
-        dx_dtype, dr_dtype = ctx.dtypes
-        return (d_s.to(dx_dtype), d_s.to(dr_dtype), dw if ctx.needs_input_grad[2] else None, None)
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=weight.dtype), x.new_empty((_rows(x),), dtype=torch.float32)
+
+
+@torch.library.custom_op("t5forge::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, s, rstd) with s = x + residual."""
+    y, s, rstd = _rms_norm_fwd(x, weight, residual, eps)
+    return y, s, rstd
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    s = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+    return x.new_empty(x.shape, dtype=weight.dtype), s, x.new_empty((_rows(x),), dtype=torch.float32)
+
+
+@torch.library.custom_op("t5forge::rms_norm_backward", mutates_args=())
+def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                     ds: torch.Tensor | None, dx_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw); ds (the residual stream's own gradient) is added to dx when given."""
+    return _rms_norm_bwd(dy, x, weight, rstd, ds, dx_dtype)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd, ds, dx_dtype):
+    return x.new_empty(x.shape, dtype=dx_dtype), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rms_norm_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_bwd_op(dy, x, weight, rstd, None, x.dtype)
+    return dx, (dw if ctx.needs_input_grad[1] else None), None
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    x, residual, weight, _ = inputs
+    _, s, rstd = output
+    # s is what the next layer adds to anyway: saving it costs nothing extra over x and residual.
+    ctx.save_for_backward(s, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # an unused output should not cost a zero-filled gradient
+    ctx.dtypes = (x.dtype, residual.dtype)
+
+
+def _add_rms_norm_backward(ctx, dy, ds, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    if dy is None and ds is None:
+        return None, None, None, None
+    if dy is None:
+        d_s, dw = ds, None
+    else:
+        d_s, dw = _rms_norm_bwd_op(dy, s, weight, rstd, ds, s.dtype)
+    # s = x + residual: both inputs receive d_s (AddBackward hands out one tensor twice as well).
+    dx_dtype, dr_dtype = ctx.dtypes
+    return (d_s.to(dx_dtype), d_s.to(dr_dtype), dw if ctx.needs_input_grad[2] else None, None)
+
+
+_rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+_add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
 
 
 # -------------------------------------------------------------------------------------------- public
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Triton RMSNorm with T5 numerics; output dtype = weight dtype. Same semantics as `rms_norm_ref`."""
     _check("rms_norm", x, weight)
-    return _RMSNormFunction.apply(x, weight, float(eps))
+    return _rms_norm_op(x, weight, float(eps))[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """`s = x + residual; return rms_norm(s), s` in one pass over the residual stream."""
     _check("add_rms_norm", x, weight, residual)
-    return _AddRMSNormFunction.apply(x, residual, weight, float(eps))
+    y, s, _ = _add_rms_norm_op(x, residual, weight, float(eps))
+    return y, s
 
 
 # ------------------------------------------------------------------------------------------ references
