@@ -23,6 +23,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.config import RunConfig
+from engine.engines import Engine
 from engine.metrics import MetricsLogger, device_peak_tflops, mfu
 from engine.schedules import lr_at
 
@@ -74,7 +75,7 @@ def count_tokens(batch: dict) -> int:
 class Trainer:
     progress_label = "pretrain"  # the tqdm bar's description; subclasses name their own run
     cfg: RunConfig
-    engine: object  # engine.engines.LocalEngine | DeepSpeedEngine
+    engine: Engine  # engine/engines.py: LocalEngine, or engine/distributed/zero_engine.py: ZeroEngine
     step: int  # optimizer steps done (skipped ones included: they consumed data)
     skipped_total: int
     skipped_in_a_row: int
