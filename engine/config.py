@@ -31,6 +31,10 @@ class RunSection:
     # on (also on GPUs: PyTorch's deterministic algorithms, the attention kernel's deterministic bias
     # gradient) | off
     deterministic: str = "auto"
+    # auto: on for CUDA runs, off on the CPU (minutes of inductor start-up for a few % there) | on | off:
+    # the model's forward and backward under torch.compile (DeepSpeed: its engine's own compile hook)
+    compile: str = "auto"
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" compiles in seconds (tests)
     demo: bool = True  # fill in a few corrupted sentences at the end of the run
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up (none on CPU)
     max_nonfinite_in_a_row: int = 5  # stop the run after this many skipped steps in a row
@@ -129,6 +133,7 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.deterministic": ("auto", "on", "off"),
+    "run.compile": ("auto", "on", "off"),
     "checkpoint.on_damaged": ("fallback", "error"),
     "run.engine": ("auto", "deepspeed", "local"),
     "model.kernel_backend": ("auto", "torch", "triton"),

@@ -52,6 +52,11 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def compile_enabled(cfg: RunConfig, device: torch.device) -> bool:
+    """`run.compile`: auto = on for CUDA runs."""
+    return cfg.run.compile == "on" or (cfg.run.compile == "auto" and device.type == "cuda")
+
+
 def choose_engine(cfg: RunConfig, device: torch.device) -> str:
     if cfg.run.engine != "auto":
         return cfg.run.engine
@@ -82,6 +87,9 @@ class LocalEngine:
             raise ValueError("config key 'deepspeed.zero_stage': ZeRO needs run.engine = deepspeed")
         self.device = device
         self.module = model.to(device)
+        # The compiled module shares the parameters: saving, loading and the optimizer use self.module.
+        self._call = torch.compile(self.module, backend=cfg.run.compile_backend) \
+            if compile_enabled(cfg, device) else self.module
         self.optimizer = optimizer
         if hasattr(optimizer, "name_whole_tensors"):  # so set_frozen can find them by name
             optimizer.name_whole_tensors(self.module.named_parameters())
@@ -102,7 +110,7 @@ class LocalEngine:
 
     def forward(self, batch: dict):
         with autocast(self.device, self.amp_dtype):
-            return self.module(**batch)
+            return self._call(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:

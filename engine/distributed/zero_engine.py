@@ -12,7 +12,7 @@ from engine.config import RunConfig
 from engine.distributed.deepspeed_config import autocast_dtype, deepspeed_config
 from engine.distributed.partitions import whole_tensor_names, zero_partition_layouts
 from engine.distributed.process_group import init_distributed
-from engine.engines import StepInfo, autocast, set_lr
+from engine.engines import StepInfo, autocast, compile_enabled, set_lr
 
 
 class ZeroEngine:
@@ -38,6 +38,8 @@ class ZeroEngine:
             _prepare_zero3(model)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.ds.module
+        if compile_enabled(cfg, device):   # DeepSpeed's own hook: compiles the module inside its engine
+            self.ds.compile(backend=cfg.run.compile_backend)
         if cfg.deepspeed.zero_stage > 0 and hasattr(optimizer, "set_partition_layout"):
             names = {id(p): n for n, p in self.module.named_parameters()}
             for flat, layout in zero_partition_layouts(self.ds.optimizer, names):
