@@ -10,10 +10,11 @@ In order, the results file rewritten (atomically) after each part, so a run cut 
   2. correctness: every kernel against its reference, compiled, bf16 and fp16, ragged shapes; the model with
      the Triton backend against the torch backend (benchmarks/evidence_checks.py)
   3. kernels: RMSNorm, the gate, the FFN block and attention against their baselines at headline shapes
-  4. model_steps: one training step of t5-v1_1-base at 512/114 bf16 by every provider, then -large and -xl
-  5. pretrain: `t5forge pretrain` of t5-v1_1-base at ZeRO-2 for its share of the budget, from its metrics
-  6. t5_11b: with the time left, t5-11b on the one GPU (bf16 weights, Adafactor) for a few steps
-(parts 3-6: benchmarks/evidence_runs.py). JSON, Markdown and PNG go to benchmarks/results/<device>/
+  4. host_ops: aten operations per step phase and the optimizer step's time, fused vs reference
+  5. model_steps: one training step of t5-v1_1-base at 512/114 bf16 by every provider, then -large and -xl
+  6. pretrain: `t5forge pretrain` of t5-v1_1-base at ZeRO-2 for its share of the budget, from its metrics
+  7. t5_11b: with the time left, t5-11b on the one GPU (bf16 weights, Adafactor) for a few steps
+(parts 3-7: benchmarks/evidence_runs.py). JSON, Markdown and PNG go to benchmarks/results/<device>/
 (benchmarks/evidence_report.py); the last lines printed are the summary against every target.
 It installs nothing: what it lacks (deepspeed, transformers) is named in part 1 and the parts that need it
 say so. On a GPU the kernels run compiled: TRITON_INTERPRET set there is an error.
@@ -33,8 +34,8 @@ from benchmarks.runner import REPO, git_commit, versions
 
 DEFAULT_BUDGET_S = 480.0
 # Share of the budget each part may use; what a part leaves goes to the next ones (t5_11b takes the rest).
-SHARES = {"environment": 0.04, "correctness": 0.10, "kernels": 0.25, "model_steps": 0.25, "pretrain": 0.22,
-          "t5_11b": 0.14}
+SHARES = {"environment": 0.04, "correctness": 0.10, "kernels": 0.23, "host_ops": 0.04, "model_steps": 0.23,
+          "pretrain": 0.22, "t5_11b": 0.14}
 NEEDED = ("triton", "deepspeed", "transformers", "matplotlib", "sentencepiece")
 
 
@@ -99,6 +100,8 @@ def run_parts(args, info: devices.DeviceInfo, results: dict, json_path: pathlib.
                 part = evidence_checks.run(info.torch_device, args.smoke)
             elif name == "kernels":
                 part = evidence_runs.kernels(slot)
+            elif name == "host_ops":
+                part = evidence_runs.host_ops(slot)
             elif name == "model_steps":
                 part = evidence_runs.model_steps(slot, peak, ceiling)
             elif name == "pretrain":

@@ -11,6 +11,7 @@ ATTENTION_TARGETS = (("sdpa_bias", 2.0, "x SDPA with a materialised bias"),
 MODEL_TARGETS = (("mfu", 0.40, "MFU of the t5forge step"), ("hf-sdpa", 2.0, "x Hugging Face eager (SDPA)"),
                  ("hf-sdpa-compile", 1.3, "x Hugging Face + torch.compile"))
 RMS_NORM_TARGET = 85.0   # % of the copy bandwidth measured in the same run
+OPTIMIZER_OPS_TARGET = 2000   # aten operations of one v1_1-base optimizer step (issue 13)
 
 
 def _line(name: str, value: float | None, target: float, unit: str) -> str:
@@ -55,6 +56,13 @@ def summary(results: dict) -> list[str]:
            if r["kernel"] == "rms_norm" and r["provider"] == "ours" and r["pass"] == "forward"]
     lines.append(_line("rms_norm forward % of copy bandwidth", max((r["pct_copy_bw"] or 0 for r in rms), default=None),
                        RMS_NORM_TARGET, "%"))
+    ops = parts.get("host_ops", {})
+    if ops.get("status") == "ok":
+        ada = ops["optimizer"].get("adafactor", {})
+        fused = ada.get("fused")
+        verdict = "met" if fused is not None and fused <= OPTIMIZER_OPS_TARGET else "MISSED"
+        lines.append(f"{ops['preset']} Adafactor step: {fused} aten ops fused (target <= {OPTIMIZER_OPS_TARGET}) "
+                     f"{verdict}; reference {ada.get('reference')}; ms {ops.get('optimizer_ms', {}).get('adafactor')}")
     lines += _model_lines(parts.get("model_steps", {}).get("records", []))
     pre = parts.get("pretrain", {})
     if pre.get("status") == "ok":

@@ -77,6 +77,16 @@ def kernels(slot: Slot) -> dict:
     return {"status": "ok", **out}
 
 
+# ------------------------------------------------------------------------------------------- host ops
+def host_ops(slot: Slot) -> dict:
+    """Aten operations per step phase (benchmarks/op_counts.py) for t5-v1_1-base on this device, with the
+    optimizer step's time, fused against the reference implementation (tiny with --smoke)."""
+    from benchmarks.op_counts import count_step_ops
+
+    preset = "tiny" if slot.smoke else "t5-v1_1-base"
+    return {"status": "ok", **count_step_ops(preset, slot.device, time_repeats=slot.steps(5, least=2))}
+
+
 # ------------------------------------------------------------------------------------ training steps
 def model_steps(slot: Slot, peak: float, ceiling: float) -> dict:
     """One training step of t5-v1_1-base at 512/114 bf16 by every provider, then -large and -xl (ours)."""

@@ -11,7 +11,7 @@ import torch
 from benchmarks import devices, evidence, evidence_checks
 from procs import REPO, repo_env
 
-PARTS = ("environment", "correctness", "kernels", "model_steps", "pretrain", "t5_11b")
+PARTS = ("environment", "correctness", "kernels", "host_ops", "model_steps", "pretrain", "t5_11b")
 
 
 @pytest.mark.slow
@@ -29,6 +29,8 @@ def test_smoke_run_writes_every_part_and_the_summary(tmp_path):
                                             "model_tiny_triton_vs_torch"} and all(r["pass"] for r in checks)
     steps = {r["provider"]: r for r in data["parts"]["model_steps"]["records"]}
     assert steps["t5forge"]["status"] == steps["hf-sdpa"]["status"] == "ok"
+    ada = data["parts"]["host_ops"]["optimizer"]["adafactor"]
+    assert 0 < ada["fused"] < ada["reference"]
     assert data["parts"]["pretrain"]["steps"] == 4 and data["parts"]["pretrain"]["tokens_per_s_median"] > 0
     assert path.with_suffix(".md").read_text().startswith("# t5forge evidence run")
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
