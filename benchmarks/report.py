@@ -197,8 +197,8 @@ def _plot_kernels(results: dict, out_dir: pathlib.Path, name: str) -> list[pathl
 # Markdown
 # ----------------------------------------------------------------------------------------------------
 
-def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
-    dev, cfg = results["device"], results.get("config", {})
+def _header_lines(results: dict) -> list[str]:
+    dev = results["device"]
     ceil, peak = results.get("ceilings", {}), results.get("peak", {})
     cpu = dev["kind"] == "cpu"
     lines = [f"# t5forge benchmark: {results['suite']}{' (smoke)' if results.get('smoke') else ''}", ""]
@@ -215,6 +215,12 @@ def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
               f"measured {ceil.get('matmul_dtype', '')} matmul {ceil.get('matmul_n', '')}^3: "
               f"{_fmt(ceil.get('matmul_tflops'), '.2f')} TFLOP/s; copy {_fmt(ceil.get('copy_tbps'), '.3f')} TB/s",
               ""]
+    return lines
+
+
+def _model_lines(results: dict) -> list[str]:
+    cfg = results.get("config", {})
+    lines: list[str] = []
     recs = model_rows(results)
     if recs:
         lines += ["## Model suite: one training step (forward, backward, optimizer)", "",
@@ -254,27 +260,39 @@ def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
                 f"{_fmt(r.get('tokens_per_s'), '.4g')} | {_fmt(r.get('tflops'), '.3g')} | "
                 f"{_pct(r.get('mfu'))} | {_pct(r.get('mfu_of_ceiling'))} | "
                 f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {ratios[0]} | {ratios[1]} |")
-        planned = [r for r in recs if r.get("engine") == "deepspeed" and r.get("plan")]
-        if planned:
-            lines += ["", "Engine set-up and memory plan of each `t5forge` record (model states: DeepSpeed's "
-                      "estimators for one GPU; activations: the plan's formula):", ""]
-            for r in planned:
-                skipped = f"; {r['steps_skipped']} timed step(s) skipped (non-finite)" if r.get("steps_skipped") else ""
-                ckpt = ", activation checkpointing" if r.get("gradient_checkpointing") else ""
-                host = f"; host peak {r['host_peak_mem_mb']:.0f} MB" if r.get("host_peak_mem_mb") else ""
-                lines.append(f"- {r['preset']}: {r.get('run_config')}{ckpt}. Plan: {r['plan']}{host}{skipped}")
-        kinds = {r.get("mem_kind") for r in recs if r.get("mem_kind")}
-        lines += ["", "Peak memory: " + "; ".join(sorted(kinds)) if kinds else "", ""]
-        acts = [r for r in recs if r.get("saved_activation_mb") is not None]
-        if acts:
-            lines += ["Activation memory (bytes saved for backward in one step by `t5forge-torch`, whose bf16 "
-                      "parameters are not counted), measured vs `t5forge plan`'s formula:", "", "| preset | profile | measured MB | predicted MB | ratio |",
-                      "|---|---|---:|---:|---:|"]
-            for r in acts:
-                lines.append(f"| {r['preset']} | {r.get('activation_profile')} | {r['saved_activation_mb']:.1f} | "
-                             f"{r['predicted_activation_mb']:.1f} | "
-                             f"{r['predicted_activation_mb'] / r['saved_activation_mb']:.3f} |")
-            lines.append("")
+        lines += _model_notes(recs)
+    return lines
+
+
+def _model_notes(recs: list[dict]) -> list[str]:
+    """The engine set-up, memory kinds and activation-memory table under the model table."""
+    lines: list[str] = []
+    planned = [r for r in recs if r.get("engine") == "deepspeed" and r.get("plan")]
+    if planned:
+        lines += ["", "Engine set-up and memory plan of each `t5forge` record (model states: DeepSpeed's "
+                  "estimators for one GPU; activations: the plan's formula):", ""]
+        for r in planned:
+            skipped = f"; {r['steps_skipped']} timed step(s) skipped (non-finite)" if r.get("steps_skipped") else ""
+            ckpt = ", activation checkpointing" if r.get("gradient_checkpointing") else ""
+            host = f"; host peak {r['host_peak_mem_mb']:.0f} MB" if r.get("host_peak_mem_mb") else ""
+            lines.append(f"- {r['preset']}: {r.get('run_config')}{ckpt}. Plan: {r['plan']}{host}{skipped}")
+    kinds = {r.get("mem_kind") for r in recs if r.get("mem_kind")}
+    lines += ["", "Peak memory: " + "; ".join(sorted(kinds)) if kinds else "", ""]
+    acts = [r for r in recs if r.get("saved_activation_mb") is not None]
+    if acts:
+        lines += ["Activation memory (bytes saved for backward in one step by `t5forge-torch`, whose bf16 "
+                  "parameters are not counted), measured vs `t5forge plan`'s formula:", "", "| preset | profile | measured MB | predicted MB | ratio |",
+                  "|---|---|---:|---:|---:|"]
+        for r in acts:
+            lines.append(f"| {r['preset']} | {r.get('activation_profile')} | {r['saved_activation_mb']:.1f} | "
+                         f"{r['predicted_activation_mb']:.1f} | "
+                         f"{r['predicted_activation_mb'] / r['saved_activation_mb']:.3f} |")
+        lines.append("")
+    return lines
+
+
+def _kernel_lines(results: dict) -> list[str]:
+    lines: list[str] = []
     kern = results.get("kernels")
     if kern:
         lines += ["## Kernel suite", ""]
@@ -295,6 +313,11 @@ def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
                 lines += [f"| {s['kernel']} | {s['pass']} | {s['shape']} | {s['baseline']} | {s['speedup']:.2f}x |"
                           for s in speed]
             lines.append("")
+    return lines
+
+
+def render_markdown(results: dict, plots: list[pathlib.Path]) -> str:
+    lines = _header_lines(results) + _model_lines(results) + _kernel_lines(results)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines)
