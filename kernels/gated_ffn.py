@@ -114,10 +114,29 @@ def _prune_up_configs(configs, named_args, **_kwargs):
     return kept or configs[:1]
 
 
-@triton.autotune(configs=_up_configs(), key=["M", "N", "K", "GATED", "BACKWARD", "STORE_H", "STORE_G"],
+def m_bucket(m: int) -> int:
+    """Token counts tuned together (the autotune key): powers of two up to 2048, then multiples of 2048, so
+    a new batch shape reuses a tuned tile instead of benchmarking again."""
+    return 1 << max(0, (m - 1).bit_length()) if m <= 2048 else -(-m // 2048) * 2048
+
+
+def _launch_tuned(kernel, grid, args: dict) -> None:
+    """`kernel[grid](**args)`, except during CUDA-graph capture for a key never tuned: the autotuner's trial
+    runs would be recorded into the graph, so the first (pruned) config runs instead. Warm up before capture
+    to get the tuned tile. The key is the autotuner's own (key arguments, then every tensor's dtype)."""
+    if args["X"].is_cuda and torch.cuda.is_current_stream_capturing():
+        key = tuple(args[k] for k in kernel.keys) + tuple(str(v.dtype) for v in args.values() if hasattr(v, "dtype"))
+        if key not in kernel.cache:
+            cfg = _prune_up_configs(kernel.configs, args)[0]
+            kernel.fn[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            return
+    kernel[grid](**args)
+
+
+@triton.autotune(configs=_up_configs(), key=["M_BUCKET", "N", "K", "GATED", "BACKWARD", "STORE_H", "STORE_G"],
                  prune_configs_by={"early_config_prune": _prune_up_configs})
 @triton.jit
-def _ffn_up_kernel(X, W, G, H, DG, DH, M, N, K, stride_xm, stride_wn, stride_gm, stride_hm, stride_dgm,
+def _ffn_up_kernel(X, W, G, H, DG, DH, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_gm, stride_hm, stride_dgm,
                    stride_dhm, GATED: tl.constexpr, ACT_GELU: tl.constexpr, BACKWARD: tl.constexpr,
                    STORE_G: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    RNE_BF16: tl.constexpr,
@@ -258,12 +277,13 @@ def _ffn_up(x: torch.Tensor, wi: torch.Tensor, gated: bool, act_gelu: bool, *, s
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     # In backward the H buffer receives dh (same shape as h), so one tensor serves both roles.
-    _ffn_up_kernel[grid](
-        x, wi, g_arg, h_arg, dg_arg, h_arg, m, n, k, x.stride(0), wi.stride(0), g_arg.stride(0),
-        h_arg.stride(0), dg_arg.stride(0), h_arg.stride(0), GATED=gated, ACT_GELU=act_gelu,
+    _launch_tuned(_ffn_up_kernel, grid, dict(
+        X=x, W=wi, G=g_arg, H=h_arg, DG=dg_arg, DH=h_arg, M=m, N=n, K=k, M_BUCKET=m_bucket(m),
+        stride_xm=x.stride(0), stride_wn=wi.stride(0), stride_gm=g_arg.stride(0), stride_hm=h_arg.stride(0),
+        stride_dgm=dg_arg.stride(0), stride_dhm=h_arg.stride(0), GATED=gated, ACT_GELU=act_gelu,
         BACKWARD=backward, STORE_G=store_g, STORE_H=store_h and not backward,
         UPCAST=x.dtype == torch.bfloat16 and is_interpreter(), DOT_PRECISION=_dot_precision(x.dtype),
-        RNE_BF16=is_interpreter())
+        RNE_BF16=is_interpreter()))
     return (h, g) if backward else (g, h)
 
 

@@ -118,7 +118,7 @@ for d_model, d_ff in ((768, 2048), (4096, 10240), (1000, 2730)):  # 4096x10240 d
     ragged = d_model % 16 != 0
     for name, gated, gelu, bwd, store_g, store_h in PATHS:
         hw = 2 * d_ff if gated else d_ff
-        ints = dict(M=TOKENS, N=d_ff, K=d_model, stride_xm=d_model, stride_wn=d_model, stride_gm=d_ff,
+        ints = dict(M=TOKENS, N=d_ff, K=d_model, M_BUCKET=G.m_bucket(TOKENS), stride_xm=d_model, stride_wn=d_model, stride_gm=d_ff,
                     stride_hm=hw, stride_dgm=d_ff, stride_dhm=hw)
         main = name in ("gated_fwd+h", "gated_bwd_recompute")
         # Every config for the two bf16 training paths (the autotuner benchmarks them all); the other paths

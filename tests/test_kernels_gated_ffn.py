@@ -174,3 +174,45 @@ def test_benchmark_smoke(tmp_path):
     for r in records:
         assert set(r) >= {"kernel", "provider", "shape", "pass", "ms", "gbps", "peak_mem_mb"} and r["ms"] > 0
     assert list(tmp_path.glob("*.json"))
+
+
+
+def test_autotune_key_buckets_token_counts():
+    """The up GEMM is tuned per bucket of token counts, not per count: a new batch shape must not benchmark
+    again (inside a CUDA-graph capture least of all)."""
+    from kernels import gated_ffn as gf
+
+    assert [gf.m_bucket(m) for m in (1, 2, 3, 100, 128, 129, 2048, 2049, 5000)] == \
+        [1, 2, 4, 128, 128, 256, 2048, 4096, 6144]
+    assert "M_BUCKET" in gf._ffn_up_kernel.keys and "M" not in gf._ffn_up_kernel.keys
+
+
+def test_launch_during_capture_never_autotunes(monkeypatch):
+    """During capture an untuned key runs the first config through the plain kernel; a tuned key and any
+    launch outside capture go through the autotuner."""
+    from types import SimpleNamespace
+
+    from kernels import gated_ffn as gf
+
+    calls = []
+
+    class Launch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append((self.name, kw.get("BLOCK_M")))
+
+    cfg = SimpleNamespace(kwargs={"BLOCK_M": 64}, num_warps=4, num_stages=3)
+    fake = Launch("autotuner")
+    fake.keys, fake.cache, fake.configs, fake.fn = ["M_BUCKET"], {}, [cfg], Launch("plain")
+    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    args = {"X": x, "M_BUCKET": 128}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    gf._launch_tuned(fake, None, args)
+    fake.cache[(128, "torch.bfloat16")] = cfg       # the autotuner's key: key arguments, then tensor dtypes
+    gf._launch_tuned(fake, None, args)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fake.cache.clear()
+    gf._launch_tuned(fake, None, args)
+    assert calls == [("plain", 64), ("autotuner", None), ("autotuner", None)]
