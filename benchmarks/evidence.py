@@ -12,9 +12,10 @@ In order, the results file rewritten (atomically) after each part, so a run cut 
   3. kernels: RMSNorm, the gate, the FFN block and attention against their baselines at headline shapes
   4. host_ops: aten operations per step phase and the optimizer step's time, fused vs reference
   5. model_steps: one training step of t5-v1_1-base at 512/114 bf16 by every provider, then -large and -xl
-  6. pretrain: `t5forge pretrain` of t5-v1_1-base at ZeRO-2 for its share of the budget, from its metrics
-  7. t5_11b: with the time left, t5-11b on the one GPU (bf16 weights, Adafactor) for a few steps
-(parts 3-7: benchmarks/evidence_runs.py). JSON, Markdown and PNG go to benchmarks/results/<device>/
+  6. decode: greedy and beam-4 tokens/s, static cache eager / compiled (CUDA graphs) vs torch.cat cache vs HF
+  7. pretrain: `t5forge pretrain` of t5-v1_1-base at ZeRO-2 for its share of the budget, from its metrics
+  8. t5_11b: with the time left, t5-11b on the one GPU (bf16 weights, Adafactor) for a few steps
+(parts 3-8: benchmarks/evidence_runs.py). JSON, Markdown and PNG go to benchmarks/results/<device>/
 (benchmarks/evidence_report.py); the last lines printed are the summary against every target.
 It installs nothing: what it lacks (deepspeed, transformers) is named in part 1 and the parts that need it
 say so. On a GPU the kernels run compiled: TRITON_INTERPRET set there is an error.
@@ -34,8 +35,8 @@ from benchmarks.runner import REPO, git_commit, versions
 
 DEFAULT_BUDGET_S = 480.0
 # Share of the budget each part may use; what a part leaves goes to the next ones (t5_11b takes the rest).
-SHARES = {"environment": 0.04, "correctness": 0.10, "kernels": 0.23, "host_ops": 0.04, "model_steps": 0.23,
-          "pretrain": 0.22, "t5_11b": 0.14}
+SHARES = {"environment": 0.04, "correctness": 0.09, "kernels": 0.21, "host_ops": 0.04, "model_steps": 0.21,
+          "decode": 0.09, "pretrain": 0.19, "t5_11b": 0.13}
 NEEDED = ("triton", "deepspeed", "transformers", "matplotlib", "sentencepiece")
 
 
@@ -104,6 +105,8 @@ def run_parts(args, info: devices.DeviceInfo, results: dict, json_path: pathlib.
                 part = evidence_runs.host_ops(slot)
             elif name == "model_steps":
                 part = evidence_runs.model_steps(slot, peak, ceiling)
+            elif name == "decode":
+                part = evidence_runs.decode(slot)
             elif name == "pretrain":
                 part = evidence_runs.pretrain(slot)
             else:

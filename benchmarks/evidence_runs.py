@@ -112,6 +112,15 @@ def model_steps(slot: Slot, peak: float, ceiling: float) -> dict:
             **({"missing": f"not importable: {', '.join(lacking)} (their providers left out)"} if lacking else {})}
 
 
+# ------------------------------------------------------------------------------------------- decoding
+def decode(slot: Slot) -> dict:
+    """Greedy and beam-4 decoding tokens/s: static cache eager and compiled (CUDA graphs on a GPU), the
+    torch.cat cache and transformers (benchmarks/decode_bench.py)."""
+    from benchmarks import decode_bench
+
+    return {"status": "ok", "records": decode_bench.run(slot.device, slot.smoke, budget_s=max(5.0, slot.left()))}
+
+
 # ------------------------------------------------------------------------------------------ pretrain
 def pretrain(slot: Slot) -> dict:
     """`t5forge pretrain` of t5-v1_1-base from its ready config at ZeRO-2 on one device, as a user runs it

@@ -11,7 +11,7 @@ import torch
 from benchmarks import devices, evidence, evidence_checks
 from procs import REPO, repo_env
 
-PARTS = ("environment", "correctness", "kernels", "host_ops", "model_steps", "pretrain", "t5_11b")
+PARTS = ("environment", "correctness", "kernels", "host_ops", "model_steps", "decode", "pretrain", "t5_11b")
 
 
 @pytest.mark.slow
