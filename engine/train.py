@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from engine.config import RunConfig, load_run_config
+from engine.bad_input import PretrainTrainer, bad_input_summary
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -207,7 +208,6 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
     """Model, optimizer, engine and trainer from a run config (data may be injected, as tests do)."""
     from engine.engines import build_engine, choose_engine
     from engine.optim import build_optimizer
-    from engine.trainer import Trainer
     from engine.zero3 import build_model
     from models.t5 import T5ForConditionalGeneration
 
@@ -241,7 +241,7 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
         from engine.tokenizer import tokenizer_fingerprint
 
         extra["tokenizer"] = tokenizer_fingerprint(tokenizer_file)
-    trainer = Trainer(cfg, engine, data, flops_per_token=flops, tokenizer_file=tokenizer_file, device=device,
+    trainer = PretrainTrainer(cfg, engine, data, flops_per_token=flops, tokenizer_file=tokenizer_file, device=device,
                       extra_state=extra)
     return trainer, model_config
 
@@ -436,36 +436,6 @@ def _demo(model, cfg: RunConfig, tokenizer, files, reader, file, eval_batches: i
           f"{exact}/{masked}", file=file)
     model.train(was_training)
     return {"accuracy": accuracy, "baseline": baseline, "tokens": tokens, "exact": exact, "masked": masked}
-
-
-def read_stats(data) -> dict[str, int]:
-    """Bad input lines the data reader(s) skipped so far, by kind, summed over loader workers: every
-    reader's counts live in the data state (`stats.bad`), which is what a resume restores too."""
-    totals: dict[str, int] = collections.Counter()
-
-    def walk(node):
-        if isinstance(node, dict):
-            bad = node.get("stats", {}).get("bad") if isinstance(node.get("stats"), dict) else None
-            if isinstance(bad, dict):
-                totals.update({k: int(v) for k, v in bad.items() if v})
-            for key, value in node.items():
-                if key != "stats":
-                    walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(data.state_dict() if hasattr(data, "state_dict") else {})
-    return dict(totals)
-
-
-def bad_input_summary(data) -> str:
-    """", 3 bad input lines skipped (invalid_json 2, corrupt_gzip 1)" or "" when none were."""
-    bad = read_stats(data)
-    if not bad:
-        return ""
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
-    return f", {sum(bad.values())} bad input lines skipped ({kinds})"
 
 
 def with_default_config(argv: list[str]) -> list[str]:
