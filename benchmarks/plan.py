@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 GIB = 1024 ** 3
 
@@ -248,8 +247,16 @@ def load_config(preset: str):
 def make_plan(cfg, preset: str, *, gpus_per_node: int, nodes: int, micro_batch: int, inputs_length: int,
               targets_length: int, checkpointing: bool, gpu_memory_gb: float, host_memory_gb: float,
               reserve_gb: float = 3.0, backend: str = "triton", buffer_factor: float = 1.5) -> dict:
-    if gpus_per_node < 1 or nodes < 1:
-        raise ValueError("benchmarks/plan.py: --gpus-per-node and --nodes must be >= 1")
+    for flag, value in (("--gpus-per-node", gpus_per_node), ("--nodes", nodes), ("--micro-batch", micro_batch),
+                        ("--inputs-length", inputs_length), ("--targets-length", targets_length)):
+        if value < 1:
+            raise ValueError(f"benchmarks/plan.py: {flag} must be >= 1, got {value}")
+    for flag, value in (("--gpu-memory-gb", gpu_memory_gb), ("--host-memory-gb", host_memory_gb)):
+        if not value > 0:  # also NaN
+            raise ValueError(f"benchmarks/plan.py: {flag} must be > 0 GiB, got {value:g}")
+    if not 0 <= reserve_gb < gpu_memory_gb:
+        raise ValueError(f"benchmarks/plan.py: --reserve-gb must be >= 0 and below --gpu-memory-gb "
+                         f"({gpu_memory_gb:g}), got {reserve_gb:g}")
     total, largest = count_params(cfg)
     act = activation_bytes(cfg, micro_batch, inputs_length, targets_length, checkpointing=checkpointing,
                            backend=backend)
@@ -320,8 +327,9 @@ def plan_main(argv: list[str]) -> int:
                          gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb,
                          reserve_gb=args.reserve_gb, backend=args.kernels)
     except ValueError as e:
-        print(f"t5forge plan: {e}", file=sys.stderr)
-        return 2
+        from engine.errors import report
+
+        return report("plan", e)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
 

@@ -24,7 +24,6 @@ import importlib
 import pathlib
 import platform
 import subprocess
-import sys
 
 import torch
 
@@ -141,8 +140,25 @@ def suite_config(args: argparse.Namespace) -> model_suite.ModelSuiteConfig:
         compile_on_cpu=args.compile_on_cpu, offload=args.offload)
     for name in ("batch_size", "inputs_length", "targets_length", "steps"):
         if getattr(scfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(scfg, name)}")
+    if scfg.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {scfg.warmup}")
+    for name in ("memory_limit_gb", "host_memory_limit_gb"):
+        value = getattr(scfg, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 GiB, got {value:g}")
     return scfg
+
+
+def results_dir(args: argparse.Namespace, slug: str) -> pathlib.Path:
+    """--out (or benchmarks/results/<device>), checked before any measurement: it must be a directory."""
+    out_dir = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / slug
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a directory")
+    parent = next((p for p in out_dir.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out_dir}: {parent} is a file, not a directory")
+    return out_dir
 
 
 def run_bench(argv: list[str], log=print) -> dict[str, pathlib.Path]:
@@ -150,7 +166,7 @@ def run_bench(argv: list[str], log=print) -> dict[str, pathlib.Path]:
     args = parse_args(argv)
     scfg = suite_config(args)
     info = devices.detect_device(args.device)
-    out_dir = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / info.slug
+    out_dir = results_dir(args, info.slug)
     log(f"device: {info.name} ({info.kind}); results -> {out_dir}")
     ceilings = devices.measure_ceilings(info, scfg.dtype, args.smoke)
     peak, source = devices.peak_tflops(info, scfg.dtype, ceilings["matmul_tflops"])
@@ -181,9 +197,10 @@ def bench_main(argv: list[str]) -> int:
         from benchmarks import evidence
 
         return evidence.main(argv[1:])
+    from engine.errors import USER_ERRORS, report
+
     try:
         run_bench(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"t5forge bench: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report("bench", e)
     return 0

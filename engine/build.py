@@ -5,7 +5,6 @@ set up the same way whichever of them starts it.
 """
 from __future__ import annotations
 
-import collections
 import glob
 import os
 import pathlib
@@ -179,33 +178,3 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
     trainer = Trainer(cfg, engine, data, flops_per_token=flops, tokenizer_file=tokenizer_file, device=device,
                       extra_state=extra)
     return trainer, model_config
-
-
-def read_stats(data) -> dict[str, int]:
-    """Bad input lines the data reader(s) skipped so far, by kind, summed over loader workers: every
-    reader's counts live in the data state (`stats.bad`), which is what a resume restores too."""
-    totals: dict[str, int] = collections.Counter()
-
-    def walk(node):
-        if isinstance(node, dict):
-            bad = node.get("stats", {}).get("bad") if isinstance(node.get("stats"), dict) else None
-            if isinstance(bad, dict):
-                totals.update({k: int(v) for k, v in bad.items() if v})
-            for key, value in node.items():
-                if key != "stats":
-                    walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(data.state_dict() if hasattr(data, "state_dict") else {})
-    return dict(totals)
-
-
-def bad_input_summary(data) -> str:
-    """", 3 bad input lines skipped (invalid_json 2, corrupt_gzip 1)" or "" when none were."""
-    bad = read_stats(data)
-    if not bad:
-        return ""
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
-    return f", {sum(bad.values())} bad input lines skipped ({kinds})"

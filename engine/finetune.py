@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine import config as run_config
+from engine.finetune_init import _own_tokenizers, load_init_model
 from engine.tasks.evaluation import evaluate_tasks, gathered_copy, is_zero3_partitioned
 from engine.trainer import Trainer
 from engine.unfreezing import GradualUnfreezer
@@ -206,128 +207,6 @@ def import_task_module(name: str) -> None:
         raise ValueError(f"config key 'finetune.task_modules': cannot import {name!r} ({err})") from None
 
 
-def _own_tokenizers(init: pathlib.Path) -> list[pathlib.Path]:
-    """The tokenizer files an init directory (or a run directory's latest checkpoint) carries."""
-    from engine import checkpoint as ckpt
-
-    if (init / "checkpoints").is_dir():
-        init = ckpt.latest_checkpoint(init / "checkpoints") or init
-    own = [init / "spiece.model", *sorted((init / "tokenizer").glob("*.model"))]
-    return [p for p in own if p.is_file()]
-
-
-def init_tokenizer(ft: FinetuneSection, init: pathlib.Path) -> pathlib.Path:
-    """`finetune.tokenizer`, else the init directory's own; a given one must be byte-identical to the
-    init's own copy when it has one (the model learned those ids)."""
-    from engine.tokenizer import check_same_tokenizer
-
-    own = _own_tokenizers(init)
-    if ft.tokenizer:
-        given = pathlib.Path(ft.tokenizer)
-        if not given.is_file():
-            raise FileNotFoundError(f"config key 'finetune.tokenizer': file not found: {given}")
-        if own:
-            try:
-                check_same_tokenizer(given, own[0], f"finetune.init {init}")
-            except ValueError as err:
-                raise ValueError(f"config key 'finetune.tokenizer': {err}") from None
-        return given
-    if not own:
-        raise FileNotFoundError(f"config key 'finetune.tokenizer': no tokenizer in {init} (no spiece.model or "
-                                "tokenizer/*.model); set finetune.tokenizer")
-    return own[0]
-
-
-def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch.device | None = None):
-    """The starting model and its tokenizer file: a Hugging Face directory, or one of our local-engine
-    checkpoints (model.safetensors + trainer state holding the run config, tokenizer/ next to it).
-    At ZeRO-3 the model is built partitioned and the weights loaded one module at a time, read by
-    rank 0 only (engine/distributed/zero3.py)."""
-    from engine import checkpoint as ckpt
-    from engine.distributed.zero3 import build_model, builds_partitioned, load_partitioned
-    from models.checkpoint import convert_hf_state_dict, from_pretrained, read_config, read_weights
-    from models.t5 import T5ForConditionalGeneration
-
-    device = device or torch.device("cpu")
-    partitioned = builds_partitioned(cfg, kind)
-
-    if ft.init.startswith("preset:"):  # from scratch: a preset with random T5 init (demos, ablations)
-        from engine.tokenizer import Tokenizer
-        from models.config import T5Config
-
-        if not ft.tokenizer:
-            raise ValueError("config key 'finetune.tokenizer': required with finetune.init = 'preset:...'")
-        vocab = -(-Tokenizer(ft.tokenizer).vocab_size // 128) * 128
-        overrides = {"kernel_backend": cfg.model.kernel_backend, "gradient_checkpointing": cfg.model.gradient_checkpointing}
-        if cfg.model.dropout_rate >= 0:
-            overrides["dropout_rate"] = cfg.model.dropout_rate
-        try:
-            config = T5Config.from_preset(ft.init[len("preset:"):], vocab_size=vocab, **overrides)
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"config key 'finetune.init': {err}") from None
-        return build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device), ft.tokenizer
-    init = pathlib.Path(ft.init)
-    if not init.is_dir():
-        raise FileNotFoundError(f"config key 'finetune.init': directory not found: {init}")
-    if (init / "checkpoints").is_dir():  # a run directory: its latest checkpoint
-        latest = ckpt.latest_checkpoint(init / "checkpoints")
-        if latest is None:
-            raise FileNotFoundError(f"config key 'finetune.init': {init}/checkpoints has no complete checkpoint")
-        init = latest
-    if (init / "trainer_state.json").is_file():  # one of our checkpoints: verified before use
-        try:
-            ckpt.verify_checkpoint(init)
-        except ValueError as err:
-            raise ValueError(f"config key 'finetune.init': {err}") from None
-    elif not (init / "config.json").is_file():
-        raise FileNotFoundError(f"config key 'finetune.init': {init} has neither config.json (a Hugging Face "
-                                "directory) nor trainer_state.json (a t5forge checkpoint)")
-    tokenizer_file = init_tokenizer(ft, init)
-    overrides = {"kernel_backend": cfg.model.kernel_backend, "gradient_checkpointing": cfg.model.gradient_checkpointing}
-    if cfg.model.dropout_rate >= 0:
-        overrides["dropout_rate"] = cfg.model.dropout_rate
-    if (init / "config.json").is_file():
-        if not partitioned:
-            return from_pretrained(init, **overrides), str(tokenizer_file)
-        config = read_config(init, **overrides)
-        # No random draws (as from_pretrained's meta build): the adapters drawn next match the plain path's.
-        model = build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device, init=False)
-
-        def read_hf():  # Hugging Face names -> ours, checked against a weightless model of the config
-            with torch.device("meta"):
-                shapes = T5ForConditionalGeneration(config)
-            try:
-                return convert_hf_state_dict(shapes, read_weights(init))
-            except ValueError as err:
-                raise ValueError(f"config key 'finetune.init': {init}: {err}") from None
-
-        load_partitioned(model, read_hf)
-        return model, str(tokenizer_file)
-    if (init / "model.safetensors").is_file():
-        from safetensors.torch import load_file, load_model
-
-        from engine.build import build_model_config
-        from engine.tokenizer import Tokenizer
-
-        saved = run_config.config_from_dict(ckpt.load_trainer_state(init)["config"])
-        saved.model.kernel_backend = cfg.model.kernel_backend
-        saved.model.gradient_checkpointing = cfg.model.gradient_checkpointing
-        if cfg.model.dropout_rate >= 0:
-            saved.model.dropout_rate = cfg.model.dropout_rate
-        config = build_model_config(saved, Tokenizer(tokenizer_file).vocab_size)
-        if not partitioned:
-            model = T5ForConditionalGeneration(config)
-            load_model(model, str(init / "model.safetensors"))
-            return model, str(tokenizer_file)
-        # Initialized although overwritten: the plain path makes these random draws too (adapters are drawn next).
-        model = build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device)
-        load_partitioned(model, lambda: load_file(str(init / "model.safetensors")),
-                         where=f"config key 'finetune.init': {init / 'model.safetensors'}: ")
-        return model, str(tokenizer_file)
-    raise FileNotFoundError(f"config key 'finetune.init': {init} has neither config.json (Hugging Face) nor "
-                            "model.safetensors (our checkpoint; export DeepSpeed runs with `t5forge export`)")
-
-
 class MixtureBatches:
     """Micro-batches drawn from a task mixture; resumable (the mixture's state is the data state).
 
@@ -463,17 +342,44 @@ def _best_writer(run_dir: pathlib.Path, method: str, tokenizer_file: str):
     return write
 
 
+def read_eval_sets(tasks: list[TaskEntry], ft: FinetuneSection) -> list:
+    """(task, examples) of every [[tasks]] entry with an eval file, read before training starts; an empty
+    eval set, or a `finetune.eval_metric` that no task reports, is a one-line error now rather than at the
+    first evaluation (after the training it was meant to judge)."""
+    from engine.tasks import get_task
+
+    eval_sets, reported = [], []
+    for number, entry in enumerate(tasks):
+        if not entry.eval:
+            continue
+        task = get_task(entry.name)
+        stop = entry.eval_skip + ft.eval_limit if ft.eval_limit else None
+        examples = list(itertools.islice(task.examples(entry.eval, entry.eval_split), entry.eval_skip, stop))
+        if not examples:
+            skipped = f" after skipping {entry.eval_skip} (tasks[{number}].eval_skip)" if entry.eval_skip else ""
+            raise ValueError(f"config key 'tasks[{number}].eval': no {entry.name} examples in "
+                             f"{', '.join(entry.eval)}{skipped}")
+        # The metric names a task reports: its metrics on a few examples scored against their own targets.
+        sample = examples[:8]
+        reported += [f"{task.name}/{name}" for name in task.evaluate(sample, [e.targets for e in sample])]
+        eval_sets.append((task, examples))
+    if ft.eval_metric and ft.eval_metric not in reported:
+        available = f"available: {', '.join(reported)}" if reported else "no [[tasks]] entry has an eval file"
+        raise ValueError(f"config key 'finetune.eval_metric': {ft.eval_metric!r} is not reported; {available}")
+    return eval_sets
+
+
 def build_finetune(argv: list[str]):
     """Everything a fine-tuning run needs, from argv; returns (trainer, summary line)."""
     from engine.engines import build_engine, choose_engine
     from engine.mixtures import Mixture
     from engine.optim import build_optimizer
-    from engine.tasks import get_task
     from engine.tokenizer import Tokenizer
     from engine.build import pick_device, seed_everything, set_determinism, set_threads
     from models.adapters import add_adapters, freeze_for_adapters
 
     cfg, ft, tasks = parse_finetune_config(argv)
+    eval_sets = read_eval_sets(tasks, ft)  # before any model is loaded: a bad eval set stops the run now
     device = pick_device(cfg)
     set_threads(cfg)
     set_determinism(cfg, device)
@@ -508,9 +414,6 @@ def build_finetune(argv: list[str]):
     # One mixture stream for all ranks (same seed), each rank keeping its slice: see MixtureBatches.
     mixture = Mixture(sources, ft.mixture, ft.mixture_limit or None, ft.temperature, seed=cfg.run.seed)
     data = MixtureBatches(mixture, cfg.batch.micro_batch_size, rank=engine.rank, world_size=engine.world_size)
-    eval_sets = [(get_task(t.name), list(itertools.islice(get_task(t.name).examples(t.eval, t.eval_split),
-                                                          t.eval_skip, t.eval_skip + ft.eval_limit if ft.eval_limit else None)))
-                 for t in tasks if t.eval]
     flops = model.config.flops_per_token(ft.max_input_length, ft.max_target_length)
     model_type, model_config = type(model), model.config
 

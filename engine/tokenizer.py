@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import re
 import sys
+import zlib
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
@@ -191,15 +193,27 @@ def check_fits_model(tokenizer_vocab: int, model_vocab: int, tokenizer_file, mod
 
 
 def iter_text_files(paths: Sequence[str], max_chars_per_doc: int = 0) -> Iterator[str]:
-    """Documents of JSON-lines files (the `text` field) or lines of plain text files, gzip or not."""
+    """Documents of JSON-lines files (the `text` field) or lines of plain text files, gzip or not.
+
+    Strict: the input must be UTF-8 text (a binary file such as an executable is refused at its first
+    undecodable line, never trained on as replacement characters); errors name the file and line."""
     for path in paths:
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: tokenizer training input is a directory, not a file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer training input not found: {path}")
-        opener = gzip.open if path.endswith(".gz") else open
-        is_json = ".json" in os.path.basename(path)
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.rstrip("\n")
+        yield from _file_sentences(path, max_chars_per_doc)
+
+
+def _file_sentences(path: str, max_chars_per_doc: int) -> Iterator[str]:
+    is_json = ".json" in os.path.basename(path)
+    lineno = 0
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if b"\0" in raw:
+                    raise ValueError(f"{path}:{lineno}: NUL byte: a binary file, not text")
+                line = raw.decode("utf-8").rstrip("\r\n")
                 if not line.strip():
                     continue
                 if is_json:
@@ -207,6 +221,8 @@ def iter_text_files(paths: Sequence[str], max_chars_per_doc: int = 0) -> Iterato
                         text = json.loads(line)["text"]
                     except (ValueError, KeyError, TypeError):
                         raise ValueError(f"{path}:{lineno}: not a JSON object with a 'text' field") from None
+                    if not isinstance(text, str):
+                        raise ValueError(f"{path}:{lineno}: 'text' is not a string")
                 else:
                     text = line
                 if max_chars_per_doc:
@@ -215,6 +231,10 @@ def iter_text_files(paths: Sequence[str], max_chars_per_doc: int = 0) -> Iterato
                 for sentence in text.split("\n"):
                     if sentence.strip():
                         yield sentence
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {err.start} of the line; a binary file?)") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path}: damaged gzip file after line {lineno} ({err})") from None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str, *,
@@ -229,8 +249,41 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str, *,
         raise ValueError(f"--vocab-size must be at least 8, got {vocab_size}")
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
     os.makedirs(out_dir, exist_ok=True)
+    feed = _Feed(iter(texts))
+    try:
+        _train_spm(feed, vocab_size, out_prefix, character_coverage, input_sentence_size, seed_sentencepiece_size,
+                   num_threads)
+    except RuntimeError:
+        if feed.error is not None:  # our reader's one-line error, not SentencePiece's "INTERNAL: ..." wrapping
+            raise feed.error from None
+        raise
+    return out_prefix + ".model"
+
+
+class _Feed:
+    """The sentence iterator handed to SentencePiece; keeps an exception the input raised, which the C++
+    trainer would otherwise turn into a RuntimeError with a C++ location and a Python frame in it."""
+
+    def __init__(self, it: Iterator[str]):
+        self.it, self.error = it, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self.it)
+        except StopIteration:
+            raise
+        except Exception as err:
+            self.error = err
+            raise
+
+
+def _train_spm(sentences, vocab_size, out_prefix, character_coverage, input_sentence_size, seed_sentencepiece_size,
+               num_threads) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=out_prefix, model_type="unigram",
+        sentence_iterator=sentences, model_prefix=out_prefix, model_type="unigram",
         vocab_size=vocab_size, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
         pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
         character_coverage=character_coverage, input_sentence_size=input_sentence_size,
@@ -238,7 +291,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str, *,
         hard_vocab_limit=False, num_threads=num_threads or (os.cpu_count() or 1),
         minloglevel=2,  # the trainer's per-iteration log is noise for a CLI user
     )
-    return out_prefix + ".model"
 
 
 def tokenizer_main(argv: list[str]) -> int:
@@ -251,13 +303,19 @@ def tokenizer_main(argv: list[str]) -> int:
     tr.add_argument("--character-coverage", type=float, default=0.9995)
     tr.add_argument("--input-sentence-size", type=int, default=2_000_000, help="sentences sampled for training")
     args = parser.parse_args(argv)
+    from engine.errors import USER_ERRORS, one_line
+
     try:
-        model = train_tokenizer(iter_text_files(args.input), args.vocab_size, args.out,
+        sentences = iter_text_files(args.input)
+        first = next(sentences, None)  # an empty corpus is the user's mistake, not SentencePiece's INTERNAL error
+        if first is None:
+            raise ValueError(f"no text to train on in --input {' '.join(args.input)} (empty files?)")
+        model = train_tokenizer(itertools.chain([first], sentences), args.vocab_size, args.out,
                                 character_coverage=args.character_coverage,
                                 input_sentence_size=args.input_sentence_size)
         tok = Tokenizer(model)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"t5forge tokenizer: {exc}", file=sys.stderr)
+    except (*USER_ERRORS, RuntimeError) as exc:
+        print(f"t5forge tokenizer: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"wrote {model} ({tok.num_pieces} pieces + {tok.num_sentinels} sentinels = {tok.vocab_size} ids)")
     return 0

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import sys
 
-from engine.build import bad_input_summary, build_trainer
+from engine.bad_input import bad_input_summary
+from engine.build import build_trainer
 from engine.config import load_run_config
 from engine.demo import demo
 from engine.launcher import strip_launcher_args, watch_launcher

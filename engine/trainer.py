@@ -351,6 +351,9 @@ class Trainer:
                   "skipped_steps": self.skipped_total, "tokens_seen": self.tokens_seen}
         if self.cfg.optim.z_loss > 0:
             record["z_loss"] = metrics["z_loss"]
+        counts = getattr(self.data, "bad_input_counts", None)
+        if callable(counts):  # the bad input lines the readers skipped so far (restored with the data state)
+            record["bad_input_lines"] = sum(counts().values())
         if getattr(self.engine, "loss_scale", None) is not None:  # fp16 only
             record["loss_scale"] = self.engine.loss_scale
         value = mfu(self.flops_per_token, tokens_per_s, self.peak_tflops, self.engine.world_size)

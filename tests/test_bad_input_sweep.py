@@ -37,6 +37,8 @@ def _commands(p, tmp):
         ("generate --file", ["generate", "--model", str(hf), "--file", str(p)]),
         ("generate --adapters", ["generate", "--model", str(hf), "--adapters", str(p), "x"]),
         ("data clean-c4", ["data", "clean-c4", str(p), "--out", str(tmp / "o.json"), "--no-language-filter"]),
+        ("tokenizer train --input", ["tokenizer", "train", "--input", str(p), "--vocab-size", "100",
+                                     "--out", str(tmp / "tok")]),
         ("data clean-c4 --bad-words", ["data", "clean-c4", __file__, "--out", str(tmp / "o.json"),
                                        "--bad-words", str(p)]),
     ]

@@ -105,3 +105,19 @@ def test_plan_cli(capsys):
     err = capsys.readouterr().err
     assert "t5-12b" in err and len(err.strip().splitlines()) == 1
     assert plan.plan_main(["--preset", "t5-small", "--nodes", "0"]) == 2
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--gpu-memory-gb", "-5"], "--gpu-memory-gb must be > 0 GiB, got -5"),
+    (["--gpu-memory-gb", "nan"], "--gpu-memory-gb must be > 0 GiB, got nan"),
+    (["--host-memory-gb", "0"], "--host-memory-gb must be > 0 GiB, got 0"),
+    (["--reserve-gb", "-100"], "--reserve-gb must be >= 0 and below --gpu-memory-gb (80), got -100"),
+    (["--reserve-gb", "80"], "--reserve-gb must be >= 0 and below --gpu-memory-gb (80), got 80"),
+    (["--micro-batch", "0"], "--micro-batch must be >= 1, got 0"),
+    (["--inputs-length", "-1"], "--inputs-length must be >= 1, got -1"),
+])
+def test_plan_refuses_out_of_range_numbers(flags, expected, capsys):
+    """Issue 15: a negative GiB budget was planned (and marked as fitting); now one line, exit 2."""
+    assert plan.plan_main(["--preset", "t5-small", *flags]) == 2
+    captured = capsys.readouterr()
+    assert expected in captured.err and len(captured.err.strip().splitlines()) == 1 and not captured.out

@@ -202,5 +202,25 @@ def test_bench_cli_rejects_bad_input(capsys):
     assert runner.bench_main(["model", "--smoke", "--presets", "t5-huge"]) == 2
     assert "t5-huge" in capsys.readouterr().err
     assert runner.bench_main(["model", "--smoke", "--providers", "megatron"]) == 2
+    capsys.readouterr()
+    for flags, expected in [(["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+                            (["--steps", "0"], "--steps must be >= 1, got 0"),
+                            (["--memory-limit-gb", "-2"], "--memory-limit-gb must be > 0 GiB, got -2")]:
+        assert runner.bench_main(["model", "--smoke", *flags]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_out_onto_a_file_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    """`--out FILE` (issue 15: FileExistsError traceback after the ceilings were measured): one line, exit 2,
+    the file untouched, nothing measured."""
+    target = tmp_path / "results.json"
+    target.write_text("keep me")
+    monkeypatch.setattr(runner.devices, "measure_ceilings", lambda *a: pytest.fail("measured before checking --out"))
+    for out in (target, target / "sub"):
+        assert runner.bench_main(["model", "--smoke", "--device", "cpu", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}:" in err and "error" in err and len(err.strip().splitlines()) == 1, err
+    assert target.read_text() == "keep me"
     with pytest.raises(SystemExit):
         runner.parse_args(["model", "--offload", "sometimes"])

@@ -42,3 +42,9 @@ def test_partly_bad_data_trains_finishes_the_demo_and_reports_once(tmp_path, cap
         assert sum(needle in line for line in reports) == 1, (needle, reports)
     assert len(reports) == 4, reports
     assert "4 bad input lines skipped (corrupt_gzip 1, invalid_json 1, invalid_utf8 1, missing_text 1)" in err
+    # The total is in metrics.jsonl too: every step record carries the running count, the last one all 4.
+    from engine.metrics import read_metrics
+
+    records = read_metrics(tmp_path / "run")
+    counts = [r["bad_input_lines"] for r in records]
+    assert counts == sorted(counts) and counts[-1] == 4 and records[-1]["step"] == 3, records

@@ -77,9 +77,23 @@ def _wait_for_step(run_dir, step, proc, timeout=300):
     raise AssertionError(f"no step {step} within {timeout}s")
 
 
+def _env() -> dict:
+    return {k: v for k, v in repo_env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def _kill_at_step_10_and_rerun(run_dir, env, *extra):
+    """SIGKILL the run once it logged step 10 (checkpoints at 4 and 8), then run the same command again."""
+    proc = subprocess.Popen(_argv(run_dir, *extra), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _wait_for_step(run_dir, 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    subprocess.run(_argv(run_dir, *extra), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_two_default_runs_and_a_killed_run_are_bit_identical(tmp_path):
-    env = {k: v for k, v in repo_env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env = _env()
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
         subprocess.run(_argv(run), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
@@ -90,10 +104,25 @@ def test_two_default_runs_and_a_killed_run_are_bit_identical(tmp_path):
     assert _weights(runs[1]) == _weights(runs[0])
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_argv(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for_step(killed, 10, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    subprocess.run(_argv(killed), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+    _kill_at_step_10_and_rerun(killed, env)
     assert _losses(killed) == expected  # bit for bit, every step, across the kill
     assert _weights(killed) == _weights(runs[0])
+
+
+@pytest.mark.slow
+def test_killed_run_with_two_loader_workers_is_bit_identical(tmp_path):
+    """The same with data.num_workers 2 (one process, two DataLoader worker processes): the resumed run
+    replays each worker from its last consumed state (engine/data/workers.py) and matches the
+    uninterrupted run with the same num_workers bit for bit, losses and weights."""
+    env, workers = _env(), ("--data.num_workers", "2")
+    subprocess.run(_argv(tmp_path / "ref", *workers), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+    expected = _losses(tmp_path / "ref")
+    assert [s for s, _ in expected] == list(range(1, 17))
+    # The worker path really ran: its data state is the per-worker one (engine/data/workers.py).
+    state = json.loads((tmp_path / "ref/checkpoints/step_00000016/rank_00000.data.json").read_text())
+    assert state["num_workers"] == 2 and len(state["workers"]) == 2
+    killed = tmp_path / "killed"
+    _kill_at_step_10_and_rerun(killed, env, *workers)
+    assert _losses(killed) == expected
+    assert _weights(killed) == _weights(tmp_path / "ref")
+

@@ -9,6 +9,7 @@ every step's loss in metrics.jsonl equals the reference bit for bit.
 """
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -39,6 +40,19 @@ def _cmd(run_dir, stage):
 
 def _last_step(run_dir) -> int:
     return read_metrics(run_dir)[-1]["step"] if (run_dir / "metrics.jsonl").is_file() else 0
+
+
+def _project_frames(out: str) -> list:
+    """Traceback frame lines (`  File "PATH", line N, in f`) whose PATH is the project's own code."""
+    own = ("engine", "models", "kernels", "benchmarks", "tests")
+    frames = []
+    for line in out.splitlines():
+        if not line.lstrip().startswith('File "'):
+            continue
+        path = pathlib.Path(line.split('"')[1])
+        if path.resolve().is_relative_to(REPO) if path.is_absolute() else str(path).split("/")[0] in own:
+            frames.append(line)
+    return frames
 
 
 def _launch(run_dir, stage, log):
@@ -105,8 +119,9 @@ def test_kill_and_signals_under_launcher_resume_bit_exact(tmp_path):
         # Every rank saved the step it stopped on and returned 0; `latest` names that complete checkpoint.
         for rank in (0, 1):
             assert f"rank {rank} saved step {stopped_at} and exits 0" in out, out[-3000:]
-        # No traceback but the `deepspeed` front-end's own KeyboardInterrupt on SIGINT.
-        assert out.count("Traceback") == (1 if how == signal.SIGINT else 0), out[-3000:]
+        # No traceback from the project's code (on SIGINT the `deepspeed` front-end and launch.py may print
+        # their own KeyboardInterrupt, or not: that is DeepSpeed's output, not counted here).
+        assert not _project_frames(out), out[-3000:]
         assert (run / "checkpoints/latest").read_text().strip() == f"step_{stopped_at:08d}"
         state = json.loads((run / f"checkpoints/step_{stopped_at:08d}/trainer_state.json").read_text())
         assert state["step"] == stopped_at

@@ -123,6 +123,30 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert "config key 'tasks[0].name': unknown task 'glue'" in capsys.readouterr().err
 
 
+def test_eval_metric_and_eval_set_checked_before_training(tmp_path, capsys):
+    """A misspelt eval_metric or an empty eval set stops the run before its first step (nothing trained,
+    nothing written), not at the first evaluation after training."""
+    path = _config(tmp_path, "full", 4, eval_every=1000)
+    run = tmp_path / "full"
+    assert finetune_main(["--config", str(path), "--finetune.eval_metric", "test_weather/acc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config key 'finetune.eval_metric': 'test_weather/acc' is not reported; " \
+        "available: test_weather/accuracy" in err, err
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    assert finetune_main(["--config", str(path), "--finetune.eval_metric", "sst2/accuracy"]) == 2
+    assert "'sst2/accuracy' is not reported; available: test_weather/accuracy" in capsys.readouterr().err
+    (tmp_path / "empty_dev.tsv").write_text("words\tlabel\n")
+    empty = tmp_path / "empty.toml"
+    empty.write_text(path.read_text().replace(str(tmp_path / "dev.tsv"), str(tmp_path / "empty_dev.tsv")))
+    assert finetune_main(["--config", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"config key 'tasks[0].eval': no test_weather examples in {tmp_path / 'empty_dev.tsv'}" in err, err
+    path.write_text(path.read_text().replace("[[tasks]]", "[[tasks]]\neval_skip = 64"))  # dev.tsv has 64
+    assert finetune_main(["--config", str(path)]) == 2
+    assert "after skipping 64 (tasks[0].eval_skip)" in capsys.readouterr().err
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
 def test_mixture_with_span_corruption_and_progress_label(tmp_path, capsys):
     """A [[tasks]] entry with an objective adds unsupervised span corruption on C4 JSON lines to the
     mixture (multi-task pretraining); the progress bar is labelled "finetune"."""

@@ -100,6 +100,31 @@ def test_add_rms_norm_one_output_unused(use, device):
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
+def test_large_eps_is_inside_the_rsqrt(fused, device):
+    """eps = 0.5 ~ mean(x^2): `x * rsqrt(mean(x^2) + eps)` (T5) and `x / (sqrt(mean(x^2)) + eps)` differ by
+    ~20% here, so both the kernel and the reference are held to the formula written out in float64."""
+    gen = torch.Generator().manual_seed(21)
+    x, w = _inputs((9, 40), torch.float32, torch.float32, device, gen)
+    r = torch.randn(9, 40, generator=gen).to(device)
+    dy = torch.randn(9, 40, generator=gen).to(device)
+
+    def literal(x, w):
+        return w * x * (x.pow(2).mean(-1, keepdim=True) + 0.5) ** -0.5
+
+    s64 = (x.double() + r.double()) if fused else x.double()
+    xl, wl = _leaves(s64, w.double())
+    literal(xl, wl).backward(dy.double())
+    for fn in (add_rms_norm, add_rms_norm_ref) if fused else (rms_norm, rms_norm_ref):
+        leaves = _leaves(x, r, w) if fused else _leaves(x, w)
+        y = fn(*leaves, eps=0.5)
+        y = y[0] if fused else y
+        y.backward(dy)
+        torch.testing.assert_close(y.double(), literal(s64, w.double()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(leaves[0].grad.double(), xl.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(leaves[-1].grad.double(), wl.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_weight_grad_deterministic_and_multi_program(device):
     """Many rows per persistent program (the partial-sum loop runs several times): dW is bit-identical."""
     gen = torch.Generator().manual_seed(7)

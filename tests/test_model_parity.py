@@ -27,6 +27,11 @@ CONFIGS = {
                                  num_heads=7, relative_attention_num_buckets=32,
                                  relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
                                  tie_word_embeddings=False),
+    # eps comparable to mean(x^2): `x * rsqrt(var + eps)` and `x / (sqrt(var) + eps)` differ by far more than
+    # the tolerance (at eps 1e-6 they agree to ~1e-6 relative).
+    "v1.1-large-eps": dict(vocab_size=61, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                           num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                           feed_forward_proj="gated-gelu", tie_word_embeddings=False, layer_norm_epsilon=0.5),
 }
 
 

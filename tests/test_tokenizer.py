@@ -1,6 +1,7 @@
 """Tokenizer: ids equal to Hugging Face's T5Tokenizer on the real vocabulary; sentinels; training CLI."""
 import gzip
 import json
+import pathlib
 import random
 
 import pytest
@@ -120,3 +121,28 @@ def test_tokenizer_train_cli(tmp_path, capsys):
     broken.write_text('{"text": "ok"}\n{"no_text": 1}\n', encoding="utf-8")
     rc = tokenizer_main(["train", "--input", str(broken), "--vocab-size", "100", "--out", str(tmp_path / "o3")])
     assert rc == 2 and "broken.json:2" in capsys.readouterr().err
+
+
+def test_tokenizer_train_refuses_binary_empty_and_damaged_input(tmp_path, capsys):
+    """A binary file (an executable), an empty corpus, a directory and a truncated gzip: exit 2, one line
+    naming the path -- never a model trained on replacement characters, never SentencePiece's INTERNAL."""
+    import shutil
+
+    exe = pathlib.Path(shutil.which("ls") or "/bin/ls")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    damaged = tmp_path / "cut.json.gz"
+    with gzip.open(tmp_path / "whole.json.gz", "wt", encoding="utf-8") as f:
+        for line in _corpus_lines(400, seed=3):
+            f.write(json.dumps({"text": line}) + "\n")
+    damaged.write_bytes((tmp_path / "whole.json.gz").read_bytes()[:-40])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("good line\ncaf\xe9 au lait\n".encode("latin-1"))
+    cases = [([str(exe)], str(exe)), ([str(empty)], "no text to train on"), ([str(tmp_path)], "is a directory"),
+             ([str(damaged)], f"{damaged}: damaged gzip file"), ([str(latin1)], f"{latin1}:2: not UTF-8 text")]
+    for inputs, expected in cases:
+        out = tmp_path / "never"
+        rc = tokenizer_main(["train", "--input", *inputs, "--vocab-size", "100", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and expected in err and err.count("\n") == 1 and "INTERNAL" not in err, (inputs, err)
+        assert not (tmp_path / "never.model").exists()

@@ -71,6 +71,10 @@ class PretrainDataset:
                 "examples": [[_pack_ids(a), _pack_ids(b)] for a, b in self._examples],
                 "rng": self.rng.bit_generator.state, "exhausted": self._exhausted}
 
+    def bad_input_counts(self) -> dict[str, int]:
+        """Bad input lines the reader skipped so far, by kind (what the data state records; cheap)."""
+        return {kind: int(n) for kind, n in self.reader.stats.bad.items() if n}
+
     def load_state_dict(self, state: dict) -> None:
         if "workers" in state:
             raise ValueError(f"data state was saved with num_workers={state.get('num_workers')}; the batch order "

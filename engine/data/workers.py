@@ -108,6 +108,15 @@ class MultiWorkerPretrainDataset:
         return {"num_workers": self.num_workers, "next_worker": self._next,
                 "workers": [dataclasses.asdict(s) for s in self._starts]}
 
+    def bad_input_counts(self) -> dict[str, int]:
+        """Bad input lines skipped by kind, summed over the workers as of the states consumed so far (the
+        counts a resume restores; they trail the workers by up to `state_every` batches each)."""
+        totals: collections.Counter = collections.Counter()
+        for start in self._starts:
+            if start.state is not None:
+                totals.update({k: int(n) for k, n in start.state["reader"]["stats"]["bad"].items() if n})
+        return dict(totals)
+
     def load_state_dict(self, state: dict) -> None:
         if "workers" not in state:
             raise ValueError("data state was saved by the single-process loader (num_workers=0); "
