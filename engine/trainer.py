@@ -118,8 +118,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.engine.world_size:
             raise ValueError(f"checkpoint was written by {state['world_size']} ranks, this run has "
-                             f"{self.engine.world_size}: resume with the same world size, or start a new run "
-                             "from its weights (README: Changing the number of ranks)")
+                             f"{self.engine.world_size}: resume with the same world size (README: Changing the "
+                             "number of ranks)")
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
         self.skipped_in_a_row = state["skipped_in_a_row"]
