@@ -4,8 +4,8 @@
     python -m benchmarks.kernels.compiled_report --head-dim 128 --out benchmarks/results/compiled --name d128
 
 Every kernel (forward, dk/dv, dq, and the delta pre-pass) of every mask variant the model uses is compiled
-through the project's own launchers (`kernels.t5_attention._forward` / `_backward`, so the tile choice of
-`_blocks` and triton's real runtime specialisation -- 16-byte alignment of pointers, divisibility of the
+through the project's own launchers (`kernels._t5_attention_launch.forward` / `backward`, so the tile choice
+of `_blocks` and triton's real runtime specialisation -- 16-byte alignment of pointers, divisibility of the
 integer arguments -- are the ones a GPU run gets): a fake sm_90 driver stands in for CUDA and every
 `kernel[grid](...)` becomes `kernel.run(..., warmup=True)` (compile, never launch). Triton's bundled
 ptxas assembles the PTX and its cuobjdump reads back the cubin. Beside them, in the same run, a plain
@@ -252,6 +252,7 @@ def analyse(kernel) -> dict:
 # --------------------------------------------------------------------------------------------- the report
 def _compile_variant(name, batch, heads, length, head_dim, dtype):
     """Compile forward + backward of one variant through kernels.t5_attention's launchers."""
+    from kernels import _t5_attention_launch as L
     from kernels import t5_attention as T
 
     has_bias, bidirectional, masks = _variant_kwargs(name, batch, length)
@@ -267,8 +268,8 @@ def _compile_variant(name, batch, heads, length, head_dim, dtype):
                         deterministic=False, dropout_p=0.0, streams=batch * heads, device="cpu")
     rel = T._relative_bias(table, buckets) if has_bias else None
     with _Recorder() as rec:
-        o, lse = T._forward(q, k, v, rel, buckets, meta)
-        T._backward(torch.zeros_like(o), q, k, v, o, lse, rel, buckets, meta, bias_grad=has_bias)
+        o, lse = L.forward(q, k, v, rel, buckets, meta)
+        L.backward(torch.zeros_like(o), q, k, v, o, lse, rel, buckets, meta, bias_grad=has_bias)
     names = {"_fwd_kernel": "fwd", "_bwd_delta_kernel": "delta", "_bwd_dkdv_kernel": "dkdv", "_bwd_dq_kernel": "dq"}
     return [(names.get(fn, fn), kernel, launch) for fn, kernel, launch in rec.compiled]
 
@@ -283,14 +284,14 @@ def _compile_plain(batch, heads, length, head_dim, dtype, tiles):
 def build_report(batch=8, heads=12, length=512, head_dim=64, dtype="bf16", variants=VARIANTS) -> dict:
     import triton
 
-    from kernels import t5_attention as T
+    from kernels import _t5_attention_launch as L
 
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     rows = []
     for name in variants:
         for kname, kernel, launch in _compile_variant(name, batch, heads, length, head_dim, tdtype):
             rows.append(dict(variant=name, kernel=kname, **launch, **analyse(kernel)))
-    cfg = T._blocks(head_dim, length, False)
+    cfg = L._blocks(head_dim, length, False)
     for label, tiles in (("plain-flash (our tiles)", (cfg.fwd_m, cfg.fwd_n, cfg.fwd_warps, cfg.num_stages)),
                          ("plain-flash 128x64x3", (128, 64, 8, 3))):
         for kname, kernel, launch in _compile_plain(batch, heads, length, head_dim, tdtype, tiles):
