@@ -65,7 +65,7 @@ def _blocks(head_dim: int, q_len: int, gather_everywhere: bool, fp32: bool = Fal
         return _Blocks(n, n, n, n, n, n, 1, 1, 1, 1)
     # A short query block (decoding: Lq = 1) must not pay for 128 rows; tl.dot needs >= 16.
     short = max(16, triton.next_power_of_2(q_len))
-    # (BLOCK_M, BLOCK_N, num_warps); d=128 with explicit positions still spills some (~250 B/thread).
+    # (BLOCK_M, BLOCK_N, num_warps).
     # 64-key steps at d <= 64: one accumulator rescale per 64 scores, not per 32 (sm_90 report: ~12-21% fewer
     # instructions per score, 172-178 registers, no spills, pipelined).
     wide = head_dim <= 64 and not fp32
@@ -78,8 +78,11 @@ def _blocks(head_dim: int, q_len: int, gather_everywhere: bool, fp32: bool = Fal
     # dk/dv: 128 keys on 8 warps, so each warpgroup owns 64 distinct key rows of the score tile (a 64-key tile
     # on 8 warps has warpsPerCTA [8, 1] on 64 rows: both warpgroups computed the same S and dP, twice the
     # MUFU and wgmma per score); 16 queries per step keeps it at ~227 registers without spills (d <= 64).
-    dkdv = (16, 128, 8) if head_dim <= 64 else (32, 64, 8)
-    dq = (128, 64 if wide else 32, 8) if head_dim <= 64 else (32, 32, 4)
+    # d = 128: 16 x 64 on 8 warps, warpsPerCTA [4, 2] (each warpgroup half of dk / dv's 128 columns): 229-252
+    # registers, no spills in any variant (32 x 64 spilled 16-104 B, 16 x 128 96 B, 16 warps 280+ B).
+    dkdv = (16, 128, 8) if head_dim <= 64 else (16, 64, 8)
+    # dq at d = 128: 128 x 32 on 8 warps is on wgmma (32-row tiles fell back to mma.sync), 163-172 registers.
+    dq = (128, 64 if wide else 32, 8) if head_dim <= 64 or not fp32 else (32, 32, 4)
     return _Blocks(fwd[0], fwd[1], dkdv[0], dkdv[1], dq[0], dq[1], fwd[2], dkdv[2], dq[2], num_stages=2)
 
 

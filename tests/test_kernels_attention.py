@@ -52,6 +52,9 @@ CASES = [
     Case("packed-enc-fp32-d64", torch.float32, 64, 2, 2, 130, 130, masks="packed_pad"),
     Case("packed-dec-causal-fp16-d64", torch.float16, 64, 2, 1, 130, 130, dict(causal=True, bidirectional=False),
          masks="packed"),
+    # d = 128 with packing: dk/dv's diagonal / per-bucket loops at that head dim too
+    Case("packed-dec-causal-fp16-d128", torch.float16, 128, 1, 1, 70, 70,
+         dict(causal=True, bidirectional=False, max_distance=20), masks="packed"),
     # explicit positions in no particular order: dk/dv reduces the bias gradient bucket by bucket
     Case("packed-scrambled-positions-fp32-d64", torch.float32, 64, 2, 2, 70, 70, dict(max_distance=20),
          masks="packed_scrambled"),

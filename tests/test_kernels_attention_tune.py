@@ -49,7 +49,7 @@ def test_length_buckets():
 def test_picks_the_fastest_tile_once_per_bucket(tuner):
     launched = []
     tile = tune.choose(_key(), DEFAULT, launched.append, CUDA)
-    assert tile == tune.Tile(128, 128, 8, 2)
+    assert tile == tune.Tile(64, 128, 8, 2)
     assert tuner == list(tune.space(_key(), DEFAULT)) and tuner[0] == DEFAULT and len(tuner) == 4
     assert launched == tuner                             # every timed tile really launched
     tuner.clear()
@@ -66,6 +66,8 @@ def test_picks_the_fastest_tile_once_per_bucket(tuner):
 def test_space_is_pruned_by_loop_length_and_kind(tuner):
     assert tune.space(_key(kv_len=100), DEFAULT) == [DEFAULT]         # 128 keys: 2 steps of 64, 1 of 128
     assert len(tune.space(_key(kv_len=200), DEFAULT)) == 4             # 256 keys: 3 stages of 64, 2 of 128
+    packed = tune.space(_key(flags=(("HAS_KPOS", True), ("HAS_QPOS", True), ("HAS_SEG", 2))), DEFAULT)
+    assert len(packed) == 3 and all(t.n == 64 for t in packed)        # 128-key steps spill there
     dkdv = tune.Tile(16, 128, 8, 2)
     assert len(tune.space(_key("dkdv", q_len=128, kv_len=4096), dkdv)) == 3             # its loop: queries
     assert tune.space(_key(head_dim=128), DEFAULT) == [DEFAULT]
