@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import _t5_attention_launch as launch
 from kernels import _t5_attention_tune as tune
 from kernels import t5_attention as attn
 
