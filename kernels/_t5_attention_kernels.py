@@ -284,9 +284,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, REL, BUCKET_LUT,
     hi = Lq
     aligned = hi < 0   # False: reduce the bias gradient bucket by bucket unless the pre-pass shows alignment
     PREPASS: tl.constexpr = HAS_SEG == 2 or (CAUSAL and not INDEX_POS)
-    # Two loops (diagonal / per bucket) for explicit positions; at d = 128 their registers spill more than the
-    # per-bucket loop alone saves, so that head dim keeps one loop.
-    TWO_LOOPS: tl.constexpr = HAS_BIAS and BIAS_GRAD and PREPASS and not INDEX_POS and HEAD_DIM <= 64
+    # Two loops (diagonal / per bucket) for explicit positions, at every head dim (d = 128 with its 16 x 64 tile
+    # on 8 warps: no spills, pipelined; with the older 32 x 64 tile they spilled there).
+    TWO_LOOPS: tl.constexpr = HAS_BIAS and BIAS_GRAD and PREPASS and not INDEX_POS
     if PREPASS:
         lo, hi, aligned = _visible_range(lo, hi, offs_n, kpos, kseg, qpos_row, qseg_row, Lq, Lk, prefix, start_n,
                                          q_offset, BLOCK_M, False, HAS_QPOS, HAS_SEG == 2, CAUSAL, HAS_PREFIX, HAS_SEG,

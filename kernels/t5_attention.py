@@ -12,6 +12,9 @@ position, and the gradient of the bias table reduced per tile by bucket through 
 -> bucket table (no L x L tensor, no atomic per score). Masks, as loop bounds plus elementwise masks:
 key padding, causal, prefix-LM, packed segments with per-segment positions; a row with no visible key
 gives zeros. Optional in-kernel attention dropout. Decoding: a query block against a KV cache (q_offset).
+The kernels run as the custom ops `t5forge::t5_attention_fwd` / `_bwd` (kernels/_t5_attention_ops.py):
+torch.compile traces a model through them without a graph break, CUDA graphs capture them; tiles are
+tuned per GPU (kernels/_t5_attention_tune.py), launched by kernels/_t5_attention_launch.py.
 
 The reference materialises the `[B|1, H, Lq, Lk]` bias and a boolean visibility mask. The model's
 "torch" backend builds both ONCE per stack and reuses them in every layer (`attention_ref_with_bias`).
@@ -19,8 +22,6 @@ The reference materialises the `[B|1, H, Lq, Lk]` bias and a boolean visibility 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 
 import torch
 
@@ -28,69 +29,15 @@ try:
     import triton
 
     from . import _t5_attention_kernels as _k
+    from ._t5_attention_ops import t5_attention_op
 except ImportError:  # the references below still work without triton
     triton = None
     _k = None
+from ._t5_attention_launch import LOG2E as _LOG2E
+from ._t5_attention_launch import Meta
+from ._triton_utils import is_interpreter
 
-_LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-
-
-@dataclass(frozen=True)
-class _Blocks:
-    fwd_m: int
-    fwd_n: int
-    bwd_m: int    # dk/dv kernel: query block it iterates over
-    bwd_n: int    # dk/dv kernel: key block it owns
-    dq_m: int
-    dq_n: int
-    fwd_warps: int
-    bwd_warps: int
-    dq_warps: int
-    num_stages: int
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# Tile edge under TRITON_INTERPRET=1: small enough that ragged test lengths span several tiles, large
-# enough that the interpreter's per-tile overhead stays low (tests may lower it to 16).
-_INTERPRET_BLOCK = 32
-
-
-def _blocks(head_dim: int, q_len: int, gather_everywhere: bool, fp32: bool = False) -> _Blocks:
-    """Tile sizes per kernel.
-
-    Not timed yet (no GPU in the session that wrote this; benchmarks/kernels/bench_attention.py measures
-    them). Chosen from the sm_90 register report of AOT-compiled kernels (triton 3.9 + its ptxas, see
-    tests/test_kernels_attention_compile.py): tiles whose kernels do not spill for d=64 under every mask
-    kind (padding, causal, prefix, packing), and spill least for d=128 (benchmarks/kernels/compiled_report.py
-    shows them per kernel). `fp32` inputs (exact fp32 dots: operands in registers, not a training path) keep
-    32-key steps in the forward and dq, which spill kilobytes at 64.
-    """
-    if _interpreting():
-        n = _INTERPRET_BLOCK
-        return _Blocks(n, n, n, n, n, n, 1, 1, 1, 1)
-    # A short query block (decoding: Lq = 1) must not pay for 128 rows; tl.dot needs >= 16.
-    short = max(16, triton.next_power_of_2(q_len))
-    # (BLOCK_M, BLOCK_N, num_warps); d=128 with explicit positions still spills some (~250 B/thread).
-    # 64-key steps at d <= 64: one accumulator rescale per 64 scores, not per 32 (sm_90 report: ~12-21% fewer
-    # instructions per score, 172-178 registers, no spills, pipelined).
-    wide = head_dim <= 64 and not fp32
-    if wide:
-        fwd = (min(128, short), 64, 8 if short >= 64 else 4)   # decode steps: one 16-row tile, 4 warps
-    elif not gather_everywhere:
-        fwd = (min(128, short), 32, 8 if short >= 64 else 4)
-    else:
-        fwd = (min(64, short), 32, 4)
-    # dk/dv: 128 keys on 8 warps, so each warpgroup owns 64 distinct key rows of the score tile (a 64-key tile
-    # on 8 warps has warpsPerCTA [8, 1] on 64 rows: both warpgroups computed the same S and dP, twice the
-    # MUFU and wgmma per score); 16 queries per step keeps it at ~227 registers without spills (d <= 64).
-    dkdv = (16, 128, 8) if head_dim <= 64 else (32, 64, 8)
-    dq = (128, 64 if wide else 32, 8) if head_dim <= 64 else (32, 32, 4)
-    return _Blocks(fwd[0], fwd[1], dkdv[0], dkdv[1], dq[0], dq[1], fwd[2], dkdv[2], dq[2], num_stages=2)
-
 
 _BUCKET_CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -102,37 +49,21 @@ def _bucket_table(bidirectional: bool, num_buckets: int, max_distance: int, devi
     clamping the relative position to [-D, D] is exact. Built with the reference bucket function so the
     kernel matches Hugging Face's fp32 log arithmetic bit for bit at bucket boundaries. The learned table
     itself is read by the kernels directly: nothing is derived from its values on the host.
+
+    Cached in eager mode only: under torch.compile it is built in the graph (from constants: folded), and
+    during CUDA-graph capture it is not cached (a tensor made there holds its values only on replay).
     """
     key = (bool(bidirectional), int(num_buckets), int(max_distance), torch.device(device))
-    buckets = _BUCKET_CACHE.get(key)
+    cacheable = not torch.compiler.is_compiling() and not (torch.cuda.is_available()
+                                                           and torch.cuda.is_current_stream_capturing())
+    buckets = _BUCKET_CACHE.get(key) if cacheable else None
     if buckets is None:
         rel = torch.arange(-max_distance, max_distance + 1, device=device)
         buckets = relative_position_bucket(rel, bidirectional, num_buckets, max_distance).to(torch.int32)
-        _BUCKET_CACHE[key] = buckets = buckets.contiguous()                          # (2D+1,)
+        buckets = buckets.contiguous()                                                 # (2D+1,)
+        if cacheable:
+            _BUCKET_CACHE[key] = buckets
     return buckets
-
-
-@dataclass
-class _Meta:
-    """Normalised masks/positions (int32, (B|1, L) with batch stride 0 when broadcast) and flags."""
-    bidirectional: bool
-    num_buckets: int
-    max_distance: int
-    scale: float
-    q_offset: int
-    causal: bool
-    deterministic: bool
-    dropout_p: float = 0.0   # > 0 only when training with attention dropout
-    seed: torch.Tensor | None = None   # (1,) int32 on the device: base of the per-(batch, head) Philox streams
-    q_pos: torch.Tensor | None = None
-    kv_pos: torch.Tensor | None = None
-    q_seg: torch.Tensor | None = None
-    kv_seg: torch.Tensor | None = None
-    prefix: torch.Tensor | None = None
-
-
-def _b_stride(t: torch.Tensor | None) -> int:
-    return 0 if t is None or t.shape[0] == 1 else t.stride(0)
 
 
 def _as_rows(t: torch.Tensor, name: str, batch: int, length: int) -> torch.Tensor:
@@ -142,89 +73,6 @@ def _as_rows(t: torch.Tensor, name: str, batch: int, length: int) -> torch.Tenso
         raise ValueError(f"t5_attention: {name} has shape {tuple(t.shape)}, expected ({batch}, {length}) "
                          f"or ({length},)")
     return t.to(torch.int32).contiguous()
-
-
-def _launch_common(q, k, meta: _Meta, rel, blocks_m: int, blocks_n: int):
-    """Arguments shared by every kernel (after the tensors), the dropout seed pointer, and the constexpr flags."""
-    dummy = q.new_empty(1, dtype=torch.int32)
-    tensors = [meta.q_pos if meta.q_pos is not None else dummy, meta.kv_pos if meta.kv_pos is not None else dummy,
-               meta.q_seg if meta.q_seg is not None else dummy, meta.kv_seg if meta.kv_seg is not None else dummy,
-               meta.prefix if meta.prefix is not None else dummy]
-    strides = [rel.stride(1) if rel is not None else 0, rel.stride(0) if rel is not None else 0,
-               _b_stride(meta.q_pos), _b_stride(meta.kv_pos),
-               _b_stride(meta.q_seg), _b_stride(meta.kv_seg)]
-    interp_bf16 = _interpreting() and q.dtype == torch.bfloat16
-    flags = dict(HEAD_DIM=q.shape[-1], BLOCK_M=blocks_m, BLOCK_N=blocks_n, HAS_BIAS=rel is not None,
-                 HAS_QPOS=meta.q_pos is not None, HAS_KPOS=meta.kv_pos is not None,
-                 # 0: no segments/padding, 1: key padding only, 2: segment ids on both sides.
-                 HAS_SEG=0 if meta.kv_seg is None else (1 if meta.q_seg is None else 2),
-                 CAUSAL=meta.causal, HAS_PREFIX=meta.prefix is not None,
-                 # The interpreter's bf16 tl.dot is broken (docs/MACHINE_NOTES.md): upcast tiles to fp32 there.
-                 UPCAST=interp_bf16,
-                 # fp32 inputs get true fp32 dots (torch's matmul default), not TF32.
-                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 or interp_bf16 else "tf32",
-                 DROPOUT=meta.dropout_p > 0.0)
-    return tensors, strides, (meta.seed if meta.seed is not None else dummy), flags
-
-
-def _forward(q, k, v, rel, buckets, meta: _Meta):
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None, q.dtype == torch.float32)
-    # (B, Lq, H, D) storage viewed as (B, H, Lq, D): the model's merge of heads is then a free reshape.
-    o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    tensors, strides, seed, flags = _launch_common(q, k, meta, rel, cfg.fwd_m, cfg.fwd_n)
-    grid = (triton.cdiv(Lq, cfg.fwd_m), H, B)
-    _k._fwd_kernel[grid](
-        q, k, v, o, lse, rel if rel is not None else lse, buckets if buckets is not None else lse, *tensors,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
-        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.max_distance, seed, meta.dropout_p,
-        **flags, num_warps=cfg.fwd_warps, num_stages=cfg.num_stages)
-    return o, lse
-
-
-def _backward(do, q, k, v, o, lse, rel, buckets, meta: _Meta, bias_grad: bool):
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    cfg = _blocks(D, Lq, meta.q_pos is not None or meta.kv_pos is not None, q.dtype == torch.float32)
-    delta = torch.empty_like(lse)
-    delta_m = min(cfg.dq_m, 64)   # memory-bound row sums: small tiles, no register pressure
-    _k._bwd_delta_kernel[(triton.cdiv(Lq, delta_m), H, B)](
-        o, do, delta, *o.stride(), *do.stride(), H, Lq, HEAD_DIM=D, BLOCK_M=delta_m)
-
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    nb_pad = triton.next_power_of_2(meta.num_buckets)
-    n_kv_blocks = triton.cdiv(Lk, cfg.bwd_n)
-    if bias_grad and meta.deterministic:
-        # One slot per program, every slot written: summed below in a fixed order.
-        dbias = torch.empty((B, H, n_kv_blocks, nb_pad), dtype=torch.float32, device=q.device)
-    else:
-        dbias = torch.zeros((H, nb_pad), dtype=torch.float32, device=q.device)
-    tab = rel if rel is not None else lse           # never read without HAS_BIAS
-    bkt = buckets if buckets is not None else lse
-    tensors, strides, seed, flags = _launch_common(q, k, meta, rel, cfg.bwd_m, cfg.bwd_n)
-    _k._bwd_dkdv_kernel[(n_kv_blocks, H, B)](
-        q, k, v, do, lse, delta, dk, dv, dbias, tab, bkt, *tensors,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
-        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, meta.num_buckets,
-        seed, meta.dropout_p,
-        NB_PAD=nb_pad, BIAS_GRAD=bias_grad, DETERMINISTIC=meta.deterministic, **flags,
-        num_warps=cfg.bwd_warps, num_stages=cfg.num_stages)
-
-    tensors, strides, seed, flags = _launch_common(q, k, meta, rel, cfg.dq_m, cfg.dq_n)
-    _k._bwd_dq_kernel[(triton.cdiv(Lq, cfg.dq_m), H, B)](
-        q, k, v, do, lse, delta, dq, tab, bkt, *tensors,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
-        H, Lq, Lk, meta.q_offset, meta.scale * _LOG2E, meta.scale, meta.max_distance, seed, meta.dropout_p,
-        **flags, num_warps=cfg.dq_warps, num_stages=cfg.num_stages)
-
-    dtable = None
-    if bias_grad:
-        if meta.deterministic:
-            dbias = dbias.sum(dim=(0, 2))
-        dtable = dbias[:, :meta.num_buckets].t()                      # (num_buckets, H)
-    return dq, dk, dv, dtable
 
 
 def _draw_dropout_seed(streams: int, device) -> torch.Tensor:
@@ -237,7 +85,7 @@ def _draw_dropout_seed(streams: int, device) -> torch.Tensor:
 def _relative_bias(table: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
     """The (H, 2 * max_distance + 1) fp32 bias at every clamped relative position, scaled by log2(e) for the
     kernels' exp2 softmax: one gather per score in-kernel. Built per call (the table changes every step),
-    outside the autograd Function, without a graph (the table's gradient comes from the kernels)."""
+    outside the custom op, without a graph (the table's gradient comes from the kernels)."""
     with torch.no_grad():
         return (table.detach().index_select(0, buckets).t().float() * _LOG2E).contiguous()
 
@@ -249,29 +97,6 @@ def _dropout_scales(batch: int, heads: int, q_len: int, kv_len: int, seed: torch
     grid = (triton.cdiv(q_len, 32), triton.cdiv(kv_len, 32), batch * heads)
     _k._dropout_mask_kernel[grid](out, seed, q_len, kv_len, dropout_p, BLOCK_M=32, BLOCK_N=32)
     return out.view(batch, heads, q_len, kv_len)
-
-
-class _T5AttentionFn(torch.autograd.Function):
-    """Creates nothing but its outputs in forward: the bucket table (cached) and the relative bias vector
-    (per call) come in as inputs, so torch.compile never sees a tensor made here escape (issue 13).
-    `bias_table` is an input for its gradient only; the kernels read `rel`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias_table, rel, buckets, meta: _Meta):
-        o, lse = _forward(q, k, v, rel, buckets, meta)
-        ctx.save_for_backward(q, k, v, o, lse, rel, buckets)
-        ctx.meta = meta
-        ctx.table_dtype = None if bias_table is None else bias_table.dtype
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, rel, buckets = ctx.saved_tensors
-        bias_grad = rel is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dtable = _backward(do, q, k, v, o, lse, rel, buckets, ctx.meta, bias_grad)
-        if dtable is not None:
-            dtable = dtable.to(ctx.table_dtype)
-        return dq, dk, dv, dtable, None, None, None
 
 
 def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32, max_distance=128,
@@ -290,7 +115,7 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
     if triton is None:
         raise RuntimeError("t5_attention: triton is not installed; use kernel_backend='torch' "
                            "(t5_attention_ref)")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not is_interpreter():
         raise ValueError(f"t5_attention: tensors on {q.device} need CUDA, or TRITON_INTERPRET=1 set before "
                          f"triton is imported; use kernel_backend='torch' on CPU")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -340,16 +165,16 @@ def t5_attention(q, k, v, bias_table=None, *, bidirectional=True, num_buckets=32
     if bias_table is not None:
         buckets = _bucket_table(bidirectional, num_buckets, max_distance, q.device)
         rel = _relative_bias(bias_table, buckets)
-    return _T5AttentionFn.apply(q, k, v, bias_table, rel, buckets, meta)
+    return t5_attention_op(q, k, v, bias_table, rel, buckets, meta)
 
 
 def _make_meta(B, Lq, Lk, *, bidirectional, num_buckets, max_distance, scale, key_padding_mask, causal,
                prefix_lengths, q_segment_ids, kv_segment_ids, q_positions, kv_positions, q_offset,
-               deterministic, dropout_p, streams, device) -> _Meta:
+               deterministic, dropout_p, streams, device) -> Meta:
     """The kernels' normalised masks and flags (also what benchmarks/kernels/compiled_report.py launches)."""
-    meta = _Meta(bidirectional=bool(bidirectional), num_buckets=int(num_buckets), max_distance=int(max_distance),
-                 scale=float(scale), q_offset=int(q_offset), causal=bool(causal) or prefix_lengths is not None,
-                 deterministic=bool(deterministic))
+    meta = Meta(num_buckets=int(num_buckets), max_distance=int(max_distance), scale=float(scale),
+                q_offset=int(q_offset), causal=bool(causal) or prefix_lengths is not None,
+                deterministic=bool(deterministic))
     if dropout_p > 0.0:
         if Lq * Lk >= 2**31:
             raise ValueError(f"t5_attention: attention dropout needs Lq * Lk < 2**31 (its Philox counter), got "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from kernels import _t5_attention_launch as launch
 from kernels import t5_attention as attn
 from kernels.t5_attention import relative_position_bucket, t5_attention, t5_attention_ref
 
@@ -51,6 +52,9 @@ CASES = [
     Case("packed-enc-fp32-d64", torch.float32, 64, 2, 2, 130, 130, masks="packed_pad"),
     Case("packed-dec-causal-fp16-d64", torch.float16, 64, 2, 1, 130, 130, dict(causal=True, bidirectional=False),
          masks="packed"),
+    # d = 128 with packing: dk/dv's diagonal / per-bucket loops at that head dim too
+    Case("packed-dec-causal-fp16-d128", torch.float16, 128, 1, 1, 70, 70,
+         dict(causal=True, bidirectional=False, max_distance=20), masks="packed"),
     # explicit positions in no particular order: dk/dv reduces the bias gradient bucket by bucket
     Case("packed-scrambled-positions-fp32-d64", torch.float32, 64, 2, 2, 70, 70, dict(max_distance=20),
          masks="packed_scrambled"),
@@ -165,7 +169,7 @@ def test_non_square_tiles_match_reference(tiles, device, monkeypatch):
     if device.type == "cuda":
         pytest.skip("compiled run: the real tiles are used")
     m, n = tiles
-    monkeypatch.setattr(attn, "_blocks", lambda *_a: attn._Blocks(m, n, m, n, m, n, 1, 1, 1, 1))
+    monkeypatch.setattr(launch, "_blocks", lambda *_a: launch._Blocks(m, n, m, n, m, n, 1, 1, 1, 1))
     for case in (Case("pad-bidi", torch.float32, 64, 2, 2, 70, 70, dict(max_distance=24), masks="pad"),
                  Case("causal-offset", torch.float32, 64, 1, 2, 37, 70,
                       dict(causal=True, bidirectional=False, max_distance=20, q_offset=33))):

@@ -2,8 +2,8 @@
 
 The interpreter runs the kernels as Python, so it cannot see compiled-only errors (non-constexpr globals,
 type clashes between `if` branches, ...). Triton ships ptxas, so the kernels are compiled ahead of time for
-sm_90 (H100) with the launch configurations `kernels.t5_attention._blocks` picks, in a subprocess without
-TRITON_INTERPRET. The register report guards the tile choice: at head dim 64 no 16-bit variant may spill.
+sm_90 (H100) with the launch configurations `kernels._t5_attention_launch._blocks` picks, in a subprocess
+without TRITON_INTERPRET. The register report guards the tile choice: at head dim 64 no 16-bit variant may spill.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from kernels import _t5_attention_kernels as K
-from kernels.t5_attention import _blocks
+from kernels._t5_attention_launch import _blocks
 from tests.aot_compile import resource_usage
 
 ACT = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
@@ -72,4 +72,4 @@ def test_kernels_compile_for_sm90_without_spills_at_d64():  # ~15 s
     # fp32 (exact fp32 dots, not a training path on the GPU) and dropout (Philox state) may spill.
     spilled = [r for r in rows if r["head_dim"] == 64 and r["dtype"] != "fp32" and not r.get("dropout")
                and r["stack"] != 0]
-    assert not spilled, f"register spills at head dim 64 (retune kernels/t5_attention.py:_blocks): {spilled}"
+    assert not spilled, f"register spills at head dim 64 (retune kernels/_t5_attention_launch.py:_blocks): {spilled}"

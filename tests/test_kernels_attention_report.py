@@ -3,7 +3,8 @@
 The compiled check (skipped without triton's bundled ptxas/cuobjdump) compiles every attention kernel of
 every mask variant at the model's shapes (B 8, H 12, L 512, d 64, bf16) through the project's launchers
 and asserts what issue 12 asks of the masked variants: their loads are pipelined (asynchronous copies in the
-SASS), the matmuls are on wgmma, and nothing spills. The yardstick kernel's numerics are checked under the
+SASS), the matmuls are on wgmma, and nothing spills; at d = 128 too, and for every tile of the autotuning
+space (kernels/_t5_attention_tune.py) at d = 64. The yardstick kernel's numerics are checked under the
 interpreter against PyTorch.
 """
 from __future__ import annotations
@@ -17,13 +18,17 @@ from tests.aot_compile import run_compile_script
 _SCRIPT = r'''
 import json
 from benchmarks.kernels.compiled_report import build_report
-for row in build_report(batch=8, heads=12, length=512, head_dim=64, dtype="bf16")["rows"]:
+for row in build_report(batch=8, heads=12, length=512, head_dim=HEAD_DIM, dtype="bf16")["rows"]:
     print(json.dumps(row), flush=True)
 '''
 
 
+def _report_rows(head_dim: int):
+    return run_compile_script(_SCRIPT.replace("HEAD_DIM", str(head_dim)))
+
+
 def test_masked_variants_are_pipelined_on_wgmma_without_spills_at_d64():  # ~60 s
-    stdout, rows = run_compile_script(_SCRIPT)
+    stdout, rows = _report_rows(64)
     by = {(r["variant"], r["kernel"]): r for r in rows}
     print("\n".join(f"{r['variant']:>24} {r['kernel']:>5} regs {r['regs']:>3} stack {r['stack']} "
                     f"LDGSTS {r['ldgsts']:>3} HGMMA {r['hgmma']:>3} SASS {r['sass']}" for r in rows))
@@ -45,6 +50,52 @@ def test_masked_variants_are_pipelined_on_wgmma_without_spills_at_d64():  # ~60 
     assert not problems, "\n".join(problems)
     plain = by[("plain-flash (our tiles)", "fwd")]
     assert plain["hgmma"] > 0 and plain["ldgsts"] > 0 and plain["stack"] == 0, plain
+
+
+def test_d128_kernels_are_on_wgmma_without_spills():  # ~60 s
+    """Issue 12 at d = 128: dk/dv without spills (it spilled 16-104 B with 32 x 64 tiles), dq on wgmma (its
+    32-row tiles ran mma.sync), every masked variant pipelined (packed dk/dv too: its two loops)."""
+    stdout, rows = _report_rows(128)
+    problems = []
+    for r in rows:
+        if r["variant"] not in R.MASKED or r["kernel"] == "delta":
+            continue
+        name = f"{r['variant']} {r['kernel']} {r['BLOCK_M']}x{r['BLOCK_N']}"
+        if r["stack"] or r["spill_ops"]:
+            problems.append(f"{name}: spills ({r['stack']} B stack, {r['spill_ops']} LDL/STL)")
+        if r["mma_sync"] or not r["hgmma"]:
+            problems.append(f"{name}: HMMA {r['mma_sync']}, HGMMA {r['hgmma']}")
+        if r["ldgsts"] + r["tma"] == 0:
+            problems.append(f"{name}: no asynchronous copies")
+    assert len(rows) >= 3 * len(R.MASKED), stdout[-2000:]
+    assert not problems, "\n".join(problems)
+
+
+_SPACE_SCRIPT = r'''
+import json
+import torch
+from benchmarks.kernels.compiled_report import MASKED, space_rows
+for row in space_rows(8, 12, 512, 64, torch.bfloat16, MASKED):
+    print(json.dumps(row), flush=True)
+'''
+
+
+def test_every_autotuning_tile_is_pipelined_without_spills_at_d64():  # ~4 min
+    """kernels/_t5_attention_tune.py may pick any tile of its space: each must compile as well as the default."""
+    from kernels import _t5_attention_tune as tune
+
+    stdout, rows = run_compile_script(_SPACE_SCRIPT)
+    tiles = {(r["kernel"], r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"]) for r in rows}
+    for kernel, space in tune.SPACE_D64.items():
+        for t in space[1:]:        # the defaults are checked above
+            assert (kernel, t.m, t.n, t.warps, t.stages) in tiles, f"{kernel} {t} not compiled: {stdout[-2000:]}"
+    print("\n".join(f"{r['variant']:>16} {r['kernel']:>5} {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} "
+                    f"s{r['num_stages']} regs {r['regs']:>3} stack {r['stack']} LDGSTS {r['ldgsts']}" for r in rows))
+    bad = [f"{r['variant']} {r['kernel']} {r['BLOCK_M']}x{r['BLOCK_N']}x{r['num_warps']}x{r['num_stages']}: "
+           f"stack {r['stack']} B, LDGSTS {r['ldgsts']}, HGMMA {r['hgmma']}" for r in rows
+           if r["stack"] or r["spill_ops"] or not r["ldgsts"] + r["tma"] or not r["hgmma"]]
+    assert not bad, "\n".join(bad)
+    assert {r["variant"] for r in rows} == set(R.MASKED)
 
 
 def test_sass_counts_reads_opcodes_and_skips_nops():

@@ -4,8 +4,8 @@
     python -m benchmarks.kernels.compiled_report --head-dim 128 --out benchmarks/results/compiled --name d128
 
 Every kernel (forward, dk/dv, dq, and the delta pre-pass) of every mask variant the model uses is compiled
-through the project's own launchers (`kernels.t5_attention._forward` / `_backward`, so the tile choice of
-`_blocks` and triton's real runtime specialisation -- 16-byte alignment of pointers, divisibility of the
+through the project's own launchers (`kernels._t5_attention_launch.forward` / `backward`, so the tile choice
+of `_blocks` and triton's real runtime specialisation -- 16-byte alignment of pointers, divisibility of the
 integer arguments -- are the ones a GPU run gets): a fake sm_90 driver stands in for CUDA and every
 `kernel[grid](...)` becomes `kernel.run(..., warmup=True)` (compile, never launch). Triton's bundled
 ptxas assembles the PTX and its cuobjdump reads back the cubin. Beside them, in the same run, a plain
@@ -15,7 +15,8 @@ same tiles, and once with the 128 x 64, 3-stage tiles of published Hopper flash 
 Per kernel: registers and stack (spill) bytes per thread, spill loads/stores (LDL/STL) in SASS, shared memory,
 wgmma count (HGMMA in SASS), asynchronous copies (LDGSTS = cp.async, UTMALDG/UBLKCP = TMA; and the
 `async_copy` ops in TTGIR), MUFU (exp2/log2/rcp) and barrier counts, and the SASS instruction count.
-Writes `<out>/<name>.json` and `<out>/<name>.md`; prints the Markdown table. `--compare BEFORE AFTER` prints
+`--space` adds the rows of every other tile of the autotuning space (kernels/_t5_attention_tune.py), kernel
+by kernel. Writes `<out>/<name>.json` and `<out>/<name>.md`; prints the Markdown table. `--compare BEFORE AFTER` prints
 the before/after table of two such JSON files.
 
 Counts are static (instructions in the binary, not executed per tile): they show whether the loop is
@@ -250,8 +251,29 @@ def analyse(kernel) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- the report
-def _compile_variant(name, batch, heads, length, head_dim, dtype):
-    """Compile forward + backward of one variant through kernels.t5_attention's launchers."""
+class _ForcedTiles:
+    """While active, the launchers' tile choice (kernels/_t5_attention_tune.py:choose) returns `tiles[kernel]`
+    for the kernels named there and the default for the others."""
+
+    def __init__(self, tiles: dict):
+        self.tiles = tiles
+
+    def __enter__(self):
+        from kernels import _t5_attention_tune as tune
+
+        self._tune, self._choose = tune, tune.choose
+        tune.choose = lambda key, default, launch, device, **_kw: self.tiles.get(key.kernel, default)
+        return self
+
+    def __exit__(self, *exc):
+        self._tune.choose = self._choose
+        return False
+
+
+def _compile_variant(name, batch, heads, length, head_dim, dtype, tiles=None):
+    """Compile forward + backward of one variant through kernels.t5_attention's launchers (with `tiles`,
+    {kernel: Tile}, instead of the defaults where given)."""
+    from kernels import _t5_attention_launch as L
     from kernels import t5_attention as T
 
     has_bias, bidirectional, masks = _variant_kwargs(name, batch, length)
@@ -266,9 +288,9 @@ def _compile_variant(name, batch, heads, length, head_dim, dtype):
                         q_positions=masks.get("q_positions"), kv_positions=masks.get("kv_positions"), q_offset=0,
                         deterministic=False, dropout_p=0.0, streams=batch * heads, device="cpu")
     rel = T._relative_bias(table, buckets) if has_bias else None
-    with _Recorder() as rec:
-        o, lse = T._forward(q, k, v, rel, buckets, meta)
-        T._backward(torch.zeros_like(o), q, k, v, o, lse, rel, buckets, meta, bias_grad=has_bias)
+    with _Recorder() as rec, _ForcedTiles(tiles or {}):
+        o, lse = L.forward(q, k, v, rel, buckets, meta)
+        L.backward(torch.zeros_like(o), q, k, v, o, lse, rel, buckets, meta, bias_grad=has_bias)
     names = {"_fwd_kernel": "fwd", "_bwd_delta_kernel": "delta", "_bwd_dkdv_kernel": "dkdv", "_bwd_dq_kernel": "dq"}
     return [(names.get(fn, fn), kernel, launch) for fn, kernel, launch in rec.compiled]
 
@@ -280,17 +302,44 @@ def _compile_plain(batch, heads, length, head_dim, dtype, tiles):
     return [("fwd", kernel, launch) for _, kernel, launch in rec.compiled]
 
 
-def build_report(batch=8, heads=12, length=512, head_dim=64, dtype="bf16", variants=VARIANTS) -> dict:
+def space_rows(batch, heads, length, head_dim, tdtype, variants) -> list[dict]:
+    """Rows of every autotuning tile (kernels/_t5_attention_tune.py:SPACE_D64) that is not the default, per
+    variant and kernel (the tiles of its mask kind, `tune.fits_kind`), marked `space: True` (the default's
+    rows are the report's own)."""
+    from kernels import _t5_attention_tune as tune
+
+    rows = []
+    for name in variants:
+        defaults = {k: launch for k, _, launch in _compile_variant(name, batch, heads, length, head_dim, tdtype)}
+        flags = {"HAS_QPOS": "q_positions" in _variant_kwargs(name, batch, length)[2]}
+        for kname, tiles in tune.SPACE_D64.items():
+            d = defaults[kname]
+            default = tune.Tile(d["BLOCK_M"], d["BLOCK_N"], d["num_warps"], d["num_stages"])
+            for tile in tiles:
+                if tile == default or not tune.fits_kind(kname, tile, flags):
+                    continue
+                for k, kernel, launch in _compile_variant(name, batch, heads, length, head_dim, tdtype,
+                                                          {kname: tile}):
+                    if k == kname:
+                        rows.append(dict(variant=name, kernel=k, space=True, **launch, **analyse(kernel)))
+    return rows
+
+
+def build_report(batch=8, heads=12, length=512, head_dim=64, dtype="bf16", variants=VARIANTS,
+                 space: bool = False) -> dict:
+    """The report's rows; with `space`, also those of every autotuning tile (see `space_rows`)."""
     import triton
 
-    from kernels import t5_attention as T
+    from kernels import _t5_attention_launch as L
 
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     rows = []
     for name in variants:
         for kname, kernel, launch in _compile_variant(name, batch, heads, length, head_dim, tdtype):
             rows.append(dict(variant=name, kernel=kname, **launch, **analyse(kernel)))
-    cfg = T._blocks(head_dim, length, False)
+    if space:
+        rows += space_rows(batch, heads, length, head_dim, tdtype, variants)
+    cfg = L._blocks(head_dim, length, False)
     for label, tiles in (("plain-flash (our tiles)", (cfg.fwd_m, cfg.fwd_n, cfg.fwd_warps, cfg.num_stages)),
                          ("plain-flash 128x64x3", (128, 64, 8, 3))):
         for kname, kernel, launch in _compile_plain(batch, heads, length, head_dim, tdtype, tiles):
@@ -324,7 +373,9 @@ def to_markdown(report: dict) -> str:
     for r in report["rows"]:
         cells = []
         for title, key in _COLUMNS:
-            if key is None:
+            if key == "variant" and r.get("space"):
+                cells.append(f"{r['variant']} (tuning space)")
+            elif key is None:
                 cells.append(f"{r.get('BLOCK_M', '-')}x{r.get('BLOCK_N', '-')}")
             elif key == "loops":
                 cells.append("/".join(map(str, r.get(key, []))) or "-")
@@ -342,7 +393,7 @@ def _per_kscores(r: dict) -> str:
 
 def compare(before: dict, after: dict) -> str:
     """Markdown table of two reports, kernel by kernel: `before -> after` for the figures that matter."""
-    old = {(r["variant"], r["kernel"]): r for r in before["rows"]}
+    old = {(r["variant"], r["kernel"]): r for r in before["rows"] if not r.get("space")}
     keys = ("regs", "stack", "ldgsts", "hgmma", "mufu", "sass")
     lines = [f"Before: commit {before['commit']}; after: commit {after['commit']}. Loop bodies per 1k scores: static "
              f"instructions per thread of each tile loop divided by the tile's scores, x 1024.", "",
@@ -350,7 +401,7 @@ def compare(before: dict, after: dict) -> str:
              "|" + "---|" * (len(keys) + 4)]
     for r in after["rows"]:
         b = old.get((r["variant"], r["kernel"]))
-        if b is None or r["kernel"] == "delta":
+        if b is None or r["kernel"] == "delta" or r.get("space"):
             continue
         tile = f"{b.get('BLOCK_M')}x{b.get('BLOCK_N')} -> {r.get('BLOCK_M')}x{r.get('BLOCK_N')}"
         cells = [f"{b[k]} -> {r[k]}" for k in keys]
@@ -370,6 +421,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="directory of <name>.json and <name>.md")
     ap.add_argument("--name", default=None, help="file stem (default: report-L<length>-d<head_dim>-<dtype>)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--space", action="store_true", help="also compile every tile of the autotuning space "
+                    "(kernels/_t5_attention_tune.py) for each variant")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print the before/after table of two "
                     "report JSON files (compiles nothing)")
     args = ap.parse_args(argv)
@@ -387,7 +440,7 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     report = build_report(args.batch, args.heads, args.length, args.head_dim, args.dtype,
-                          tuple(v for v in args.variants.split(",") if v))
+                          tuple(v for v in args.variants.split(",") if v), space=args.space)
     md = to_markdown(report)
     print(md)
     if not args.no_write:
