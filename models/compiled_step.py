@@ -1,0 +1,152 @@
+"""The one-token decoder step under torch.compile (`generate(..., compile_step=True)`): one graph per
+(rows, max_length, encoder length), replayed as a CUDA graph on a GPU.
+
+    ids = model.generate(input_ids, attention_mask=mask, max_new_tokens=64, compile_step=True)
+
+`compile_step` (models/generation_config.py) picks how the step is compiled; every mode traces with
+`fullgraph=True, dynamic=False` (no graph break, no dynamic shapes: a change of shape is a new graph):
+
+| value               | torch.compile arguments                         | device                              |
+|---------------------|-------------------------------------------------|-------------------------------------|
+| `True`              | `"reduce-overhead"` on CUDA, `"aot_eager"` else | any                                 |
+| `"reduce-overhead"` | `mode="reduce-overhead"`: inductor + CUDA graphs | CUDA                                |
+| `"cudagraphs"`      | `backend="cudagraphs"`: ATen graph as CUDA graphs, no code generation (compiles in seconds) | CUDA |
+| `"aot_eager"`       | `backend="aot_eager"`: the functionalised graph run eagerly (what CPU tests run) | any  |
+| `"eager"`           | `backend="eager"`: dynamo's capture only          | any                                 |
+
+How (`CompiledStep`): the cache is a whole-buffer `StaticCache` (every step the same shapes; the position a
+device tensor, models/kv_cache.py). The first step of a sequence runs eagerly: the first time it allocates
+the K/V buffers (in the dtype the projections produce) and computes the cross-attention K/V, later times
+(after `reset`) it recomputes those into the same tensors. Every further step calls the compiled function.
+The buffers, the position, the tokens fed, the encoder output and its mask are marked static addresses
+(`torch._dynamo.mark_static_address`): a CUDA graph reads and writes them in place, with no copy per replay.
+Beam reordering (`StaticCache.reorder`) runs eagerly between steps and copies rows within those same
+buffers, so the graph's addresses stay valid. The logits are copied out of the graph's output (a CUDA graph
+overwrites its outputs on the next replay).
+
+A `CompiledStep` (buffers + compiled function) is kept per model and key (rows, max_length, encoder length,
+dtype, mask or not, device, mode) and reused by later `generate` calls: a new sequence copies its encoder
+output into the static one and resets the cache, and the graph (and a CUDA graph's recording) is reused.
+Each key compiles its own copy of the step function (its own code object), so dynamo's recompile limit
+(per code object) counts per key, and a key never recompiles; at most `MAX_KEYS` keys are kept per model
+(least recently used dropped). One `generate` at a time uses a key's buffers (a second one is an error).
+"""
+from __future__ import annotations
+
+import collections
+import types
+import weakref
+
+import torch
+
+from .generation_config import COMPILE_MODES as MODES
+from .kv_cache import StaticCache
+
+CUDA_ONLY = ("reduce-overhead", "cudagraphs")
+MAX_KEYS = 8
+_ENTRIES: "weakref.WeakKeyDictionary[torch.nn.Module, collections.OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def resolve_mode(compile_step: bool | str, device: torch.device) -> str | None:
+    """The compile mode for `compile_step` on `device` (None: not compiled); an error for a CUDA-only one."""
+    if compile_step is False:
+        return None
+    mode = ("reduce-overhead" if device.type == "cuda" else "aot_eager") if compile_step is True else compile_step
+    if mode not in MODES:
+        raise ValueError(f"generate(): compile_step={compile_step!r}: expected true, false or one of {MODES}")
+    if mode in CUDA_ONLY and device.type != "cuda":
+        raise ValueError(f"generate(): compile_step={compile_step!r} needs a CUDA device (CUDA graphs); "
+                         f"the inputs are on {device} (compile_step=True picks 'aot_eager' there)")
+    return mode
+
+
+def compile_kwargs(mode: str) -> dict:
+    base = dict(fullgraph=True, dynamic=False)
+    if mode == "reduce-overhead":
+        return dict(base, mode="reduce-overhead")
+    return dict(base, backend=mode)
+
+
+def _decode_step(model, tokens: torch.Tensor, encoder_hidden: torch.Tensor, attention_mask, cache):
+    """What is compiled: one decoder step over a whole-buffer static cache, next-token logits (N, V)."""
+    logits, _ = model.decode_step(tokens, encoder_hidden, attention_mask, cache)
+    return logits[:, -1]
+
+
+def _own_copy(fn):
+    """`fn` with its own code object: dynamo keeps graphs (and counts recompiles) per code object."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class CompiledStep:
+    """Static buffers and the compiled step for one key (module doc)."""
+
+    def __init__(self, model, mode: str, rows: int, max_length: int, encoder_hidden: torch.Tensor,
+                 attention_mask: torch.Tensor | None):
+        self.model, self.mode = model, mode
+        self.encoder_hidden = torch.empty_like(encoder_hidden)
+        self.attention_mask = None if attention_mask is None else torch.empty_like(attention_mask)
+        self.cache = StaticCache(model.config, rows, max_length, encoder_hidden.device, full_length=True)
+        self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=encoder_hidden.device)
+        self.fn = torch.compile(_own_copy(_decode_step), **compile_kwargs(mode))
+        self.marked = False     # static addresses marked (after the first step allocated the buffers)
+        self.busy = False
+        self.first = True       # the next step is a sequence's first (eager)
+        self.compiled_calls = 0
+
+    def begin(self, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if self.busy:
+            raise RuntimeError("generate(compile_step=...): this model's compiled decode step for these shapes "
+                               "is in use by another generate (one at a time)")
+        self.busy, self.first = True, True
+        self.encoder_hidden.copy_(encoder_hidden)
+        if attention_mask is not None:
+            self.attention_mask.copy_(attention_mask)
+        self.cache.reset()
+
+    def end(self) -> None:
+        self.busy = False
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)  # (a search's tokens are a strided column: one layout for the graph)
+        tokens = self.tokens
+        if self.first:
+            logits, _ = self.model.decode_step(tokens, self.encoder_hidden, self.attention_mask, self.cache)
+            self.first = False
+            if not self.marked:
+                for t in (*self.cache.tensors(), self.tokens, self.encoder_hidden, self.attention_mask):
+                    if t is not None:
+                        torch._dynamo.mark_static_address(t)
+                self.marked = True
+            return logits[:, -1]
+        if self.mode in CUDA_ONLY:
+            torch.compiler.cudagraph_mark_step_begin()
+        self.compiled_calls += 1
+        return self.fn(self.model, tokens, self.encoder_hidden, self.attention_mask, self.cache).clone()
+
+
+def compiled_step(model, mode: str, rows: int, max_length: int, encoder_hidden: torch.Tensor,
+                  attention_mask: torch.Tensor | None) -> CompiledStep:
+    """The model's `CompiledStep` for these shapes (made on first use, then reused), ready for a sequence."""
+    key = (rows, max_length, tuple(encoder_hidden.shape[1:]), encoder_hidden.dtype, str(encoder_hidden.device),
+           None if attention_mask is None else attention_mask.dtype, mode, model.training)
+    entries = _ENTRIES.setdefault(model, collections.OrderedDict())
+    entry = entries.pop(key, None) or CompiledStep(model, mode, rows, max_length, encoder_hidden, attention_mask)
+    entries[key] = entry  # most recently used last
+    while len(entries) > MAX_KEYS:
+        entries.popitem(last=False)
+    entry.begin(encoder_hidden, attention_mask)
+    return entry
+
+
+def entries(model) -> list[CompiledStep]:
+    """The model's kept compiled steps (tests, benchmarks)."""
+    return list(_ENTRIES.get(model, {}).values())
+
+
+def clear(model=None) -> None:
+    """Drop the kept compiled steps (of one model, or all)."""
+    if model is None:
+        _ENTRIES.clear()
+    else:
+        _ENTRIES.pop(model, None)

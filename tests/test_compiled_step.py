@@ -1,0 +1,129 @@
+"""`generate(..., compile_step=...)` (models/compiled_step.py) on CPU: the decode step under torch.compile
+(fullgraph, dynamic=False; the "aot_eager" backend CPU runs, the functionalised graph that inductor would
+get) gives the same tokens as the uncompiled step, greedy and beam-4 with padding in the batch; ONE graph
+serves every step of a generate and every later generate of the same shapes (no recompilation); the
+buffers the graph reads keep their addresses through beam reordering and across calls (what a CUDA graph
+needs); a reused cache recomputes the cross-attention K/V of the new inputs."""
+import pytest
+import torch
+import torch._dynamo as dynamo
+from torch._dynamo.utils import counters
+
+from models import compiled_step
+from models.config import T5Config
+from models.t5 import T5ForConditionalGeneration
+
+CONFIG = dict(vocab_size=80, d_model=32, d_kv=16, d_ff=48, num_layers=3, num_decoder_layers=2, num_heads=2,
+              feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+              relative_attention_num_buckets=8, relative_attention_max_distance=12, kernel_backend="torch")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    dynamo.reset()
+    counters.clear()
+    compiled_step.clear()
+    yield
+    compiled_step.clear()
+    dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = T5ForConditionalGeneration(T5Config(**CONFIG)).eval()
+    with torch.no_grad():
+        m.lm_head.weight[1] = m.lm_head.weight[7] * 1.01  # EOS competes with a common token
+    return m
+
+
+def _batch(seed=1, rows=3, length=10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 80, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:], mask[2, 3:] = 0, 0
+    return ids * mask, mask
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+CASES = [dict(), dict(num_beams=4), dict(num_beams=4, num_return_sequences=2, early_stopping="never",
+                                         length_penalty=1.2)]
+
+
+@pytest.mark.parametrize("args", CASES, ids=["greedy", "beam4", "beam4-never-2"])
+def test_compiled_step_same_tokens_one_graph_reused(model, args):
+    ids, mask = _batch()
+    expect = model.generate(ids, mask, max_new_tokens=20, **args)
+    got = model.generate(ids, mask, max_new_tokens=20, compile_step=True, **args)
+    assert got.tolist() == expect.tolist()
+    assert got.shape[1] > 10
+    (entry,) = compiled_step.entries(model)
+    assert entry.mode == "aot_eager" and _graphs() == 1
+    calls = entry.compiled_calls
+    assert calls >= 9  # every step after the first ran the compiled graph
+    # Other inputs, same shapes: the same graph and buffers; the cross-attention K/V are the new inputs'.
+    pointers = [t.data_ptr() for t in entry.cache.tensors()]
+    ids2, mask2 = _batch(seed=5)
+    got2 = model.generate(ids2, mask2, max_new_tokens=20, compile_step=True, **args)
+    assert got2.tolist() == model.generate(ids2, mask2, max_new_tokens=20, **args).tolist()
+    assert got2.tolist() != got.tolist()
+    assert compiled_step.entries(model) == [entry] and _graphs() == 1
+    assert entry.compiled_calls > calls
+    assert [t.data_ptr() for t in entry.cache.tensors()] == pointers
+
+
+def test_beam_reordering_stays_in_the_graph_buffers(model, monkeypatch):
+    """Every compiled step of a beam search sees the same buffer addresses (reordering copies within
+    them), and the buffers are marked static for CUDA graphs."""
+    ids, mask = _batch()
+    seen = []
+    original = compiled_step.CompiledStep.__call__
+
+    def spy(self, tokens):
+        out = original(self, tokens)
+        seen.append(tuple(t.data_ptr() for t in self.cache.tensors()))
+        return out
+
+    monkeypatch.setattr(compiled_step.CompiledStep, "__call__", spy)
+    reorders = []
+    original_reorder = compiled_step.StaticCache.reorder
+    monkeypatch.setattr(compiled_step.StaticCache, "reorder",
+                        lambda self, index: (reorders.append(index.tolist()), original_reorder(self, index)))
+    out = model.generate(ids, mask, max_new_tokens=16, num_beams=4, compile_step="eager")
+    assert out.tolist() == model.generate(ids, mask, max_new_tokens=16, num_beams=4).tolist()
+    assert len(set(seen)) == 1 and len(seen) >= 10
+    assert any(r != list(range(12)) for r in reorders)  # beams did move
+    (entry,) = compiled_step.entries(model)
+    marked = [getattr(t, "_dynamo_static_input_type", None) for t in (*entry.cache.tensors(), entry.tokens,
+                                                                      entry.encoder_hidden, entry.attention_mask)]
+    assert marked == ["unguarded"] * len(marked)
+
+
+def test_new_shapes_new_graph_and_keys_bounded(model, monkeypatch):
+    monkeypatch.setattr(compiled_step, "MAX_KEYS", 2)
+    for length in (10, 7, 10, 5):
+        ids, mask = _batch(length=length)
+        assert model.generate(ids, mask, max_new_tokens=6, compile_step="eager").tolist() == \
+            model.generate(ids, mask, max_new_tokens=6).tolist()
+    # lengths 10, 7, (10 reused), 5: three graphs; 10 (least recently used) was dropped for 5
+    assert _graphs() == 3
+    assert [e.encoder_hidden.shape[1] for e in compiled_step.entries(model)] == [10, 5]
+
+
+def test_compile_step_errors(model):
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="compile_step=True: .*needs cache_implementation='static'"):
+        model.generate(ids, mask, max_new_tokens=4, compile_step=True, cache_implementation="dynamic")
+    with pytest.raises(ValueError, match="compile_step='fast': expected true, false or one of"):
+        model.generate(ids, mask, max_new_tokens=4, compile_step="fast")
+    with pytest.raises(ValueError, match="compile_step='reduce-overhead' needs a CUDA device"):
+        model.generate(ids, mask, max_new_tokens=4, compile_step="reduce-overhead")
+    ids_, mask_ = _batch()
+    entry = compiled_step.compiled_step(model, "eager", 3, 4, model.encode(ids_, mask_), mask_)
+    with pytest.raises(RuntimeError, match="in use by another generate"):
+        model.generate(ids, mask, max_new_tokens=4, compile_step="eager")
+    entry.end()
+    model.generate(ids, mask, max_new_tokens=4, compile_step="eager")  # released: fine again
