@@ -24,8 +24,14 @@ Beam reordering (`StaticCache.reorder`) runs eagerly between steps and copies ro
 buffers, so the graph's addresses stay valid. The logits are copied out of the graph's output (a CUDA graph
 overwrites its outputs on the next replay).
 
+Kernels: the compiled step runs the PyTorch reference ops (`kernels="reference"`, the default: SDPA over
+the bias + mask, RMSNorm and the FFN as torch ops), which inductor fuses into its own kernels; the model's
+Triton kernels (`kernels="model"`) are not traceable by dynamo under the Triton interpreter, so that
+variant is untested on CPU and is a provider row of benchmarks/decode_bench.py on a GPU. The eager
+first step runs the same kernels as the graph.
+
 A `CompiledStep` (buffers + compiled function) is kept per model and key (rows, max_length, encoder length,
-dtype, mask or not, device, mode) and reused by later `generate` calls: a new sequence copies its encoder
+dtype, mask or not, device, mode, kernels) and reused by later `generate` calls: a new sequence copies its encoder
 output into the static one and resets the cache, and the graph (and a CUDA graph's recording) is reused.
 Each key compiles its own copy of the step function (its own code object), so dynamo's recompile limit
 (per code object) counts per key, and a key never recompiles; at most `MAX_KEYS` keys are kept per model
@@ -39,10 +45,12 @@ import weakref
 
 import torch
 
+from .backends import REFERENCE
 from .generation_config import COMPILE_MODES as MODES
 from .kv_cache import StaticCache
 
 CUDA_ONLY = ("reduce-overhead", "cudagraphs")
+KERNELS = ("reference", "model")
 MAX_KEYS = 8
 _ENTRIES: "weakref.WeakKeyDictionary[torch.nn.Module, collections.OrderedDict]" = weakref.WeakKeyDictionary()
 
@@ -67,9 +75,9 @@ def compile_kwargs(mode: str) -> dict:
     return dict(base, backend=mode)
 
 
-def _decode_step(model, tokens: torch.Tensor, encoder_hidden: torch.Tensor, attention_mask, cache):
+def _decode_step(model, tokens: torch.Tensor, encoder_hidden: torch.Tensor, attention_mask, cache, kernels):
     """What is compiled: one decoder step over a whole-buffer static cache, next-token logits (N, V)."""
-    logits, _ = model.decode_step(tokens, encoder_hidden, attention_mask, cache)
+    logits, _ = model.decode_step(tokens, encoder_hidden, attention_mask, cache, kernels=kernels)
     return logits[:, -1]
 
 
@@ -82,8 +90,11 @@ class CompiledStep:
     """Static buffers and the compiled step for one key (module doc)."""
 
     def __init__(self, model, mode: str, rows: int, max_length: int, encoder_hidden: torch.Tensor,
-                 attention_mask: torch.Tensor | None):
+                 attention_mask: torch.Tensor | None, kernels: str = "reference"):
+        if kernels not in KERNELS:
+            raise ValueError(f"compiled decode step: kernels={kernels!r}, expected one of {KERNELS}")
         self.model, self.mode = model, mode
+        self.kernels = REFERENCE if kernels == "reference" else None   # None: the model's own choice
         self.encoder_hidden = torch.empty_like(encoder_hidden)
         self.attention_mask = None if attention_mask is None else torch.empty_like(attention_mask)
         self.cache = StaticCache(model.config, rows, max_length, encoder_hidden.device, full_length=True)
@@ -111,7 +122,8 @@ class CompiledStep:
         self.tokens.copy_(tokens)  # (a search's tokens are a strided column: one layout for the graph)
         tokens = self.tokens
         if self.first:
-            logits, _ = self.model.decode_step(tokens, self.encoder_hidden, self.attention_mask, self.cache)
+            logits, _ = self.model.decode_step(tokens, self.encoder_hidden, self.attention_mask, self.cache,
+                                               kernels=self.kernels)
             self.first = False
             if not self.marked:
                 for t in (*self.cache.tensors(), self.tokens, self.encoder_hidden, self.attention_mask):
@@ -122,16 +134,18 @@ class CompiledStep:
         if self.mode in CUDA_ONLY:
             torch.compiler.cudagraph_mark_step_begin()
         self.compiled_calls += 1
-        return self.fn(self.model, tokens, self.encoder_hidden, self.attention_mask, self.cache).clone()
+        return self.fn(self.model, tokens, self.encoder_hidden, self.attention_mask, self.cache,
+                       self.kernels).clone()
 
 
 def compiled_step(model, mode: str, rows: int, max_length: int, encoder_hidden: torch.Tensor,
-                  attention_mask: torch.Tensor | None) -> CompiledStep:
+                  attention_mask: torch.Tensor | None, kernels: str = "reference") -> CompiledStep:
     """The model's `CompiledStep` for these shapes (made on first use, then reused), ready for a sequence."""
     key = (rows, max_length, tuple(encoder_hidden.shape[1:]), encoder_hidden.dtype, str(encoder_hidden.device),
-           None if attention_mask is None else attention_mask.dtype, mode, model.training)
+           None if attention_mask is None else attention_mask.dtype, mode, kernels, model.training)
     entries = _ENTRIES.setdefault(model, collections.OrderedDict())
-    entry = entries.pop(key, None) or CompiledStep(model, mode, rows, max_length, encoder_hidden, attention_mask)
+    entry = entries.pop(key, None) or CompiledStep(model, mode, rows, max_length, encoder_hidden, attention_mask,
+                                                   kernels)
     entries[key] = entry  # most recently used last
     while len(entries) > MAX_KEYS:
         entries.popitem(last=False)

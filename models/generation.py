@@ -49,11 +49,14 @@ class Seq2SeqStepper:
     `cache_implementation` "static" preallocates the cache for `max_length` positions (written in place),
     "dynamic" grows it by torch.cat. `compile_step` (a mode of models/compiled_step.py, or None) runs the
     steps after the first through torch.compile over a whole-buffer static cache kept with the model;
-    `close()` hands those buffers back."""
+    `close()` hands those buffers back. `full_length` (uncompiled static cache): attend over the whole buffer
+    (True) or the written prefix (False); None: the device's default (models/kv_cache.py). `compile_kernels`:
+    "reference" (default) or "model" kernels in the compiled step (models/compiled_step.py)."""
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, expand: int = 1,
                  cache_implementation: str = "dynamic", max_length: int | None = None,
-                 compile_step: str | None = None):
+                 compile_step: str | None = None, full_length: bool | None = None,
+                 compile_kernels: str = "reference"):
         self.model = model
         encoder_hidden = model.encode(input_ids, attention_mask)
         if expand > 1:  # each example's row repeated once per beam / sample, the copies adjacent
@@ -69,10 +72,11 @@ class Seq2SeqStepper:
                                  f"cache_implementation={cache_implementation!r}")
         if compile_step is not None:
             self.compiled = compiled_step(model, compile_step, encoder_hidden.shape[0], max_length,
-                                          encoder_hidden, attention_mask)
+                                          encoder_hidden, attention_mask, compile_kernels)
             self.cache = self.compiled.cache
         elif cache_implementation == "static":
-            self.cache = StaticCache(model.config, encoder_hidden.shape[0], max_length, encoder_hidden.device)
+            self.cache = StaticCache(model.config, encoder_hidden.shape[0], max_length, encoder_hidden.device,
+                                     full_length)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:

@@ -127,3 +127,16 @@ def test_compile_step_errors(model):
         model.generate(ids, mask, max_new_tokens=4, compile_step="eager")
     entry.end()
     model.generate(ids, mask, max_new_tokens=4, compile_step="eager")  # released: fine again
+
+
+def test_triton_model_compiles_with_reference_kernels(model):
+    """A model whose config picks the Triton kernels (the interpreter here; CUDA's default) compiles its
+    step with the PyTorch references (models/compiled_step.py: dynamo does not trace the interpreter's
+    kernels): the same tokens as the reference model, the first (eager) step included."""
+    pytest.importorskip("triton")
+    fast = T5ForConditionalGeneration(T5Config(**{**CONFIG, "kernel_backend": "triton"})).eval()
+    fast.load_state_dict(model.state_dict())
+    ids, mask = _batch()
+    got = fast.generate(ids, mask, max_new_tokens=8, num_beams=2, compile_step="eager")
+    assert got.tolist() == model.generate(ids, mask, max_new_tokens=8, num_beams=2).tolist()
+    assert _graphs() == 1
