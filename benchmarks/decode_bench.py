@@ -8,8 +8,9 @@ random weights (bf16 on CUDA, fp32 elsewhere), every cache and step variant we h
 Providers (one row each per case):
   static              our static KV cache, eager steps, the device's default layout (whole buffer on CUDA,
                       written prefix elsewhere) and the model's kernels (Triton on CUDA)
-  compiled-<mode>     `compile_step=<mode>` (models/compiled_step.py): "cudagraphs" and "reduce-overhead"
-                      on CUDA (CUDA graphs), "aot_eager" elsewhere; the reference kernels, as generate runs it
+  compiled-<mode>     `compile_step=<mode>` (models/compiled_step.py): "cuda-graph" (the eager step captured,
+                      no compile) and "reduce-overhead" (inductor + CUDA graphs) on CUDA, "aot_eager"
+                      elsewhere; the reference kernels, as generate runs it
   dynamic             the torch.cat cache, eager
   transformers        transformers' `generate` on the same weights (when importable)
   static-prefix       static cache over the written prefix: on CUDA the flash kernel's q_offset path
@@ -51,15 +52,22 @@ CASES = (("greedy", 1), ("beam4", 16), ("greedy", 16), ("beam4", 1))
 SMOKE = dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
              feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 # A compile's seconds before one has been measured (later ones use the measured time): what a row must fit.
-COMPILE_GUESS_S = {"reduce-overhead": 25.0, "cudagraphs": 6.0, "aot_eager": 3.0, "eager": 2.0}
+COMPILE_GUESS_S = {"reduce-overhead": 25.0, "cuda-graph": 1.0, "aot_eager": 3.0, "eager": 2.0}
 
 
 def providers(device: torch.device) -> tuple[list[str], list[str]]:
     """(core providers, the rest) for `device`, in the order they run."""
     if device.type == "cuda":
-        return (["static", "compiled-cudagraphs", "dynamic", "transformers"],
-                ["compiled-reduce-overhead", "static-prefix", "static-torch", "compiled-cudagraphs-triton"])
+        return (["static", "compiled-cuda-graph", "dynamic", "transformers"],
+                ["compiled-reduce-overhead", "static-prefix", "static-torch", "compiled-cuda-graph-triton"])
     return ["static", "compiled-aot_eager", "dynamic", "transformers"], ["static-full"]
+
+
+def compile_mode(provider: str) -> str | None:
+    """"compiled-cuda-graph-triton" -> "cuda-graph"; None for a provider that does not compile."""
+    if not provider.startswith("compiled-"):
+        return None
+    return provider[len("compiled-"):].removesuffix("-triton")
 
 
 def build(device: torch.device, smoke: bool):
@@ -105,7 +113,7 @@ def reference_kernels(model, on: bool):
 def ours_runner(model, provider: str, ids, mask, beams: int, new: int):
     """A function running one decode of `provider` and returning (ids, the stepper it ended with)."""
     cache = "dynamic" if provider == "dynamic" else "static"
-    mode = provider.split("-")[1] if provider.startswith("compiled-") else None
+    mode = compile_mode(provider)
     full = {"static-prefix": False, "static-full": True}.get(provider)
     kernels = "model" if provider.endswith("-triton") else "reference"
     cfg = resolve(model, dict(max_new_tokens=new, min_new_tokens=new, num_beams=beams, cache_implementation=cache,
@@ -210,7 +218,7 @@ def estimate(provider: str, case, spent: dict, compiled_s: dict, repeats: int) -
     per_run = spent.get(case, max(spent.values(), default=1.0))
     extra = 0.0
     if provider.startswith("compiled-"):
-        mode = provider.split("-")[1]
+        mode = compile_mode(provider)
         extra = compiled_s.get(mode, COMPILE_GUESS_S.get(mode, 10.0))
     return (1 + repeats) * per_run * (2.0 if provider == "transformers" else 1.0) + extra
 
@@ -250,7 +258,7 @@ def run(device: torch.device | str, smoke: bool, budget_s: float, log=print) -> 
                     if provider == "static":
                         spent[case] = row["best_s"]
                     if provider.startswith("compiled-"):
-                        mode = provider.split("-")[1]
+                        mode = compile_mode(provider)
                         compiled_s[mode] = max(compiled_s.get(mode, 0.0), row["first_s"] - row["best_s"])
                 rows.append(row)
                 log(line(row))

@@ -3,14 +3,14 @@
 
     ids = model.generate(input_ids, attention_mask=mask, max_new_tokens=64, compile_step=True)
 
-`compile_step` (models/generation_config.py) picks how the step is compiled; every mode traces with
-`fullgraph=True, dynamic=False` (no graph break, no dynamic shapes: a change of shape is a new graph):
+`compile_step` (models/generation_config.py) picks how the step is compiled; the torch.compile modes trace
+with `fullgraph=True, dynamic=False` (no graph break, no dynamic shapes: a change of shape is a new graph):
 
 | value               | torch.compile arguments                         | device                              |
 |---------------------|-------------------------------------------------|-------------------------------------|
 | `True`              | `"reduce-overhead"` on CUDA, `"aot_eager"` else | any                                 |
 | `"reduce-overhead"` | `mode="reduce-overhead"`: inductor + CUDA graphs | CUDA                                |
-| `"cudagraphs"`      | `backend="cudagraphs"`: ATen graph as CUDA graphs, no code generation (compiles in seconds) | CUDA |
+| `"cuda-graph"`      | no torch.compile: the eager step captured once as a `torch.cuda.CUDAGraph` | CUDA               |
 | `"aot_eager"`       | `backend="aot_eager"`: the functionalised graph run eagerly (what CPU tests run) | any  |
 | `"eager"`           | `backend="eager"`: dynamo's capture only          | any                                 |
 
@@ -22,7 +22,9 @@ The buffers, the position, the tokens fed, the encoder output and its mask are m
 (`torch._dynamo.mark_static_address`): a CUDA graph reads and writes them in place, with no copy per replay.
 Beam reordering (`StaticCache.reorder`) runs eagerly between steps and copies rows within those same
 buffers, so the graph's addresses stay valid. The logits are copied out of the graph's output (a CUDA graph
-overwrites its outputs on the next replay).
+overwrites its outputs on the next replay). "cuda-graph" captures the same eager step directly
+(`CompiledStep.graph_step`); dynamo's own "cudagraphs" backend is not offered: it treats only parameters as
+static and skips CUDA graphs for a graph that writes its inputs (the cache) in place.
 
 Kernels: the compiled step runs the PyTorch reference ops (`kernels="reference"`, the default: SDPA over
 the bias + mask, RMSNorm and the FFN as torch ops), which inductor fuses into its own kernels; the model's
@@ -49,7 +51,7 @@ from .backends import REFERENCE
 from .generation_config import COMPILE_MODES as MODES
 from .kv_cache import StaticCache
 
-CUDA_ONLY = ("reduce-overhead", "cudagraphs")
+CUDA_ONLY = ("reduce-overhead", "cuda-graph")
 KERNELS = ("reference", "model")
 MAX_KEYS = 8
 _ENTRIES: "weakref.WeakKeyDictionary[torch.nn.Module, collections.OrderedDict]" = weakref.WeakKeyDictionary()
@@ -99,7 +101,8 @@ class CompiledStep:
         self.attention_mask = None if attention_mask is None else torch.empty_like(attention_mask)
         self.cache = StaticCache(model.config, rows, max_length, encoder_hidden.device, full_length=True)
         self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=encoder_hidden.device)
-        self.fn = torch.compile(_own_copy(_decode_step), **compile_kwargs(mode))
+        self.fn = None if mode == "cuda-graph" else torch.compile(_own_copy(_decode_step), **compile_kwargs(mode))
+        self.graph, self.graph_logits = None, None   # "cuda-graph": the captured step and its output
         self.marked = False     # static addresses marked (after the first step allocated the buffers)
         self.busy = False
         self.first = True       # the next step is a sequence's first (eager)
@@ -122,20 +125,54 @@ class CompiledStep:
         self.tokens.copy_(tokens)  # (a search's tokens are a strided column: one layout for the graph)
         tokens = self.tokens
         if self.first:
-            logits, _ = self.model.decode_step(tokens, self.encoder_hidden, self.attention_mask, self.cache,
-                                               kernels=self.kernels)
+            logits = self.eager(tokens)
             self.first = False
             if not self.marked:
                 for t in (*self.cache.tensors(), self.tokens, self.encoder_hidden, self.attention_mask):
                     if t is not None:
                         torch._dynamo.mark_static_address(t)
                 self.marked = True
-            return logits[:, -1]
-        if self.mode in CUDA_ONLY:
-            torch.compiler.cudagraph_mark_step_begin()
+            return logits
         self.compiled_calls += 1
+        if self.mode == "cuda-graph":
+            return self.graph_step(tokens)
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         return self.fn(self.model, tokens, self.encoder_hidden, self.attention_mask, self.cache,
                        self.kernels).clone()
+
+    def eager(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.model.decode_step(tokens, self.encoder_hidden, self.attention_mask, self.cache,
+                                           kernels=self.kernels)
+        return logits[:, -1]
+
+    def graph_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """"cuda-graph": the first call runs this step eagerly on a side stream (the warm-up a capture needs)
+        and then captures the step, which records kernels without running them: every later call replays
+        the next step. All inputs are the static buffers, so a replay reads this step's tokens and position."""
+        if self.graph is None:
+            logits = _warm_up(self.eager, tokens)
+            self.graph, self.graph_logits = _capture(self.eager, tokens)
+            return logits
+        self.graph.replay()
+        return self.graph_logits.clone()
+
+
+def _warm_up(fn, tokens: torch.Tensor) -> torch.Tensor:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = fn(tokens)
+    torch.cuda.current_stream().wait_stream(stream)
+    return out
+
+
+def _capture(fn, tokens: torch.Tensor):
+    """(graph, its output) for `fn(tokens)`: recorded into a CUDA graph, not run."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(tokens)
+    return graph, out
 
 
 def compiled_step(model, mode: str, rows: int, max_length: int, encoder_hidden: torch.Tensor,

@@ -26,7 +26,7 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 EARLY_STOPPING = (False, True, "never")
 LENGTH_NORMALIZATIONS = ("t5x", "hf")
 CACHE_IMPLEMENTATIONS = ("static", "dynamic")
-COMPILE_MODES = ("reduce-overhead", "cudagraphs", "aot_eager", "eager")  # models/compiled_step.py
+COMPILE_MODES = ("reduce-overhead", "cuda-graph", "aot_eager", "eager")  # models/compiled_step.py
 # Hugging Face generate arguments we do not implement: named in the error, so a user knows it is not a typo.
 _HF_UNSUPPORTED = {  # name: its Hugging Face default (the value at which it does nothing)
     "num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,

@@ -119,8 +119,9 @@ def test_compile_step_errors(model):
         model.generate(ids, mask, max_new_tokens=4, compile_step=True, cache_implementation="dynamic")
     with pytest.raises(ValueError, match="compile_step='fast': expected true, false or one of"):
         model.generate(ids, mask, max_new_tokens=4, compile_step="fast")
-    with pytest.raises(ValueError, match="compile_step='reduce-overhead' needs a CUDA device"):
-        model.generate(ids, mask, max_new_tokens=4, compile_step="reduce-overhead")
+    for mode in ("reduce-overhead", "cuda-graph"):
+        with pytest.raises(ValueError, match=f"compile_step='{mode}' needs a CUDA device"):
+            model.generate(ids, mask, max_new_tokens=4, compile_step=mode)
     ids_, mask_ = _batch()
     entry = compiled_step.compiled_step(model, "eager", 3, 4, model.encode(ids_, mask_), mask_)
     with pytest.raises(RuntimeError, match="in use by another generate"):
@@ -140,3 +141,43 @@ def test_triton_model_compiles_with_reference_kernels(model):
     got = fast.generate(ids, mask, max_new_tokens=8, num_beams=2, compile_step="eager")
     assert got.tolist() == model.generate(ids, mask, max_new_tokens=8, num_beams=2).tolist()
     assert _graphs() == 1
+
+
+class FakeGraph:
+    """A CUDA graph's protocol on CPU: capture records `fn` without running it, replay runs it into the
+    same output tensor."""
+
+    def __init__(self, fn, tokens, out):
+        self.fn, self.tokens, self.out, self.replays = fn, tokens, out, 0
+
+    def replay(self):
+        self.out.copy_(self.fn(self.tokens))
+        self.replays += 1
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_cuda_graph_mode_protocol(model, monkeypatch, beams):
+    """compile_step="cuda-graph" (CUDA only) with the CUDA calls faked: warm-up = this step's real work,
+    capture runs nothing, each later step is one replay, outputs copied out; same tokens as eager, also on
+    a second call that reuses the captured graph."""
+    from models.generation import Seq2SeqStepper, search
+    from models.generation_config import resolve
+
+    graphs = []
+
+    def capture(fn, tokens):
+        graphs.append(FakeGraph(fn, tokens, torch.full((tokens.shape[0], CONFIG["vocab_size"]), float("nan"))))
+        return graphs[-1], graphs[-1].out
+
+    monkeypatch.setattr(compiled_step, "_warm_up", lambda fn, tokens: fn(tokens))
+    monkeypatch.setattr(compiled_step, "_capture", capture)
+    for seed in (1, 5):
+        ids, mask = _batch(seed=seed)
+        cfg = resolve(model, dict(max_new_tokens=12, num_beams=beams))
+        stepper = Seq2SeqStepper(model, ids, mask, beams, "static", 12, compile_step="cuda-graph")
+        with torch.no_grad():
+            got = search(stepper, cfg, 3, ids.device).sequences
+        stepper.close()
+        expect = model.generate(ids, mask, max_new_tokens=12, num_beams=beams)[:, 1:]
+        assert got.tolist() == expect.tolist()
+    assert len(graphs) == 1 and graphs[0].replays >= 12  # captured once, replayed by both calls
