@@ -14,8 +14,9 @@ Providers (one row each per case):
   dynamic             the torch.cat cache, eager
   transformers        transformers' `generate` on the same weights (when importable)
   static-prefix       static cache over the written prefix: on CUDA the flash kernel's q_offset path
-  static-torch        static cache, default layout, the PyTorch reference kernels: against `static` on CUDA
-                      it says whether the Triton kernels help the decode step
+  static-sdpa         static cache, default layout, `decode_kernels="sdpa-attention"`: the model's kernels
+                      but SDPA attention; against `static` on CUDA: does the flash kernel pay at decode?
+  static-torch        static cache, default layout, `decode_kernels="reference"`: every op a torch op
   compiled-<mode>-triton  the compiled step with the model's Triton kernels (CUDA only)
 
 Every side decodes exactly the new tokens (`min_new_tokens` bans EOS), so tokens/s = rows * beams * new
@@ -30,7 +31,6 @@ time, plus the mode's measured or guessed compile time): a row that does not fit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import pathlib
@@ -40,7 +40,6 @@ import time
 import torch
 
 from models import compiled_step
-from models.backends import REFERENCE
 from models.checkpoint import load_hf_state_dict
 from models.config import T5Config
 from models.generation import Seq2SeqStepper, search
@@ -59,7 +58,8 @@ def providers(device: torch.device) -> tuple[list[str], list[str]]:
     """(core providers, the rest) for `device`, in the order they run."""
     if device.type == "cuda":
         return (["static", "compiled-cuda-graph", "dynamic", "transformers"],
-                ["compiled-reduce-overhead", "static-prefix", "static-torch", "compiled-cuda-graph-triton"])
+                ["compiled-reduce-overhead", "static-sdpa", "static-torch", "static-prefix",
+                 "compiled-cuda-graph-triton"])
     return ["static", "compiled-aot_eager", "dynamic", "transformers"], ["static-full"]
 
 
@@ -99,30 +99,20 @@ def inputs(batch: int, vocab: int, length: int, device: torch.device):
     return (ids * mask).to(device), mask.to(device)
 
 
-@contextlib.contextmanager
-def reference_kernels(model, on: bool):
-    if on:
-        model.kernels = lambda device: REFERENCE
-    try:
-        yield
-    finally:
-        if on:
-            del model.kernels
-
-
 def ours_runner(model, provider: str, ids, mask, beams: int, new: int):
     """A function running one decode of `provider` and returning (ids, the stepper it ended with)."""
     cache = "dynamic" if provider == "dynamic" else "static"
     mode = compile_mode(provider)
     full = {"static-prefix": False, "static-full": True}.get(provider)
-    kernels = "model" if provider.endswith("-triton") else "reference"
+    kernels = {"static-torch": "reference", "static-sdpa": "sdpa-attention"}.get(
+        provider, "model" if provider.endswith("-triton") else "auto")
     cfg = resolve(model, dict(max_new_tokens=new, min_new_tokens=new, num_beams=beams, cache_implementation=cache,
                               early_stopping="never" if beams > 1 else False))
 
     def run():
-        with torch.no_grad(), reference_kernels(model, provider == "static-torch"):
+        with torch.no_grad():
             stepper = Seq2SeqStepper(model, ids, mask, beams, cache, new, compile_step=mode, full_length=full,
-                                     compile_kernels=kernels)
+                                     decode_kernels=kernels)
             try:
                 out = search(stepper, cfg, ids.shape[0], ids.device)
             finally:
@@ -233,7 +223,7 @@ def run(device: torch.device | str, smoke: bool, budget_s: float, log=print) -> 
                              device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                              dtype=str(next(models[0].parameters()).dtype), smoke=smoke, budget_s=budget_s,
                              config=models[2].to_hf_dict(), **case_args(smoke))]
-    repeats = 1 if smoke else 2
+    repeats = 3 if smoke else 2
     spent, compiled_s, reference = {}, {}, {}
     core, rest = providers(device)
     compiled_step.clear(models[0])

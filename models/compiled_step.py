@@ -6,13 +6,13 @@
 `compile_step` (models/generation_config.py) picks how the step is compiled; the torch.compile modes trace
 with `fullgraph=True, dynamic=False` (no graph break, no dynamic shapes: a change of shape is a new graph):
 
-| value               | torch.compile arguments                         | device                              |
-|---------------------|-------------------------------------------------|-------------------------------------|
-| `True`              | `"reduce-overhead"` on CUDA, `"aot_eager"` else | any                                 |
-| `"reduce-overhead"` | `mode="reduce-overhead"`: inductor + CUDA graphs | CUDA                                |
-| `"cuda-graph"`      | no torch.compile: the eager step captured once as a `torch.cuda.CUDAGraph` | CUDA               |
-| `"aot_eager"`       | `backend="aot_eager"`: the functionalised graph run eagerly (what CPU tests run) | any  |
-| `"eager"`           | `backend="eager"`: dynamo's capture only          | any                                 |
+| value               | what runs the steps after the first                                          | device |
+|---------------------|------------------------------------------------------------------------------|--------|
+| `True`              | `"reduce-overhead"` on CUDA, `"aot_eager"` elsewhere                         | any    |
+| `"reduce-overhead"` | torch.compile `mode="reduce-overhead"`: inductor's code + CUDA graphs         | CUDA   |
+| `"cuda-graph"`      | no torch.compile: the eager step captured once as a `torch.cuda.CUDAGraph`    | CUDA   |
+| `"aot_eager"`       | torch.compile `backend="aot_eager"`: the functionalised graph, run eagerly    | any    |
+| `"eager"`           | torch.compile `backend="eager"`: dynamo's capture only                        | any    |
 
 How (`CompiledStep`): the cache is a whole-buffer `StaticCache` (every step the same shapes; the position a
 device tensor, models/kv_cache.py). The first step of a sequence runs eagerly: the first time it allocates
@@ -26,11 +26,15 @@ overwrites its outputs on the next replay). "cuda-graph" captures the same eager
 (`CompiledStep.graph_step`); dynamo's own "cudagraphs" backend is not offered: it treats only parameters as
 static and skips CUDA graphs for a graph that writes its inputs (the cache) in place.
 
-Kernels: the compiled step runs the PyTorch reference ops (`kernels="reference"`, the default: SDPA over
-the bias + mask, RMSNorm and the FFN as torch ops), which inductor fuses into its own kernels; the model's
-Triton kernels (`kernels="model"`) are not traceable by dynamo under the Triton interpreter, so that
-variant is untested on CPU and is a provider row of benchmarks/decode_bench.py on a GPU. The eager
-first step runs the same kernels as the graph.
+Kernels (`decode_kernels`, `step_kernels`): "model" runs the model's own choice (config.kernel_backend:
+the Triton kernels on CUDA), "reference" the PyTorch references (SDPA over the materialised bias + mask,
+RMSNorm and the FFN as torch ops), "sdpa-attention" the model's kernels except attention, which is the
+reference (the question whether the flash kernel, built for long sequences, pays at one query per step).
+"auto" (default): "reference" for a compiled step (inductor fuses the torch ops itself; dynamo cannot
+trace the Triton kernels under the interpreter, so that variant is untested on CPU), "model" for an eager
+step. benchmarks/decode_bench.py measures every choice on a GPU (rows static, static-sdpa, static-torch,
+compiled-*, compiled-*-triton); the defaults change when those numbers say so. A sequence's eager first
+step runs the same kernels as the graph.
 
 A `CompiledStep` (buffers + compiled function) is kept per model and key (rows, max_length, encoder length,
 dtype, mask or not, device, mode, kernels) and reused by later `generate` calls: a new sequence copies its encoder
@@ -42,17 +46,18 @@ Each key compiles its own copy of the step function (its own code object), so dy
 from __future__ import annotations
 
 import collections
+import dataclasses
 import types
 import weakref
 
 import torch
 
-from .backends import REFERENCE
+from .backends import REFERENCE, Kernels
 from .generation_config import COMPILE_MODES as MODES
+from .generation_config import DECODE_KERNELS
 from .kv_cache import StaticCache
 
 CUDA_ONLY = ("reduce-overhead", "cuda-graph")
-KERNELS = ("reference", "model")
 MAX_KEYS = 8
 _ENTRIES: "weakref.WeakKeyDictionary[torch.nn.Module, collections.OrderedDict]" = weakref.WeakKeyDictionary()
 
@@ -68,6 +73,19 @@ def resolve_mode(compile_step: bool | str, device: torch.device) -> str | None:
         raise ValueError(f"generate(): compile_step={compile_step!r} needs a CUDA device (CUDA graphs); "
                          f"the inputs are on {device} (compile_step=True picks 'aot_eager' there)")
     return mode
+
+
+def step_kernels(model, choice: str, device: torch.device, compiled: bool) -> Kernels | None:
+    """The kernels a decode step runs for `decode_kernels=choice` (module doc); None: the model's own."""
+    if choice not in DECODE_KERNELS:
+        raise ValueError(f"generate(): decode_kernels={choice!r}: expected one of {DECODE_KERNELS}")
+    if choice == "auto":
+        choice = "reference" if compiled else "model"
+    if choice == "reference":
+        return REFERENCE
+    if choice == "sdpa-attention":
+        return dataclasses.replace(model.kernels(device), attention=None)
+    return None
 
 
 def compile_kwargs(mode: str) -> dict:
@@ -92,11 +110,9 @@ class CompiledStep:
     """Static buffers and the compiled step for one key (module doc)."""
 
     def __init__(self, model, mode: str, rows: int, max_length: int, encoder_hidden: torch.Tensor,
-                 attention_mask: torch.Tensor | None, kernels: str = "reference"):
-        if kernels not in KERNELS:
-            raise ValueError(f"compiled decode step: kernels={kernels!r}, expected one of {KERNELS}")
-        self.model, self.mode = model, mode
-        self.kernels = REFERENCE if kernels == "reference" else None   # None: the model's own choice
+                 attention_mask: torch.Tensor | None, kernels: str = "auto"):
+        self._model, self.mode = weakref.ref(model), mode   # (a strong one would keep the model's entry alive)
+        self.kernels = step_kernels(model, kernels, encoder_hidden.device, compiled=True)
         self.encoder_hidden = torch.empty_like(encoder_hidden)
         self.attention_mask = None if attention_mask is None else torch.empty_like(attention_mask)
         self.cache = StaticCache(model.config, rows, max_length, encoder_hidden.device, full_length=True)
@@ -107,6 +123,10 @@ class CompiledStep:
         self.busy = False
         self.first = True       # the next step is a sequence's first (eager)
         self.compiled_calls = 0
+
+    @property
+    def model(self):
+        return self._model()
 
     def begin(self, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if self.busy:
@@ -176,7 +196,7 @@ def _capture(fn, tokens: torch.Tensor):
 
 
 def compiled_step(model, mode: str, rows: int, max_length: int, encoder_hidden: torch.Tensor,
-                  attention_mask: torch.Tensor | None, kernels: str = "reference") -> CompiledStep:
+                  attention_mask: torch.Tensor | None, kernels: str = "auto") -> CompiledStep:
     """The model's `CompiledStep` for these shapes (made on first use, then reused), ready for a sequence."""
     key = (rows, max_length, tuple(encoder_hidden.shape[1:]), encoder_hidden.dtype, str(encoder_hidden.device),
            None if attention_mask is None else attention_mask.dtype, mode, kernels, model.training)

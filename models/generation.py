@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from .compiled_step import compiled_step, resolve_mode
+from .compiled_step import compiled_step, resolve_mode, step_kernels
 from .generation_config import GenerationConfig, check_names, resolve
 from .kv_cache import StaticCache, reorder_dynamic
 from .sampling import logits_processor
@@ -50,13 +50,13 @@ class Seq2SeqStepper:
     "dynamic" grows it by torch.cat. `compile_step` (a mode of models/compiled_step.py, or None) runs the
     steps after the first through torch.compile over a whole-buffer static cache kept with the model;
     `close()` hands those buffers back. `full_length` (uncompiled static cache): attend over the whole buffer
-    (True) or the written prefix (False); None: the device's default (models/kv_cache.py). `compile_kernels`:
-    "reference" (default) or "model" kernels in the compiled step (models/compiled_step.py)."""
+    (True) or the written prefix (False); None: the device's default (models/kv_cache.py). `decode_kernels`:
+    which kernels the steps run, "auto", "model", "reference" or "sdpa-attention" (models/compiled_step.py)."""
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, expand: int = 1,
                  cache_implementation: str = "dynamic", max_length: int | None = None,
                  compile_step: str | None = None, full_length: bool | None = None,
-                 compile_kernels: str = "reference"):
+                 decode_kernels: str = "auto"):
         self.model = model
         encoder_hidden = model.encode(input_ids, attention_mask)
         if expand > 1:  # each example's row repeated once per beam / sample, the copies adjacent
@@ -64,6 +64,7 @@ class Seq2SeqStepper:
             attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, dim=0)
         self.encoder_hidden, self.attention_mask = encoder_hidden, attention_mask
         self.cache, self.compiled = None, None
+        self.kernels = step_kernels(model, decode_kernels, encoder_hidden.device, compiled=False)
         if cache_implementation == "static" or compile_step is not None:
             if max_length is None:
                 raise ValueError("Seq2SeqStepper: a static cache needs max_length")
@@ -72,7 +73,7 @@ class Seq2SeqStepper:
                                  f"cache_implementation={cache_implementation!r}")
         if compile_step is not None:
             self.compiled = compiled_step(model, compile_step, encoder_hidden.shape[0], max_length,
-                                          encoder_hidden, attention_mask, compile_kernels)
+                                          encoder_hidden, attention_mask, decode_kernels)
             self.cache = self.compiled.cache
         elif cache_implementation == "static":
             self.cache = StaticCache(model.config, encoder_hidden.shape[0], max_length, encoder_hidden.device,
@@ -81,7 +82,8 @@ class Seq2SeqStepper:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
             return self.compiled(tokens)
-        logits, self.cache = self.model.decode_step(tokens, self.encoder_hidden, self.attention_mask, self.cache)
+        logits, self.cache = self.model.decode_step(tokens, self.encoder_hidden, self.attention_mask, self.cache,
+                                                    kernels=self.kernels)
         return logits[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -273,7 +275,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     stepper = None
     try:
         stepper = Seq2SeqStepper(model, input_ids, attention_mask, expand, cfg.cache_implementation,
-                                 cfg.new_tokens(), compile_step=mode)
+                                 cfg.new_tokens(), compile_step=mode, decode_kernels=cfg.decode_kernels)
         out = search(stepper, cfg, input_ids.shape[0], input_ids.device, generator)
     finally:
         if stepper is not None:

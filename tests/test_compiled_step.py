@@ -4,6 +4,8 @@ get) gives the same tokens as the uncompiled step, greedy and beam-4 with paddin
 serves every step of a generate and every later generate of the same shapes (no recompilation); the
 buffers the graph reads keep their addresses through beam reordering and across calls (what a CUDA graph
 needs); a reused cache recomputes the cross-attention K/V of the new inputs."""
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo as dynamo
@@ -181,3 +183,49 @@ def test_cuda_graph_mode_protocol(model, monkeypatch, beams):
         expect = model.generate(ids, mask, max_new_tokens=12, num_beams=beams)[:, 1:]
         assert got.tolist() == expect.tolist()
     assert len(graphs) == 1 and graphs[0].replays >= 12  # captured once, replayed by both calls
+
+
+def test_kept_steps_do_not_keep_the_model_alive():
+    import gc
+
+    m = T5ForConditionalGeneration(T5Config(**{**CONFIG, "num_layers": 1})).eval()
+    m.generate(torch.randint(2, 80, (2, 5)), max_new_tokens=4, compile_step="eager")
+    assert len(compiled_step.entries(m)) == 1
+    del m
+    gc.collect()
+    assert len(compiled_step._ENTRIES) == 0
+
+
+@pytest.mark.parametrize("choice", ["reference", "sdpa-attention", "model"])
+def test_decode_kernels_choice(model, monkeypatch, choice):
+    """decode_kernels picks the decode step's kernels on a Triton-configured model (the interpreter): the
+    flash kernel serves the decoder's attention only with "model"; "reference" runs no Triton kernel in
+    the step; the tokens equal the reference model's either way. The encoder keeps the model's kernels."""
+    pytest.importorskip("triton")
+    fast = T5ForConditionalGeneration(T5Config(**{**CONFIG, "kernel_backend": "triton"})).eval()
+    fast.load_state_dict(model.state_dict())
+    import models.backends as backends
+
+    calls = {"attention": 0, "rms_norm": 0}  # calls with one query / one position: the decoder's steps
+
+    def counting(name, fn, length):
+        def wrapped(*a, **kw):
+            calls[name] += length(a) == 1
+            return fn(*a, **kw)
+        return wrapped
+
+    spy = dataclasses.replace(
+        backends.TRITON, attention=counting("attention", backends.TRITON.attention, lambda a: a[0].shape[2]),
+        rms_norm=counting("rms_norm", backends.TRITON.rms_norm, lambda a: a[0].shape[1]))
+    monkeypatch.setattr(fast, "kernels", lambda device: spy)
+    ids, mask = _batch()
+    got = fast.generate(ids, mask, max_new_tokens=4, decode_kernels=choice)
+    assert got.tolist() == model.generate(ids, mask, max_new_tokens=4).tolist()
+    # 4 steps x 2 layers x (self + cross) attention calls; one plain RMSNorm per step (the first norm)
+    assert calls == {"attention": 16 if choice == "model" else 0, "rms_norm": 0 if choice == "reference" else 4}
+
+
+def test_decode_kernels_bad_value(model):
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="decode_kernels='fast': expected one of"):
+        model.generate(ids, mask, max_new_tokens=4, decode_kernels="fast")
