@@ -229,3 +229,21 @@ def test_decode_kernels_bad_value(model):
     ids, mask = _batch()
     with pytest.raises(ValueError, match="decode_kernels='fast': expected one of"):
         model.generate(ids, mask, max_new_tokens=4, decode_kernels="fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["cuda-graph", "reduce-overhead"])
+@pytest.mark.parametrize("kernels", ["auto", "model"])
+def test_cuda_modes_same_tokens_no_skips(mode, kernels):
+    """On a GPU: the CUDA-graph modes, fp32, the tiny model with the model's kernels (Triton) or the
+    default ones; same tokens as eager greedy and beam-4, twice (a reused graph), no CUDA-graph skip."""
+    torch.manual_seed(0)
+    m = T5ForConditionalGeneration(T5Config(**{**CONFIG, "kernel_backend": "auto"})).cuda().eval()
+    for seed in (1, 5):
+        ids, mask = (t.cuda() for t in _batch(seed=seed))
+        for beams in (1, 4):
+            args = dict(max_new_tokens=12, num_beams=beams, decode_kernels=kernels)
+            got = m.generate(ids, mask, compile_step=mode, **args)
+            assert got.tolist() == m.generate(ids, mask, **args).tolist(), (mode, kernels, beams, seed)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert all(e.compiled_calls > 0 for e in compiled_step.entries(m))

@@ -50,3 +50,12 @@ def test_budget_skips_rows():
     assert part["status"] == "error" and part["reason"] == "no row measured"
     skipped = part["rows"][1:]
     assert skipped and all(r["status"] == "skipped" and r["reason"].startswith("budget") for r in skipped)
+
+
+def test_provider_names():
+    assert decode_bench.compile_mode("compiled-cuda-graph-triton") == "cuda-graph"
+    assert decode_bench.compile_mode("compiled-reduce-overhead") == "reduce-overhead"
+    assert decode_bench.compile_mode("static-prefix") is None
+    core, rest = decode_bench.providers(torch.device("cuda"))
+    assert core == ["static", "compiled-cuda-graph", "dynamic", "transformers"]
+    assert all(decode_bench.compile_mode(p) in (None, "cuda-graph", "reduce-overhead") for p in core + rest)
