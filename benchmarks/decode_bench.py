@@ -23,10 +23,11 @@ Every side decodes exactly the new tokens (`min_new_tokens` bans EOS), so tokens
 tokens / best time compares like with like. A row also holds the cache's bytes at the end, the peak memory
 of a run over what was allocated before it (CUDA), whether its tokens equal the `static` row's (bf16 kernels
 may part in the last bits), and for compiled rows the first call's seconds (compilation), the graphs made and
-CUDA-graph skips. GPU runs are timed with CUDA events. Rows run the core providers first (static, compiled,
-dynamic, transformers for greedy/b1, then beam4/b16, greedy/b16, beam4/b1), then
-the rest, case by case, each only if the budget is expected to hold it (estimate: the case's `static`
-time, plus the mode's measured or guessed compile time): a row that does not fit is "skipped".
+CUDA-graph skips. GPU runs are timed with CUDA events; within a case the providers' timed runs alternate
+(best of 2, 3 with --smoke), so load from other processes hits all alike. The core providers (static,
+compiled, dynamic, transformers) run first, for greedy/b1, then beam4/b16, greedy/b16, beam4/b1; then the
+rest, case by case; each only if the budget is expected to hold it (estimate: the case's `static` time,
+plus the mode's measured or guessed compile time): a row that does not fit is "skipped".
 """
 from __future__ import annotations
 
@@ -131,27 +132,29 @@ def hf_runner(hf, ids, mask, beams: int, new: int):
     return run
 
 
-def timed(fn, device: torch.device, repeats: int):
-    """(first call's seconds, best of `repeats` later calls, the last result)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+def once(fn, device: torch.device):
+    """(seconds of one call, its result): CUDA events on a GPU, the wall clock elsewhere."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3, result
     start = time.perf_counter()
     result = fn()
-    sync()
-    first, best = time.perf_counter() - start, math.inf
-    for _ in range(repeats):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            result = fn()
-            end.record()
-            end.synchronize()
-            best = min(best, begin.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            result = fn()
-            best = min(best, time.perf_counter() - start)
-    return first, best, result
+    return time.perf_counter() - start, result
+
+
+def first_call(fn, device: torch.device):
+    """(seconds of the first call, compilation or capture included, its result)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
 
 
 def cache_bytes(stepper) -> int | None:
@@ -164,38 +167,63 @@ def case_args(smoke: bool) -> dict:
     return dict(input_len=16 if smoke else 64, new=8 if smoke else 64)
 
 
-def measure(provider: str, models, case: tuple[str, int], device: torch.device, smoke: bool, repeats: int,
-            reference: dict) -> dict:
-    """One row: `provider` on `case`, timed."""
+def prepare(provider: str, models, case: tuple[str, int], device: torch.device, smoke: bool):
+    """(row, decode function) for `provider` on `case`; the first call made (compilation, warm-up)."""
+    from torch._dynamo.utils import counters
+
     ours, hf, config = models
     search_name, batch = case
-    beams = 4 if search_name == "beam4" else 1
     args = case_args(smoke)
     ids, mask = inputs(batch, config.vocab_size, args["input_len"], device)
-    row = dict(provider=provider, search=search_name, batch=batch, new_tokens=args["new"])
+    beams = 4 if search_name == "beam4" else 1
+    row = dict(provider=provider, search=search_name, batch=batch, new_tokens=args["new"], status="ok",
+               tokens=batch * beams * args["new"])
     if provider == "transformers":
         if hf is None:
-            return dict(row, status="skipped", reason="transformers is not importable")
+            return dict(row, status="skipped", reason="transformers is not importable"), None
         fn = hf_runner(hf, ids, mask, beams, args["new"])
     else:
         fn = ours_runner(ours, provider, ids, mask, beams, args["new"])
-    from torch._dynamo.utils import counters
     graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    first, best, (sequences, stepper) = timed(fn, device, repeats)
-    tokens = batch * beams * args["new"]
-    row.update(status="ok", tokens_per_s=round(tokens / best, 1), best_s=round(best, 5),
-               first_s=round(first, 3), repeats=repeats, cache_bytes=cache_bytes(stepper))
-    if device.type == "cuda":
-        row["peak_bytes_over_start"] = torch.cuda.max_memory_allocated() - before
-    if provider.startswith("compiled-"):
+    row["first_s"], _ = first_call(fn, device)
+    if compile_mode(provider):
         row.update(graphs=counters["stats"]["unique_graphs"] - graphs,
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips)
-    key = (search_name, batch)
-    if provider == "static":
+    return row, fn
+
+
+def time_case(live: list, device: torch.device, repeats: int) -> None:
+    """Best of `repeats` calls of every prepared provider, the providers alternating (load from other
+    processes hits all alike); the first round also takes the peak memory (CUDA) and the result."""
+    for round_ in range(repeats):
+        for row, fn in live:
+            if row["status"] != "ok":
+                continue
+            try:
+                if device.type == "cuda" and round_ == 0:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                seconds, result = once(fn, device)
+                if device.type == "cuda" and round_ == 0:
+                    row["peak_bytes_over_start"] = torch.cuda.max_memory_allocated() - before
+            except Exception as e:  # noqa: BLE001 -- a provider that fails is a result
+                row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            row["best_s"] = min(row.get("best_s", math.inf), seconds)
+            if round_ == 0:
+                row["_result"] = result
+
+
+def finish(row: dict, repeats: int, reference: dict) -> dict:
+    if row["status"] != "ok":
+        row.pop("_result", None)
+        return row
+    sequences, stepper = row.pop("_result")
+    row.update(tokens_per_s=round(row["tokens"] / row["best_s"], 1), best_s=round(row["best_s"], 5),
+               first_s=round(row["first_s"], 3), repeats=repeats, cache_bytes=cache_bytes(stepper))
+    key = (row["search"], row["batch"])
+    if row["provider"] == "static":
         reference[key] = sequences
     elif key in reference:
         row["same_tokens_as_static"] = bool(torch.equal(sequences.cpu(), reference[key].cpu()))
@@ -207,10 +235,44 @@ def estimate(provider: str, case, spent: dict, compiled_s: dict, repeats: int) -
     one), plus a compile when this mode has not compiled yet at this shape."""
     per_run = spent.get(case, max(spent.values(), default=1.0))
     extra = 0.0
-    if provider.startswith("compiled-"):
+    if compile_mode(provider):
         mode = compile_mode(provider)
         extra = compiled_s.get(mode, COMPILE_GUESS_S.get(mode, 10.0))
     return (1 + repeats) * per_run * (2.0 if provider == "transformers" else 1.0) + extra
+
+
+def run_case(case, names: list[str], models, device, smoke: bool, repeats: int, deadline: float,
+             state: dict) -> list[dict]:
+    """The rows of `names` on `case`: each prepared if the budget holds it, then all timed alternately."""
+    live, rows, committed = [], [], 0.0   # committed: the timed runs still owed to prepared providers
+    for provider in names:
+        need = estimate(provider, case, state["spent"], state["compiled_s"], repeats)
+        if time.monotonic() + committed + need > deadline:
+            rows.append(dict(status="skipped", provider=provider, search=case[0], batch=case[1],
+                             reason=f"budget: ~{need:.0f} s needed, {deadline - time.monotonic():.0f} s left"))
+            continue
+        try:
+            row, fn = prepare(provider, models, case, device, smoke)
+        except Exception as e:  # noqa: BLE001 -- a provider that fails is a result; the others go on
+            row, fn = dict(status="error", provider=provider, search=case[0], batch=case[1],
+                           reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"), None
+        rows.append(row)
+        if fn is not None:
+            live.append((row, fn))
+            if provider == "static":  # the case's time per run, for the estimates of the others
+                state["spent"][case] = row["first_s"]
+            slower = 2.0 if provider == "transformers" else 1.0
+            committed += repeats * state["spent"].get(case, row["first_s"]) * slower
+    time_case(live, device, repeats)
+    for row in rows:
+        finish(row, repeats, state["reference"])
+        if row["status"] == "ok":
+            if row["provider"] == "static":
+                state["spent"][case] = row["best_s"]
+            if compile_mode(row["provider"]):
+                mode = compile_mode(row["provider"])
+                state["compiled_s"][mode] = max(state["compiled_s"].get(mode, 0.0), row["first_s"] - row["best_s"])
+    return rows
 
 
 def run(device: torch.device | str, smoke: bool, budget_s: float, log=print) -> list[dict]:
@@ -224,32 +286,13 @@ def run(device: torch.device | str, smoke: bool, budget_s: float, log=print) -> 
                              dtype=str(next(models[0].parameters()).dtype), smoke=smoke, budget_s=budget_s,
                              config=models[2].to_hf_dict(), **case_args(smoke))]
     repeats = 3 if smoke else 2
-    spent, compiled_s, reference = {}, {}, {}
-    core, rest = providers(device)
+    state = dict(spent={}, compiled_s={}, reference={})
     compiled_step.clear(models[0])
     ids, mask = inputs(1, models[2].vocab_size, 8, device)
     ours_runner(models[0], "static", ids, mask, 1, 4)()  # warm-up: allocator, BLAS, first-call costs
-    for provider_list in (core, rest):  # each case's core providers first, then the rest
+    for names in providers(device):  # each case's core providers first, then the rest
         for case in CASES:
-            for provider in provider_list:
-                need = estimate(provider, case, spent, compiled_s, repeats)
-                if time.monotonic() + need > deadline:
-                    rows.append(dict(status="skipped", provider=provider, search=case[0], batch=case[1],
-                                     reason=f"budget: ~{need:.0f} s needed, {deadline - time.monotonic():.0f} s left"))
-                    continue
-                t0 = time.monotonic()
-                try:
-                    row = measure(provider, models, case, device, smoke, repeats, reference)
-                except Exception as e:  # noqa: BLE001 -- a provider that fails is a result; the others go on
-                    row = dict(status="error", provider=provider, search=case[0], batch=case[1],
-                               reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                row["seconds"] = round(time.monotonic() - t0, 2)
-                if row["status"] == "ok":
-                    if provider == "static":
-                        spent[case] = row["best_s"]
-                    if provider.startswith("compiled-"):
-                        mode = compile_mode(provider)
-                        compiled_s[mode] = max(compiled_s.get(mode, 0.0), row["first_s"] - row["best_s"])
+            for row in run_case(case, names, models, device, smoke, repeats, deadline, state):
                 rows.append(row)
                 log(line(row))
     compiled_step.clear(models[0])
@@ -260,7 +303,8 @@ def line(row: dict) -> str:
     head = f"{row['provider']:>28} {row.get('search', ''):>6} b{row.get('batch', '')}"
     if row["status"] != "ok":
         return f"{head}: {row['status']} ({row.get('reason', '')})"
-    text = f"{head}: {row['tokens_per_s']:>9.1f} tok/s (best {row['best_s'] * 1e3:.1f} ms, first {row['first_s']:.2f} s)"
+    text = (f"{head}: {row['tokens_per_s']:>9.1f} tok/s (best {row['best_s'] * 1e3:.1f} ms, "
+            f"first {row['first_s']:.2f} s)")
     if row.get("cache_bytes"):
         text += f", cache {row['cache_bytes'] / 2 ** 20:.2f} MiB"
     if "graphs" in row:

@@ -106,7 +106,7 @@ class StaticCache:
         moved = (index != torch.arange(index.shape[0], device=index.device)).nonzero()[:, 0]
         if moved.numel() == 0:
             return
-        source, end = index[moved], (self.max_length if self.full_length else self._length)
+        source, end = index[moved], self.length   # the written prefix (whole buffer: read from the device)
         for buf in (*self.keys, *self.values):
             if buf is not None:
                 buf[moved, :, :end] = buf[source, :, :end]   # the gather copies first: no aliasing
