@@ -32,6 +32,7 @@ plus the mode's measured or guessed compile time): a row that does not fit is "s
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import pathlib
@@ -40,6 +41,8 @@ import time
 
 import torch
 
+from benchmarks import devices
+from benchmarks.runner import REPO, git_commit, versions
 from models import compiled_step
 from models.checkpoint import load_hf_state_dict
 from models.config import T5Config
@@ -276,15 +279,26 @@ def run_case(case, names: list[str], models, device, smoke: bool, repeats: int, 
 
 
 def run(device: torch.device | str, smoke: bool, budget_s: float, log=print) -> list[dict]:
-    """Every (provider, case) row that fits `budget_s` seconds (module doc); the rest "skipped"."""
+    """Every (provider, case) row that fits `budget_s` seconds (module doc); the rest "skipped". On a CPU
+    with one thread: a shared machine's load otherwise makes small steps vary 50-fold."""
     device = torch.device(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _run(device, smoke, budget_s, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(device: torch.device, smoke: bool, budget_s: float, log) -> list[dict]:
     deadline = time.monotonic() + budget_s
     start = time.monotonic()
     models = build(device, smoke)
     rows: list[dict] = [dict(status="ok", provider="setup", seconds=round(time.monotonic() - start, 2),
                              device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                              dtype=str(next(models[0].parameters()).dtype), smoke=smoke, budget_s=budget_s,
-                             config=models[2].to_hf_dict(), **case_args(smoke))]
+                             threads=torch.get_num_threads(), config=models[2].to_hf_dict(), **case_args(smoke))]
     repeats = 3 if smoke else 2
     state = dict(spent={}, compiled_s={}, reference={})
     compiled_step.clear(models[0])
@@ -319,19 +333,26 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="a tiny model, 8 new tokens")
     ap.add_argument("--budget", type=float, default=45.0, help="seconds (default 45)")
-    ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--out", help="results file (default benchmarks/results/<device>/decode[-smoke]-<time>.json)")
     args = ap.parse_args(argv)
     try:
-        rows = run(args.device, args.smoke, args.budget)
+        part = evidence_part(args.device, args.smoke, args.budget)
     except (RuntimeError, ValueError) as e:
         print(f"decode_bench: {e}", file=sys.stderr)
         return 2
-    for case, ratios in summary(rows).items():
+    for case, ratios in part["speed_vs_static"].items():
         print(f"{case} (tokens/s / static's): " + ", ".join(f"{p} {v:.2f}x" for p, v in ratios.items()))
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    return 0
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    device = torch.device(args.device)
+    slug = devices.slugify(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
+    out = pathlib.Path(args.out) if args.out else (
+        REPO / "benchmarks" / "results" / slug / f"decode{'-smoke' if args.smoke else ''}-{stamp:%Y%m%dT%H%M}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"schema": "t5forge-decode/1", "command": "python -m benchmarks.decode_bench " + " ".join(argv),
+              "date": f"{stamp:%Y-%m-%dT%H:%M:%SZ}", "git_commit": git_commit(), "versions": versions(), **part}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if part["status"] == "ok" else 1
 
 
 def summary(rows: list[dict]) -> dict:

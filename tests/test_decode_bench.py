@@ -59,3 +59,14 @@ def test_provider_names():
     core, rest = decode_bench.providers(torch.device("cuda"))
     assert core == ["static", "compiled-cuda-graph", "dynamic", "transformers"]
     assert all(decode_bench.compile_mode(p) in (None, "cuda-graph", "reduce-overhead") for p in core + rest)
+
+
+def test_main_writes_the_record(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    assert decode_bench.main(["--smoke", "--device", "cpu", "--budget", "600", "--out", str(out)]) == 0
+    import json
+
+    record = json.loads(out.read_text())
+    assert record["schema"] == "t5forge-decode/1" and record["status"] == "ok"
+    assert record["rows"][0]["threads"] == 1 and len(record["rows"]) == 1 + 5 * len(CASES)
+    assert "greedy/b1 (tokens/s / static's): static 1.00x" in capsys.readouterr().out
