@@ -5,6 +5,7 @@ sampled), over the decoder's KV cache (static by default, models/kv_cache.py).
     ids = model.generate(input_ids, attention_mask=mask, num_beams=4, num_return_sequences=2)
     ids = model.generate(input_ids, do_sample=True, top_p=0.9, generator=torch.Generator().manual_seed(0))
     out = model.generate(input_ids, return_dict_in_generate=True, output_scores=True)   # GenerateOutput
+    ids = model.generate(input_ids, max_new_tokens=64, compile_step=True)   # CUDA graphs (models/compiled_step.py)
 
 As in transformers, the result starts with the decoder start token and is padded after EOS; the options,
 their defaults (a checkpoint's generation_config.json first) and their validation are in
