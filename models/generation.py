@@ -5,6 +5,7 @@ sampled), over the decoder's KV cache (static by default, models/kv_cache.py).
     ids = model.generate(input_ids, attention_mask=mask, num_beams=4, num_return_sequences=2)
     ids = model.generate(input_ids, do_sample=True, top_p=0.9, generator=torch.Generator().manual_seed(0))
     out = model.generate(input_ids, return_dict_in_generate=True, output_scores=True)   # GenerateOutput
+    ids = model.generate(input_ids, max_new_tokens=64, compile_step=True)   # CUDA graphs (models/compiled_step.py)
 
 As in transformers, the result starts with the decoder start token and is padded after EOS; the options,
 their defaults (a checkpoint's generation_config.json first) and their validation are in
@@ -30,6 +31,7 @@ from typing import Protocol
 
 import torch
 
+from .compiled_step import compiled_step, resolve_mode, step_kernels
 from .generation_config import GenerationConfig, check_names, resolve
 from .kv_cache import StaticCache, reorder_dynamic
 from .sampling import logits_processor
@@ -46,31 +48,54 @@ class Seq2SeqStepper:
     """Encoder-decoder decoding state: the encoder output once, the decoder's KV cache per step.
 
     `cache_implementation` "static" preallocates the cache for `max_length` positions (written in place),
-    "dynamic" grows it by torch.cat."""
+    "dynamic" grows it by torch.cat. `compile_step` (a mode of models/compiled_step.py, or None) runs the
+    steps after the first through torch.compile over a whole-buffer static cache kept with the model;
+    `close()` hands those buffers back. `full_length` (uncompiled static cache): attend over the whole buffer
+    (True) or the written prefix (False); None: the device's default (models/kv_cache.py). `decode_kernels`:
+    which kernels the steps run, "auto", "model", "reference" or "sdpa-attention" (models/compiled_step.py)."""
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, expand: int = 1,
-                 cache_implementation: str = "dynamic", max_length: int | None = None):
+                 cache_implementation: str = "dynamic", max_length: int | None = None,
+                 compile_step: str | None = None, full_length: bool | None = None,
+                 decode_kernels: str = "auto"):
         self.model = model
         encoder_hidden = model.encode(input_ids, attention_mask)
         if expand > 1:  # each example's row repeated once per beam / sample, the copies adjacent
             encoder_hidden = encoder_hidden.repeat_interleave(expand, dim=0)
             attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, dim=0)
         self.encoder_hidden, self.attention_mask = encoder_hidden, attention_mask
-        self.cache = None
-        if cache_implementation == "static":
+        self.cache, self.compiled = None, None
+        self.kernels = step_kernels(model, decode_kernels, encoder_hidden.device, compiled=False)
+        if cache_implementation == "static" or compile_step is not None:
             if max_length is None:
                 raise ValueError("Seq2SeqStepper: a static cache needs max_length")
-            self.cache = StaticCache(model.config, encoder_hidden.shape[0], max_length, encoder_hidden.device)
+            if cache_implementation != "static":
+                raise ValueError(f"Seq2SeqStepper: compile_step={compile_step!r} needs the static cache, got "
+                                 f"cache_implementation={cache_implementation!r}")
+        if compile_step is not None:
+            self.compiled = compiled_step(model, compile_step, encoder_hidden.shape[0], max_length,
+                                          encoder_hidden, attention_mask, decode_kernels)
+            self.cache = self.compiled.cache
+        elif cache_implementation == "static":
+            self.cache = StaticCache(model.config, encoder_hidden.shape[0], max_length, encoder_hidden.device,
+                                     full_length)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits, self.cache = self.model.decode_step(tokens, self.encoder_hidden, self.attention_mask, self.cache)
+        if self.compiled is not None:
+            return self.compiled(tokens)
+        logits, self.cache = self.model.decode_step(tokens, self.encoder_hidden, self.attention_mask, self.cache,
+                                                    kernels=self.kernels)
         return logits[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
         if isinstance(self.cache, StaticCache):
-            self.cache.reorder(index)
+            self.cache.reorder(index)   # in place, within the same buffers (a compiled step's static ones)
         else:
             self.cache = reorder_dynamic(self.cache, index)
+
+    def close(self) -> None:
+        if self.compiled is not None:
+            self.compiled.end()
 
 
 @dataclasses.dataclass
@@ -245,13 +270,17 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise ValueError(f"generate(): input_ids must be a (batch, length) tensor, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     expand = cfg.num_beams if cfg.num_beams > 1 else (cfg.num_return_sequences if cfg.do_sample else 1)
+    mode = resolve_mode(cfg.compile_step, input_ids.device)
     was_training = model.training
     model.eval()
+    stepper = None
     try:
         stepper = Seq2SeqStepper(model, input_ids, attention_mask, expand, cfg.cache_implementation,
-                                 cfg.new_tokens())
+                                 cfg.new_tokens(), compile_step=mode, decode_kernels=cfg.decode_kernels)
         out = search(stepper, cfg, input_ids.shape[0], input_ids.device, generator)
     finally:
+        if stepper is not None:
+            stepper.close()
         model.train(was_training)
     start = torch.full((out.sequences.shape[0], 1), cfg.decoder_start_token_id, dtype=torch.long,
                        device=out.sequences.device)

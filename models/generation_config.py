@@ -26,6 +26,8 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 EARLY_STOPPING = (False, True, "never")
 LENGTH_NORMALIZATIONS = ("t5x", "hf")
 CACHE_IMPLEMENTATIONS = ("static", "dynamic")
+COMPILE_MODES = ("reduce-overhead", "cuda-graph", "aot_eager", "eager")  # models/compiled_step.py
+DECODE_KERNELS = ("auto", "model", "reference", "sdpa-attention")           # models/compiled_step.py
 # Hugging Face generate arguments we do not implement: named in the error, so a user knows it is not a typo.
 _HF_UNSUPPORTED = {  # name: its Hugging Face default (the value at which it does nothing)
     "num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
@@ -62,6 +64,8 @@ class GenerationConfig:
     output_scores: bool = False
     return_dict_in_generate: bool = False
     cache_implementation: str = "static"  # "static" preallocated KV cache, "dynamic" the torch.cat cache
+    compile_step: bool | str = False      # ours: the decode step under torch.compile (models/compiled_step.py)
+    decode_kernels: str = "auto"          # ours: the decode step's kernels (models/compiled_step.py)
     decoder_start_token_id: int | None = None   # None: from the model's config
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -119,6 +123,12 @@ class GenerationConfig:
             fail("early_stopping", "expected true, false or 'never'")
         if self.cache_implementation not in CACHE_IMPLEMENTATIONS:
             fail("cache_implementation", f"expected one of {CACHE_IMPLEMENTATIONS}")
+        if not (isinstance(self.compile_step, bool) or self.compile_step in COMPILE_MODES):
+            fail("compile_step", f"expected true, false or one of {COMPILE_MODES}")
+        if self.decode_kernels not in DECODE_KERNELS:
+            fail("decode_kernels", f"expected one of {DECODE_KERNELS}")
+        if self.compile_step is not False and self.cache_implementation != "static":
+            fail("compile_step", "compiles the step over the static cache: needs cache_implementation='static'")
         if self.num_return_sequences > 1 and self.num_beams == 1 and not self.do_sample:
             fail("num_return_sequences", "greedy search returns one sequence; use num_beams or do_sample=True")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:

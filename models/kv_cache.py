@@ -51,6 +51,7 @@ class StaticCache:
         self.max_length, self._length = max_length, 0
         self.position = torch.zeros((), dtype=torch.long, device=device)   # next position to write
         self._positions: torch.Tensor | None = None
+        self._refresh_cross = [False] * n   # after reset(): recompute cross K/V into the same tensors
         self.full_length = torch.device(device).type in FULL_LENGTH_DEVICES if full_length is None else full_length
         self.layers = [StaticLayer(self, i) for i in range(n)]
 
@@ -105,10 +106,24 @@ class StaticCache:
         moved = (index != torch.arange(index.shape[0], device=index.device)).nonzero()[:, 0]
         if moved.numel() == 0:
             return
-        source, end = index[moved], (self.max_length if self.full_length else self._length)
+        source, end = index[moved], self.length   # the written prefix (whole buffer: read from the device)
         for buf in (*self.keys, *self.values):
             if buf is not None:
                 buf[moved, :, :end] = buf[source, :, :end]   # the gather copies first: no aliasing
+
+    def reset(self) -> None:
+        """Ready for another sequence in the same buffers (models/compiled_step.py reuses a cache across
+        `generate` calls, as CUDA graphs read fixed addresses): position 0, and the next step writes its
+        cross-attention K/V into the existing tensors. The old self-attention K/V stay, unread: a query at
+        position p sees keys 0..p only, each written again by this sequence before it is read."""
+        self.position.zero_()
+        self._positions, self._length = None, 0
+        self._refresh_cross = [kv is not None for kv in self.cross]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (the position included): what a compiled step reads and writes."""
+        out = [t for t in (*self.keys, *self.values) if t is not None]
+        return out + [t for kv in self.cross if kv is not None for t in kv] + [self.position]
 
     def nbytes(self) -> int:
         tensors = [t for t in (*self.keys, *self.values) if t is not None]
@@ -126,9 +141,14 @@ class StaticLayer:
         return self.cache.write(self.index, k, v)
 
     def cross_kv(self, compute: Callable[[], KV]) -> KV:
-        if self.cache.cross[self.index] is None:
-            self.cache.cross[self.index] = compute()
-        return self.cache.cross[self.index]
+        cache, i = self.cache, self.index
+        if cache.cross[i] is None:
+            cache.cross[i] = compute()
+        elif cache._refresh_cross[i]:  # a reset cache: the new encoder output's K/V, same tensors
+            for old, new in zip(cache.cross[i], compute()):
+                old.copy_(new)
+            cache._refresh_cross[i] = False
+        return cache.cross[i]
 
 
 def extend_self(past, k: torch.Tensor, v: torch.Tensor) -> KV:

@@ -404,15 +404,18 @@ class T5ForConditionalGeneration(nn.Module):
                attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
                encoder_segment_ids: torch.Tensor | None = None, decoder_segment_ids: torch.Tensor | None = None,
                decoder_positions: torch.Tensor | None = None, past_key_values: Any = None,
-               use_cache: bool = False, inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+               use_cache: bool = False, inputs_embeds: torch.Tensor | None = None,
+               kernels: Kernels | None = None) -> tuple[torch.Tensor, Any]:
         """Decoder output (B, L_new, d_model) for `decoder_input_ids` following `past_key_values`: a list of
-        per-layer tuples (grown by torch.cat) or a `StaticCache` (written in place and returned)."""
+        per-layer tuples (grown by torch.cat) or a `StaticCache` (written in place and returned). `kernels`:
+        instead of `self.kernels(device)` (models/compiled_step.py runs the references under torch.compile)."""
         if (encoder_segment_ids is None) != (decoder_segment_ids is None):
             raise ValueError("packed inputs need both encoder_segment_ids and decoder_segment_ids")
         embeds = self.shared(decoder_input_ids) if inputs_embeds is None else inputs_embeds
         if decoder_segment_ids is not None and decoder_positions is None:
             decoder_positions = segment_positions(decoder_segment_ids)
-        cfg, q_len, kernels = self.config, decoder_input_ids.shape[1], self.kernels(embeds.device)
+        cfg, q_len = self.config, decoder_input_ids.shape[1]
+        kernels = self.kernels(embeds.device) if kernels is None else kernels
         static = isinstance(past_key_values, StaticCache)
         # (a whole-buffer static cache: no Python count inside a step; positions are a device tensor)
         past_len, kv_len, q_positions = attention_geometry(past_key_values, q_len, kernels.attention is not None)
@@ -441,14 +444,15 @@ class T5ForConditionalGeneration(nn.Module):
         return self.lm_head(decoder_hidden)
 
     def decode_step(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None, past_key_values: Any = None) -> tuple[Any, Any]:
+                    attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                    kernels: Kernels | None = None) -> tuple[Any, Any]:
         """Incremental decoding: logits (B, L_new, vocab) of the new tokens and the cache (models/kv_cache.py).
 
         The first call computes each layer's cross-attention K/V from `encoder_hidden`; later calls reuse
         them and add the new self-attention K/V (in place into a `StaticCache`, by torch.cat otherwise).
         """
         hidden, cache = self.decode(decoder_input_ids, encoder_hidden, attention_mask,
-                                    past_key_values=past_key_values, use_cache=True)
+                                    past_key_values=past_key_values, use_cache=True, kernels=kernels)
         return self.lm_logits(hidden), cache
 
     reorder_cache = staticmethod(reorder_rows)  # every cached tensor's rows (models/kv_cache.py)
