@@ -64,6 +64,7 @@ def summary(results: dict) -> list[str]:
         lines.append(f"{ops['preset']} Adafactor step: {fused} aten ops fused (target <= {OPTIMIZER_OPS_TARGET}) "
                      f"{verdict}; reference {ada.get('reference')}; ms {ops.get('optimizer_ms', {}).get('adafactor')}")
     lines += _model_lines(parts.get("model_steps", {}).get("records", []))
+    lines += _decode_lines(parts.get("decode", {}))
     pre = parts.get("pretrain", {})
     if pre.get("status") == "ok":
         mfu = pre.get("mfu_median")
@@ -78,6 +79,18 @@ def summary(results: dict) -> list[str]:
                      + (f", MFU {100 * big['mfu']:.1f}%" if big.get("mfu") else ""))
     else:
         lines.append(f"t5-11b: {big.get('status', 'not run')} {big.get('reason', '')}".rstrip())
+    return lines
+
+
+def _decode_lines(part: dict) -> list[str]:
+    """tokens/s per decoding case: the static cache eager and compiled, the torch.cat cache, transformers."""
+    rows = [r for r in part.get("records", []) if r.get("status") == "ok" and "tokens_per_s" in r]
+    if not rows:
+        return [f"decode: {part.get('status', 'not run')} {part.get('reason', '')}".rstrip()]
+    lines = []
+    for case in sorted({(r["search"], r["batch"]) for r in rows}):
+        got = {r["provider"]: r["tokens_per_s"] for r in rows if (r["search"], r["batch"]) == case}
+        lines.append(f"decode {case[0]} b{case[1]} tokens/s: " + ", ".join(f"{p} {v:.0f}" for p, v in got.items()))
     return lines
 
 

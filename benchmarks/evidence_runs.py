@@ -74,6 +74,11 @@ def kernels(slot: Slot) -> dict:
         except Exception as e:  # noqa: BLE001 -- one broken benchmark must not hide the others
             out[name] = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
         out[name]["seconds"] = time.monotonic() - start
+    from kernels._t5_attention_tune import choices
+
+    # The attention tiles the autotuner chose on this GPU, per key (none under the interpreter).
+    out["attention_tiles"] = [{"key": [str(x) for x in key], "tile": dataclasses.asdict(tile)}
+                              for key, tile in choices().items()]
     return {"status": "ok", **out}
 
 
@@ -118,7 +123,8 @@ def decode(slot: Slot) -> dict:
     torch.cat cache and transformers (benchmarks/decode_bench.py)."""
     from benchmarks import decode_bench
 
-    return {"status": "ok", "records": decode_bench.run(slot.device, slot.smoke, budget_s=max(5.0, slot.left()))}
+    rows = decode_bench.run(slot.device, slot.smoke, budget_s=max(5.0, slot.left()), log=lambda *_: None)
+    return {"status": "ok", "records": rows}
 
 
 # ------------------------------------------------------------------------------------------ pretrain
