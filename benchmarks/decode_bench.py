@@ -44,7 +44,7 @@ import torch
 from benchmarks import devices
 from benchmarks.runner import REPO, git_commit, versions
 from models import compiled_step
-from models.checkpoint import load_hf_state_dict
+from models.hf_checkpoint import load_hf_state_dict
 from models.config import T5Config
 from models.generation import Seq2SeqStepper, search
 from models.generation_config import resolve

@@ -79,7 +79,7 @@ def _attention_cases(device, small: bool) -> list[tuple[str, list, dict]]:
 
 
 def kernel_checks(device: torch.device, dtypes: tuple[torch.dtype, ...], small: bool) -> list[dict]:
-    from kernels import gated_ffn as gf
+    from kernels import ffn as gf
     from kernels import rms_norm as rn
     from kernels import t5_attention as ta
 

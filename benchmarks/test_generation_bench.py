@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from models.checkpoint import load_hf_state_dict
+from models.hf_checkpoint import load_hf_state_dict
 from models.config import T5Config
 from models.generation import Seq2SeqStepper, search
 from models.generation_config import resolve

@@ -101,7 +101,7 @@ def verify_checkpoint(directory: pathlib.Path) -> None:
     `.pt` file whose zip directory is broken (torch.save's format). Reads headers, not the tensors."""
     import zipfile
 
-    from models.checkpoint import read_json_object, verify_safetensors
+    from models.hf_checkpoint import read_json_object, verify_safetensors
 
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
@@ -258,7 +258,7 @@ def load_rank_state(directory: pathlib.Path, rank: int) -> tuple[dict, dict]:
     path = directory / f"rank_{rank:05d}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (was the checkpoint written with a different number of ranks?)")
-    from models.checkpoint import read_json_object
+    from models.hf_checkpoint import read_json_object
 
     try:
         rng = torch.load(path, map_location="cpu", weights_only=True)
@@ -273,6 +273,6 @@ def save_trainer_state(directory: pathlib.Path, state: dict) -> None:
 
 
 def load_trainer_state(directory: pathlib.Path) -> dict:
-    from models.checkpoint import read_json_object
+    from models.hf_checkpoint import read_json_object
 
     return read_json_object(directory / "trainer_state.json", "trainer state")

@@ -114,6 +114,46 @@ class DeepSpeedSection:
     overlap_comm: bool = True
 
 
+# `t5forge finetune`'s own sections ([finetune] and [[tasks]]; engine/finetune.py reads them).
+FINETUNE_METHODS = ("full", "adapters", "gradual_unfreezing")
+
+
+@dataclass
+class FinetuneSection:
+    init: str = ""  # Hugging Face directory, our run dir / checkpoint (run/checkpoints/step_N), or "preset:NAME"
+    tokenizer: str = ""  # SentencePiece model; "" = spiece.model in init (or its tokenizer/ folder)
+    method: str = "full"  # full | adapters | gradual_unfreezing
+    d_adapter: int = 64  # adapters: inner size of each dense-ReLU-dense adapter
+    unfreeze_every: int = 100  # gradual_unfreezing: steps between unfreezing one more block per stack
+    mixture: str = "proportional"  # proportional | temperature | equal (engine/mixtures.py)
+    mixture_limit: int = 0  # examples-proportional limit K; 0 = none
+    temperature: float = 1.0  # temperature mixing: rates ** (1/T), renormalised
+    max_input_length: int = 512  # encoder tokens per example (longer inputs are cut, EOS kept)
+    max_target_length: int = 128
+    eval_every: int = 100  # steps between evaluations (and at the last step)
+    eval_limit: int = 0  # examples per task per evaluation; 0 = all
+    eval_metric: str = ""  # "task/metric" that picks the best model; "" = the first score reported
+    eval_batch_size: int = 32
+    eval_max_length: int = 0  # tokens generated at evaluation; 0 = max_target_length
+    num_beams: int = 1  # evaluation decoding: 1 = greedy; beams use T5X's length penalty, alpha 0.6
+    task_modules: list[str] = field(default_factory=list)  # modules / .py files that register_task() your tasks
+
+
+@dataclass
+class TaskEntry:
+    name: str = ""  # a registered task (engine/tasks)
+    train: list[str] = field(default_factory=list)  # files or data directories; empty = eval only
+    eval: list[str] = field(default_factory=list)
+    train_split: str = "train"  # split looked up when `train` is a directory
+    eval_split: str = "validation"
+    limit: int = 0  # training examples used (the first ones); 0 = all
+    eval_skip: int = 0  # evaluation starts after this many examples (one file split in two for a demo)
+    # Unsupervised source (multi-task pretraining): an objective of engine/data/objectives.py applied to the
+    # C4-style JSON lines in `train` (globs ok), examples cut as in pretraining; `name` is then free.
+    objective: str = ""
+    size: int = 0  # objective sources: examples the mixing rate counts (with finetune.mixture_limit K: >= K)
+
+
 @dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
@@ -202,7 +242,7 @@ def _convert(key: str, value, typ, where: str):
     raise TypeError(f"unsupported config type {typ} for {key}")
 
 
-def _set(cfg: RunConfig, dotted: str, value, where: str = "") -> None:
+def set_key(cfg: RunConfig, dotted: str, value, where: str = "") -> None:
     section_name, _, key = dotted.partition(".")
     sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
     if not key or section_name not in sections:
@@ -212,6 +252,17 @@ def _set(cfg: RunConfig, dotted: str, value, where: str = "") -> None:
     if key not in types:
         raise ValueError(f"{where}unknown config key '{dotted}' (keys of [{section_name}]: {', '.join(types)})")
     setattr(section, key, _convert(dotted, value, types[key], where))
+
+
+def set_fields(obj, table: dict, where: str, prefix: str) -> None:
+    """Set the dataclass `obj`'s fields from a TOML table (typed, unknown keys refused), as every section is."""
+    types = _field_types(type(obj))
+    for key, value in table.items():
+        if key not in types:
+            raise ValueError(f"{where}unknown config key '{prefix}{key}' (keys: {', '.join(types)})")
+        if types[key] == list[str] and isinstance(value, str):
+            value = [value]
+        setattr(obj, key, _convert(f"{prefix}{key}", value, types[key], where))
 
 
 def read_toml(path: str | pathlib.Path) -> dict:
@@ -240,7 +291,7 @@ def apply_sections(cfg: RunConfig, doc: dict, where: str = "") -> None:
         if not isinstance(table, dict):
             raise ValueError(f"{where}top-level key '{section_name}' must be a [section] table")
         for key, value in table.items():
-            _set(cfg, f"{section_name}.{key}", value, where)
+            set_key(cfg, f"{section_name}.{key}", value, where)
 
 
 # Input paths a config file names resolve against the file's own directory, so a config runs from any
@@ -346,7 +397,7 @@ def load_run_config(argv: list[str]) -> RunConfig:
     for path in configs:
         apply_toml(cfg, path)
     for key, words in overrides:
-        _set(cfg, key, words)
+        set_key(cfg, key, words)
     validate(cfg)
     return cfg
 

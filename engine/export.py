@@ -90,7 +90,7 @@ def consolidated_state_dict(path: pathlib.Path, state: dict) -> dict[str, torch.
 
 
 def export_checkpoint(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
-    from models.checkpoint import save_pretrained
+    from models.hf_checkpoint import save_pretrained
     from models.config import T5Config
     from models.t5 import T5ForConditionalGeneration
 

@@ -34,66 +34,17 @@ import itertools
 import json
 import pathlib
 import sys
-from dataclasses import dataclass, field
 
 import torch
 
 from engine import config as run_config
+from engine.config import FinetuneSection, TaskEntry  # its sections, beside every other section
 from engine.finetune_init import _own_tokenizers, load_init_model
 from engine.tasks.evaluation import evaluate_tasks, gathered_copy, is_zero3_partitioned
 from engine.trainer import Trainer
 from engine.unfreezing import GradualUnfreezer
 
 __all__ = ["finetune_main", "FinetuneTrainer", "MixtureBatches", "evaluate_tasks", "parse_finetune_config"]
-
-METHODS = ("full", "adapters", "gradual_unfreezing")
-
-
-@dataclass
-class FinetuneSection:
-    init: str = ""  # Hugging Face directory, our run dir / checkpoint (run/checkpoints/step_N), or "preset:NAME"
-    tokenizer: str = ""  # SentencePiece model; "" = spiece.model in init (or its tokenizer/ folder)
-    method: str = "full"  # full | adapters | gradual_unfreezing
-    d_adapter: int = 64  # adapters: inner size of each dense-ReLU-dense adapter
-    unfreeze_every: int = 100  # gradual_unfreezing: steps between unfreezing one more block per stack
-    mixture: str = "proportional"  # proportional | temperature | equal (engine/mixtures.py)
-    mixture_limit: int = 0  # examples-proportional limit K; 0 = none
-    temperature: float = 1.0  # temperature mixing: rates ** (1/T), renormalised
-    max_input_length: int = 512  # encoder tokens per example (longer inputs are cut, EOS kept)
-    max_target_length: int = 128
-    eval_every: int = 100  # steps between evaluations (and at the last step)
-    eval_limit: int = 0  # examples per task per evaluation; 0 = all
-    eval_metric: str = ""  # "task/metric" that picks the best model; "" = the first score reported
-    eval_batch_size: int = 32
-    eval_max_length: int = 0  # tokens generated at evaluation; 0 = max_target_length
-    num_beams: int = 1  # evaluation decoding: 1 = greedy; beams use T5X's length penalty, alpha 0.6
-    task_modules: list[str] = field(default_factory=list)  # modules / .py files that register_task() your tasks
-
-
-@dataclass
-class TaskEntry:
-    name: str = ""  # a registered task (engine/tasks)
-    train: list[str] = field(default_factory=list)  # files or data directories; empty = eval only
-    eval: list[str] = field(default_factory=list)
-    train_split: str = "train"  # split looked up when `train` is a directory
-    eval_split: str = "validation"
-    limit: int = 0  # training examples used (the first ones); 0 = all
-    eval_skip: int = 0  # evaluation starts after this many examples (one file split in two for a demo)
-    # Unsupervised source (multi-task pretraining): an objective of engine/data/objectives.py applied to the
-    # C4-style JSON lines in `train` (globs ok), examples cut as in pretraining; `name` is then free.
-    objective: str = ""
-    size: int = 0  # objective sources: examples the mixing rate counts (with finetune.mixture_limit K: >= K)
-
-
-def _set_dataclass(obj, table: dict, where: str, prefix: str) -> None:
-    types = run_config._field_types(type(obj))
-    for key, value in table.items():
-        if key not in types:
-            raise ValueError(f"{where}unknown config key '{prefix}{key}' (keys: {', '.join(types)})")
-        if types[key] == list[str] and isinstance(value, str):
-            value = [value]
-        setattr(obj, key, run_config._convert(f"{prefix}{key}", value, types[key], where))
-
 
 def parse_finetune_config(argv: list[str]):
     """(RunConfig, FinetuneSection, [TaskEntry]) from `--config FILE`s and `--section.key VALUE`s.
@@ -110,7 +61,7 @@ def parse_finetune_config(argv: list[str]):
         where = f"{pathlib.Path(path)}: "
         base = pathlib.Path(path).parent  # input paths of a config file are relative to it (engine/config.py)
         run_config.resolve_input_paths(doc, base, run_config.INPUT_PATH_KEYS + ("finetune.init", "finetune.tokenizer"))
-        _set_dataclass(ft, doc.pop("finetune", {}), where, "finetune.")
+        run_config.set_fields(ft, doc.pop("finetune", {}), where, "finetune.")
         entries = doc.pop("tasks", [])
         if entries:
             tasks = []
@@ -120,19 +71,19 @@ def parse_finetune_config(argv: list[str]):
                     if key in entry:
                         entry[key] = run_config.resolve_against(base, entry[key])
             task = TaskEntry()
-            _set_dataclass(task, entry, where, f"tasks[{number}].")
+            run_config.set_fields(task, entry, where, f"tasks[{number}].")
             tasks.append(task)
         run_config.apply_sections(cfg, doc, where)  # every other section is the run config's
     for key, words in overrides:
         if key.startswith("finetune."):
-            _set_dataclass(ft, {key.split(".", 1)[1]: words if len(words) > 1 else words[0]}, "", "finetune.")
+            run_config.set_fields(ft, {key.split(".", 1)[1]: words if len(words) > 1 else words[0]}, "", "finetune.")
         else:
-            run_config._set(cfg, key, words)
+            run_config.set_key(cfg, key, words)
     run_config.validate(cfg)
     if not ft.init:
         raise ValueError("config key 'finetune.init': a pretrained model directory is required")
-    if ft.method not in METHODS:
-        raise ValueError(f"config key 'finetune.method': {ft.method!r} is not one of {', '.join(METHODS)}")
+    if ft.method not in run_config.FINETUNE_METHODS:
+        raise ValueError(f"config key 'finetune.method': {ft.method!r} is not one of {', '.join(run_config.FINETUNE_METHODS)}")
     for key in ("d_adapter", "unfreeze_every", "max_input_length", "max_target_length", "eval_every",
                 "eval_batch_size", "num_beams"):
         if getattr(ft, key) < 1:
@@ -324,7 +275,7 @@ def _best_writer(run_dir: pathlib.Path, method: str, tokenizer_file: str):
     import shutil
 
     from models.adapters import save_adapters
-    from models.checkpoint import save_pretrained
+    from models.hf_checkpoint import save_pretrained
 
     def write(model, info: dict) -> None:
         tmp, best = run_dir / "best.tmp", run_dir / "best"

@@ -14,7 +14,7 @@ import torch
 from engine import config as run_config
 
 if TYPE_CHECKING:
-    from engine.finetune import FinetuneSection
+    from engine.config import FinetuneSection
 
 
 def _own_tokenizers(init: pathlib.Path) -> list[pathlib.Path]:
@@ -57,7 +57,7 @@ def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch
     from engine import checkpoint as ckpt
     from engine.build import model_overrides
     from engine.distributed.zero3 import build_model, builds_partitioned, load_partitioned
-    from models.checkpoint import convert_hf_state_dict, from_pretrained, read_config, read_weights
+    from models.hf_checkpoint import convert_hf_state_dict, from_pretrained, read_config, read_weights
     from models.t5 import T5ForConditionalGeneration
 
     device = device or torch.device("cpu")

@@ -117,7 +117,7 @@ def pick_tokenizer(args, model_vocab: int) -> pathlib.Path:
 
 def load_model(args):
     """The model of `--model` (config and weights verified on load) with `--adapters` if given."""
-    from models.checkpoint import from_pretrained, read_config, verify_safetensors
+    from models.hf_checkpoint import from_pretrained, read_config, verify_safetensors
 
     read_config(args.model)  # a missing or damaged model directory is reported before the tokenizer
     device = pick_device(args.device)
@@ -174,7 +174,7 @@ def generate_main(argv: list[str]) -> int:
         import torch
 
         from engine.tokenizer import Tokenizer
-        from models.checkpoint import read_config
+        from models.hf_checkpoint import read_config
 
         for name in ("batch_size", "max_input_length"):
             if getattr(args, name) < 1:

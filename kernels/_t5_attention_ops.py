@@ -8,7 +8,7 @@ backward op in the backward graph. Nothing inside allocates a tensor that outliv
 nor caches one, nor reads a device value on the host: the bucket table, the per-call bias vector and the
 dropout seed are inputs (kernels/t5_attention.py builds them outside, where dynamo sees them).
 
-Registered with `torch.library.custom_op` (as kernels/rms_norm.py and kernels/gated_ffn.py are) rather than
+Registered with `torch.library.custom_op` (as kernels/rms_norm.py and kernels/ffn.py are) rather than
 `triton_op`: the launchers choose tiles by timing (kernels/_t5_attention_tune.py) and run under the
 interpreter on the CPU, which a traced `wrap_triton` launch does not allow; the op is opaque to inductor.
 """

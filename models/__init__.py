@@ -1,5 +1,5 @@
 """The T5 model: config, modules, Hugging Face checkpoint I/O. Never imports DeepSpeed or data code."""
-from .checkpoint import from_pretrained, hf_state_dict, load_hf_state_dict, save_pretrained
+from .hf_checkpoint import from_pretrained, hf_state_dict, load_hf_state_dict, save_pretrained
 from .config import PRESETS, T5Config
 from .t5 import Seq2SeqLMOutput, T5ForConditionalGeneration
 

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from kernels._triton_utils import why_triton_cannot_run
-from kernels.gated_ffn import ffn, ffn_ref
+from kernels.ffn import ffn, ffn_ref
 from kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.t5_attention import SUPPORTED_HEAD_DIMS, t5_attention
 

@@ -44,7 +44,7 @@ class DecoderOnlyLM(nn.Module):
         self.config = config
         self.prefix_lm = prefix_lm
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.decoder = T5Stack(config, is_decoder=False)  # config.num_layers blocks: self-attention + FFN
+        self.decoder = T5Stack(config, cross_attention=False)  # config.num_layers blocks: self-attention + FFN
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.init_weights()

@@ -7,7 +7,7 @@ embedding and the encoder stack, for retrieval and embedding users.
     model.save_pretrained("out/")                                       # transformers' T5EncoderModel loads it
 
 The modules and numerics are the encoder-decoder's own (models/t5.py); checkpoints go through the same
-adapter (models/checkpoint.py), which drops a full checkpoint's decoder and head.
+adapter (models/hf_checkpoint.py), which drops a full checkpoint's decoder and head.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class T5EncoderModel(nn.Module):
         super().__init__()
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = T5Stack(config, is_decoder=False)
+        self.encoder = T5Stack(config, cross_attention=False)
         self.init_weights()
 
     @property
@@ -68,11 +68,11 @@ class T5EncoderModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, **kwargs: Any) -> "T5EncoderModel":
         """An encoder-only or a whole encoder-decoder checkpoint (Hugging Face layout)."""
-        from .checkpoint import from_pretrained
+        from .hf_checkpoint import from_pretrained
 
         return from_pretrained(directory, model_class=cls, **kwargs)
 
     def save_pretrained(self, directory, **kwargs: Any) -> None:
-        from .checkpoint import save_pretrained
+        from .hf_checkpoint import save_pretrained
 
         save_pretrained(self, directory, **kwargs)

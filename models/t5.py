@@ -7,9 +7,8 @@ reused by every block (UMT5: one per block), ReLU FFN (v1.0, tied head scaled by
 Kernels: `self.kernels(device)` (models/backends.py) picks the Triton kernels or their PyTorch
 references once per call from `config.kernel_backend` and the device, and the choice is passed down to
 every stack, block and sub-layer. The references materialise the attention bias + mask ONCE per stack
-(models/attention_spec.py); the flash kernel gets the bias table and masking arguments in every layer. Residual adds are deferred and fused with the
-next RMSNorm (`add_rms_norm`): every sub-layer returns its output and the next norm adds it. In fp16
-that add saturates to the finite range instead (`saturate_fp16`, T5's overflow trap).
+(models/attention_spec.py); the flash kernel gets the bias table and masking arguments in every layer.
+Residual adds are fused with the next RMSNorm (`add_rms_norm`); in fp16 they saturate (`saturate_fp16`).
 
     model = T5ForConditionalGeneration(T5Config.from_preset("t5-v1_1-small"))
     out = model(input_ids=..., attention_mask=..., labels=...)   # out.loss, out.logits
@@ -97,7 +96,7 @@ class T5Attention(nn.Module):
     """Multi-head attention without biases or scaling; the relative bias table lives in block 0 only.
 
     The projections run as wide GEMMs: self-attention's q, k and v as one `qkv` (3 * inner, d_model),
-    cross-attention's k and v (both from the encoder output) as one `kv`; models/checkpoint.py splits and
+    cross-attention's k and v (both from the encoder output) as one `kv`; models/hf_checkpoint.py splits and
     merges them under Hugging Face's names `q`, `k`, `v`.
     """
 
@@ -203,11 +202,11 @@ class T5Block(nn.Module):
     add being fused into the first norm; the block returns its last sub-layer output as the new delta.
     """
 
-    def __init__(self, config: T5Config, is_decoder: bool, has_relative_attention_bias: bool):
+    def __init__(self, config: T5Config, cross_attention: bool, has_relative_attention_bias: bool):
         super().__init__()
-        self.is_decoder = is_decoder
+        self.cross_attention = cross_attention
         layers: list[nn.Module] = [T5LayerSelfAttention(config, has_relative_attention_bias)]
-        if is_decoder:
+        if cross_attention:
             layers.append(T5LayerCrossAttention(config))
         layers.append(T5LayerFF(config))
         self.layer = nn.ModuleList(layers)
@@ -220,7 +219,7 @@ class T5Block(nn.Module):
         out, self_kv = attn.SelfAttention(normed, self_spec, past=past)
         delta = attn.dropout(out)
         cache = self_kv  # a decoder-only stack (models/decoder_only.py) caches self-attention only
-        if self.is_decoder:
+        if self.cross_attention:
             cross = self.layer[1]
             normed, stream = cross.layer_norm(stream, delta, kernels)
             out, enc_kv = cross.EncDecAttention(normed, cross_spec, kv_input=encoder_hidden, past=past)
@@ -234,12 +233,12 @@ class T5Block(nn.Module):
 class T5Stack(nn.Module):
     """Encoder or decoder: blocks, final RMSNorm, dropout. Embeddings are the model's shared table."""
 
-    def __init__(self, config: T5Config, is_decoder: bool):
+    def __init__(self, config: T5Config, cross_attention: bool):
         super().__init__()
         self.config = config
-        self.is_decoder = is_decoder
-        n = config.num_decoder_layers if is_decoder else config.num_layers
-        self.block = nn.ModuleList(T5Block(config, is_decoder, has_relative_attention_bias=i == 0  # UMT5: in all
+        self.cross_attention = cross_attention   # the encoder-decoder's decoder stack
+        n = config.num_decoder_layers if cross_attention else config.num_layers
+        self.block = nn.ModuleList(T5Block(config, cross_attention, has_relative_attention_bias=i == 0  # UMT5: in all
                                            or config.per_layer_position_bias) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config)
         self.dropout = nn.Dropout(config.dropout_rate)
@@ -300,8 +299,8 @@ class T5ForConditionalGeneration(nn.Module):
         super().__init__()
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = T5Stack(config, is_decoder=False)
-        self.decoder = T5Stack(config, is_decoder=True)
+        self.encoder = T5Stack(config, cross_attention=False)
+        self.decoder = T5Stack(config, cross_attention=True)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.init_weights()
@@ -364,14 +363,14 @@ class T5ForConditionalGeneration(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs: Any) -> "T5ForConditionalGeneration":
-        """See `models.checkpoint.from_pretrained` (Hugging Face layout)."""
-        from .checkpoint import from_pretrained
+        """See `models.hf_checkpoint.from_pretrained` (Hugging Face layout)."""
+        from .hf_checkpoint import from_pretrained
 
         return from_pretrained(directory, **kwargs)
 
     def save_pretrained(self, directory, **kwargs: Any) -> None:
-        """See `models.checkpoint.save_pretrained`: a directory `transformers` loads."""
-        from .checkpoint import save_pretrained
+        """See `models.hf_checkpoint.save_pretrained`: a directory `transformers` loads."""
+        from .hf_checkpoint import save_pretrained
 
         save_pretrained(self, directory, **kwargs)
 

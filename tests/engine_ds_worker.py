@@ -116,7 +116,8 @@ def check_partitioned_load(run_root: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from engine.finetune import FinetuneSection, load_init_model
+    from engine.config import FinetuneSection
+    from engine.finetune_init import load_init_model
 
     cfg = load_run_config(COMMON + ["--run.dir", f"{run_root}/load", "--run.engine", "deepspeed",
                                     "--deepspeed.zero_stage", "3"])

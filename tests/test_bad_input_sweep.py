@@ -48,7 +48,7 @@ def _commands(p, tmp):
 def hf_model(tmp_path_factory):
     import torch
 
-    from models.checkpoint import save_pretrained
+    from models.hf_checkpoint import save_pretrained
     from models.config import T5Config
     from models.t5 import T5ForConditionalGeneration
     from conftest import shared_file
@@ -111,7 +111,7 @@ def test_empty_and_list_configs(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match="config file is empty"):
         load_run_config(["--config", str(empty)])
-    from models.checkpoint import read_config
+    from models.hf_checkpoint import read_config
 
     (tmp_path / "config.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="must be a JSON object, got a JSON list"):

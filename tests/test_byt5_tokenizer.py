@@ -48,7 +48,7 @@ def test_decode_equals_transformers(theirs):
 
 
 def test_random_byt5_generates_the_same_text(tmp_path):
-    from models.checkpoint import from_pretrained
+    from models.hf_checkpoint import from_pretrained
 
     torch.manual_seed(0)
     hf = transformers.T5ForConditionalGeneration(transformers.T5Config(

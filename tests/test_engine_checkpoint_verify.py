@@ -73,7 +73,7 @@ def _permuted_tokenizer(path, out) -> pathlib.Path:
 def test_verify_safetensors_catches_truncation_garbage_and_trailing_bytes(tmp_path):
     from safetensors.torch import save_file
 
-    from models.checkpoint import verify_safetensors
+    from models.hf_checkpoint import verify_safetensors
 
     good = tmp_path / "w.safetensors"
     save_file({"a": torch.ones(4, 4), "b": torch.zeros(3)}, str(good))
@@ -101,7 +101,7 @@ def test_resume_falls_back_to_the_last_good_checkpoint(trained, tmp_path, capsys
     assert "resuming from step_00000002" in err and "resuming at step 2" in err
     assert (run / "checkpoints/latest").read_text().strip() == "step_00000006"
     # the damaged one is never deleted by the fallback itself; a save of step 4 replaced it
-    from models.checkpoint import verify_safetensors
+    from models.hf_checkpoint import verify_safetensors
 
     assert verify_safetensors(run / "checkpoints/step_00000004/model.safetensors")
 

@@ -78,7 +78,7 @@ def test_zero_1_2_3_on_two_ranks_match_single_rank(tmp_path):
         assert (ckpt / "rank_00000.pt").is_file() and (ckpt / "rank_00001.pt").is_file()
     # The ZeRO-3 run (built partitioned) exports to the single rank's trained weights.
     from engine.export import export_main
-    from models.checkpoint import hf_state_dict, read_weights
+    from models.hf_checkpoint import hf_state_dict, read_weights
 
     assert export_main([str(tmp_path / "zero3"), str(tmp_path / "zero3_hf")]) == 0
     exported, trained = read_weights(tmp_path / "zero3_hf"), hf_state_dict(trainer.engine.module)

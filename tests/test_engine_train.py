@@ -105,7 +105,7 @@ def test_sigterm_saves_and_sigkill_resume_is_bit_exact(tmp_path):
 
 def test_local_checkpoint_exports(tmp_path):
     from engine.export import export_main
-    from models.checkpoint import from_pretrained
+    from models.hf_checkpoint import from_pretrained
 
     rc = pretrain_main(["--run.dir", str(tmp_path / "run"), "--run.max_steps", "2", *SMALL])
     assert rc == 0

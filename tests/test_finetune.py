@@ -98,7 +98,7 @@ def test_tiny_model_learns_synthetic_task(tmp_path, capsys):
 def test_adapter_finetuning_moves_only_adapters_and_norms(tmp_path):
     path = _config(tmp_path, "adapters", 6, extra="d_adapter = 8", eval_every=1000)
     assert finetune_main(["--config", str(path)]) == 0
-    from models.checkpoint import read_weights
+    from models.hf_checkpoint import read_weights
 
     init = read_weights(tmp_path / "init")
     final = load_file(str(sorted((tmp_path / "adapters/checkpoints").glob("step_*"))[-1] / "model.safetensors"))

@@ -132,7 +132,7 @@ def test_two_rank_finetune_matches_single_rank(setup, stage):
     assert best == ref_best and best["step"] == STEPS
     assert "done at step 6" in proc.stderr and "best weather_ds/accuracy" in proc.stderr
     # The best model is whole (ZeRO 3: saved from the gathered copy) and equals the single rank's.
-    from models.checkpoint import read_weights
+    from models.hf_checkpoint import read_weights
 
     ours, ref = read_weights(run / "best"), read_weights(root / "single/best")
     assert ours.keys() == ref.keys()
@@ -155,7 +155,7 @@ def test_two_rank_adapters_and_unfreezing_match_single_rank(setup, method, stage
     there (AdamW's bias correction, Adafactor's beta2_t) as on the local engine. Without it the losses
     part from step 4 on (AdamW: 2.23 vs 2.64)."""
     from engine.finetune import finetune_main
-    from models.checkpoint import read_weights
+    from models.hf_checkpoint import read_weights
 
     config, root, _ = setup
     # AdamW eps 1e-6: at step 1 Adam's update is lr g / (|g| + eps / sqrt(1 - beta2)), and with eps = 1e-8

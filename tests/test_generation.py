@@ -5,7 +5,7 @@ depths; T5X's length penalty (our beam default) checked against the teacher-forc
 import pytest
 import torch
 
-from models.checkpoint import load_hf_state_dict
+from models.hf_checkpoint import load_hf_state_dict
 from models.config import T5Config
 from models.generation import brevity_penalty, generate
 from models.t5 import T5ForConditionalGeneration

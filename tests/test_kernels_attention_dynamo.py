@@ -16,7 +16,7 @@ import torch
 
 from kernels import t5_attention as attn
 from kernels._t5_attention_ops import attention_bwd, attention_fwd
-from kernels.gated_ffn import ffn_ref
+from kernels.ffn import ffn_ref
 from kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
 from models import T5Config, T5ForConditionalGeneration
 
@@ -78,7 +78,7 @@ def _batch():
 @pytest.fixture
 def flash_attention_only(monkeypatch):
     """kernel_backend="triton" with the flash attention kernel and the references of RMSNorm and the FFN
-    (their custom ops live in kernels/rms_norm.py and kernels/gated_ffn.py, tested there)."""
+    (their custom ops live in kernels/rms_norm.py and kernels/ffn.py, tested there)."""
     import models.backends as backends
 
     monkeypatch.setattr(backends, "TRITON", dataclasses.replace(
@@ -111,10 +111,10 @@ def test_model_with_flash_attention_is_one_graph(flash_attention_only, dropout):
 
 def test_full_triton_model_is_one_graph():
     """Every kernel of the triton backend at once: needs RMSNorm and the FFN as custom ops too."""
-    import kernels.gated_ffn  # noqa: F401  (registers its ops, when it has them)
+    import kernels.ffn  # noqa: F401  (registers its ops, when it has them)
     import kernels.rms_norm  # noqa: F401
     if not (hasattr(torch.ops.t5forge, "rms_norm") and hasattr(torch.ops.t5forge, "ffn")):
-        pytest.skip("kernels/rms_norm.py and kernels/gated_ffn.py are not custom ops on this branch")
+        pytest.skip("kernels/rms_norm.py and kernels/ffn.py are not custom ops on this branch")
     assert _explain(_loss_fn(_model("triton")), *_batch()) == (1, 0, [])
 
 

@@ -1,4 +1,4 @@
-"""kernels/rms_norm.py and kernels/gated_ffn.py compile for the GPU, checked WITHOUT a GPU.
+"""kernels/rms_norm.py and kernels/ffn.py compile for the GPU, checked WITHOUT a GPU.
 
 The interpreter runs the kernels as Python and cannot see compiled-only errors (type clashes, non-constexpr
 control flow, shared-memory overflow, spills). Triton bundles ptxas, so every @triton.jit kernel is compiled
@@ -23,7 +23,7 @@ _SCRIPT = r'''
 import json
 import torch, triton
 from triton.backends.compiler import GPUTarget
-from kernels import rms_norm as R, gated_ffn as G
+from kernels import rms_norm as R, ffn as G
 from tests.aot_compile import resource_usage
 
 TOKENS = 16384  # rows: 16k tokens, divisible by 16 like any real batch x length product
@@ -158,7 +158,7 @@ def test_rms_norm_and_ffn_kernels_compile_for_sm90():  # ~35 s cold on 2 shared 
         if r["autotuned"]:
             variants.setdefault((r["name"], r["dtype"], r["shape"]), []).append(r["shared"] <= H100_SMEM)
     no_fit = [v for v, fits in variants.items() if not any(fits)]
-    assert not no_fit, f"no autotune config of kernels/gated_ffn.py:_up_configs fits shared memory for {no_fit}"
+    assert not no_fit, f"no autotune config of kernels/ffn.py:_up_configs fits shared memory for {no_fit}"
     # Whole rows in registers: a 16-bit row kernel that spills means _block_shape picked too much per program.
     spilled = [r for r in rows if r["kind"] != "gemm" and r["dtype"].split("/")[0] != "fp32" and r["stack"] != 0]
     assert not spilled, f"register spills in row/elementwise kernels (retune _block_shape/_gate_blocks): {spilled}"

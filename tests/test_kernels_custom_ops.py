@@ -1,14 +1,14 @@
 """The kernels trace as single graph nodes: torch._dynamo.explain finds one graph and no break.
 
 - The model with kernel_backend="torch" (the references) on the CPU.
-- kernels/rms_norm.py's Triton RMSNorm / add-RMSNorm and kernels/gated_ffn.py's FFN and gate, registered as torch.library custom ops with fake
+- kernels/rms_norm.py's Triton RMSNorm / add-RMSNorm and kernels/ffn.py's FFN and gate, registered as torch.library custom ops with fake
   implementations and registered autograd (run here under TRITON_INTERPRET=1, see conftest), in a small
   pre-norm block; compiled with the eager backend, output and gradients equal the uncompiled ones.
 """
 import pytest
 import torch
 
-from kernels.gated_ffn import ffn, gelu_tanh_gate
+from kernels.ffn import ffn, gelu_tanh_gate
 from kernels.rms_norm import add_rms_norm, rms_norm
 from models import T5Config, T5ForConditionalGeneration
 

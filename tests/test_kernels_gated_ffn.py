@@ -1,4 +1,4 @@
-"""Triton FFN (kernels/gated_ffn.py): the up GEMM with its gate epilogue, both backward policies, the
+"""Triton FFN (kernels/ffn.py): the up GEMM with its gate epilogue, both backward policies, the
 elementwise gate, against a float64 reference; plus the activation memory it saves for backward.
 
 TRITON_INTERPRET=1 on the CPU (conftest); T5FORGE_COMPILED=1 runs the compiled kernels on a GPU.
@@ -6,7 +6,7 @@ TRITON_INTERPRET=1 on the CPU (conftest); T5FORGE_COMPILED=1 runs the compiled k
 import pytest
 import torch
 
-from kernels.gated_ffn import ffn, ffn_ref, gelu_tanh_gate, gelu_tanh_gate_ref
+from kernels.ffn import ffn, ffn_ref, gelu_tanh_gate, gelu_tanh_gate_ref
 from tests.kernel_checks import assert_like_torch
 
 # The interpreter evaluates sigmoid(u) = 1 / (1 + exp(-u)) in numpy: exp overflows to inf for u << 0 and
@@ -156,9 +156,9 @@ def test_ffn_fp16_with_fp32_wo(recompute, device):
 def test_bad_inputs_raise_one_line(device):
     x = torch.randn(4, 8, device=device)
     wi, wo = torch.randn(12, 8, device=device), torch.randn(8, 6, device=device)
-    with pytest.raises(ValueError, match="kernels/gated_ffn.py: unknown FFN activation 'swish'"):
+    with pytest.raises(ValueError, match="kernels/ffn.py: unknown FFN activation 'swish'"):
         ffn(x, wi, wo, gated=True, activation="swish")
-    with pytest.raises(ValueError, match="kernels/gated_ffn.py ffn: shapes"):
+    with pytest.raises(ValueError, match="kernels/ffn.py ffn: shapes"):
         ffn(x, wi, wo, gated=False)
     with pytest.raises(ValueError, match="must equal wi dtype"):
         ffn(x.half(), wi, wo, gated=True)
@@ -180,7 +180,7 @@ def test_benchmark_smoke(tmp_path):
 def test_autotune_key_buckets_token_counts():
     """The up GEMM is tuned per bucket of token counts, not per count: a new batch shape must not benchmark
     again (inside a CUDA-graph capture least of all)."""
-    from kernels import gated_ffn as gf
+    from kernels import ffn as gf
 
     assert [gf.m_bucket(m) for m in (1, 2, 3, 100, 128, 129, 2048, 2049, 5000)] == \
         [1, 2, 4, 128, 128, 256, 2048, 4096, 6144]
@@ -192,7 +192,7 @@ def test_launch_during_capture_never_autotunes(monkeypatch):
     launch outside capture go through the autotuner."""
     from types import SimpleNamespace
 
-    from kernels import gated_ffn as gf
+    from kernels import ffn as gf
 
     calls = []
 

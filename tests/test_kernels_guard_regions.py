@@ -1,4 +1,4 @@
-"""Every Triton kernel reads and writes only inside its tensors (kernels/rms_norm.py, gated_ffn.py,
+"""Every Triton kernel reads and writes only inside its tensors (kernels/rms_norm.py, ffn.py,
 t5_attention.py).
 
 A mask off by one (`cols <= n_cols`) is invisible to a value comparison under TRITON_INTERPRET=1: the
@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-import kernels.gated_ffn as gated_ffn_mod
+import kernels.ffn as gated_ffn_mod
 import kernels.rms_norm as rms_norm_mod
 import kernels.t5_attention as attention_mod
 

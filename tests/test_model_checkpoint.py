@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import T5Config, T5ForConditionalGeneration, from_pretrained, hf_state_dict, save_pretrained
-from models.checkpoint import read_weights
+from models.hf_checkpoint import read_weights
 
 
 def tiny(proj: str = "gated-gelu") -> T5ForConditionalGeneration:

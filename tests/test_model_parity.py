@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from models import T5Config, T5ForConditionalGeneration, hf_state_dict, load_hf_state_dict  # noqa: E402
-from models.checkpoint import from_pretrained, to_hf_names  # noqa: E402
+from models.hf_checkpoint import from_pretrained, to_hf_names  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models.checkpoint import from_pretrained  # noqa: E402
+from models.hf_checkpoint import from_pretrained  # noqa: E402
 from models.config import T5Config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -42,7 +42,7 @@ def saved_activation_bytes(fn, m: int, d_model: int, d_ff: int, dtype: torch.dty
 
 
 def _ffn_providers(smoke: bool, device: torch.device) -> dict:
-    from kernels import gated_ffn as gf
+    from kernels import ffn as gf
 
     def ours_gate(x, wi, wo, *, gated, activation):
         if not (gated and activation == "gelu_tanh"):  # the standalone gate is the gelu_tanh gate only
@@ -59,7 +59,7 @@ def _ffn_providers(smoke: bool, device: torch.device) -> dict:
 
 
 def _bench_gate(smoke, device, dtype, copy_gbps, widths=None) -> list[dict]:
-    from kernels import gated_ffn as gf
+    from kernels import ffn as gf
 
     rows, default_widths = (32, [48]) if smoke else (16384, [1024, 2048, 2816, 4096])
     widths = widths or default_widths

@@ -2,7 +2,7 @@
 
 The gated form keeps `wi_0` and `wi_1` as ONE concatenated weight `wi = cat([wi_0, wi_1], 0)` of shape
 (2 * d_ff, d_model) so both projections run as a single matmul; checkpoints keep the Hugging Face names
-and models/checkpoint.py splits and merges them.
+and models/hf_checkpoint.py splits and merges them.
 
 Triton path:
 - `_ffn_up_kernel`: the up-projection `x @ wi.T` as a Triton matmul whose epilogue applies the activation
@@ -435,16 +435,16 @@ _ffn_op.register_autograd(_backward_ffn, setup_context=_setup_ffn)
 # -------------------------------------------------------------------------------------------- public
 def _check_activation(activation: str) -> bool:
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"kernels/gated_ffn.py: unknown FFN activation {activation!r}; expected one of "
+        raise ValueError(f"kernels/ffn.py: unknown FFN activation {activation!r}; expected one of "
                          f"{_ACTIVATIONS}")
     return activation == "gelu_tanh"
 
 
 def gelu_tanh_gate(h: torch.Tensor) -> torch.Tensor:
     """Fused `gelu_tanh(a) * b` for `h = [a | b]` (last dim 2 * d_ff); backward recomputes the GELU."""
-    check_device("gated_ffn.py gelu_tanh_gate", h)
+    check_device("ffn.py gelu_tanh_gate", h)
     if h.shape[-1] % 2 or h.dtype not in _DTYPES:
-        raise ValueError(f"kernels/gated_ffn.py gelu_tanh_gate: need an even last dim and fp32/fp16/bf16, got "
+        raise ValueError(f"kernels/ffn.py gelu_tanh_gate: need an even last dim and fp32/fp16/bf16, got "
                          f"shape {tuple(h.shape)} dtype {h.dtype}")
     h2 = h.reshape(-1, h.shape[-1])
     if h2.numel() and h2.stride(-1) != 1:
@@ -457,7 +457,7 @@ def ffn(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, *, gated: bool, act
     """Triton FFN block, same semantics as `ffn_ref`. `recompute=True` keeps only x for backward and
     re-runs the up GEMM there (least memory); the default keeps the pre-activation h (no extra GEMM)."""
     act_gelu = _check_activation(activation)
-    check_device("gated_ffn.py ffn", x, wi, wo)
+    check_device("ffn.py ffn", x, wi, wo)
     if torch.is_autocast_enabled(x.device.type):  # mirror F.linear under autocast
         dtype = torch.get_autocast_dtype(x.device.type)
         x, wi, wo = x.to(dtype), wi.to(dtype), wo.to(dtype)
@@ -465,14 +465,14 @@ def ffn(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, *, gated: bool, act
     d_ff = wi.shape[0] // 2 if gated else wi.shape[0]
     if wi.dim() != 2 or wi.shape[1] != d_model or (gated and wi.shape[0] % 2) or wo.dim() != 2 \
             or wo.shape[1] != d_ff:
-        raise ValueError(f"kernels/gated_ffn.py ffn: shapes x {tuple(x.shape)}, wi {tuple(wi.shape)}, wo "
+        raise ValueError(f"kernels/ffn.py ffn: shapes x {tuple(x.shape)}, wi {tuple(wi.shape)}, wo "
                          f"{tuple(wo.shape)} do not fit gated={gated} (wi: (2*d_ff if gated else d_ff, "
                          f"d_model), wo: (d_model, d_ff))")
     if x.dtype != wi.dtype or x.dtype not in _DTYPES or wo.dtype not in _DTYPES:
-        raise ValueError(f"kernels/gated_ffn.py ffn: x dtype {x.dtype} must equal wi dtype {wi.dtype} "
+        raise ValueError(f"kernels/ffn.py ffn: x dtype {x.dtype} must equal wi dtype {wi.dtype} "
                          "(fp32/fp16/bf16), as for F.linear")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"kernels/gated_ffn.py ffn: dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"kernels/ffn.py ffn: dropout_p must be in [0, 1), got {dropout_p}")
     x2 = x.reshape(-1, d_model)
     if x2.numel() and x2.stride(-1) != 1:
         x2 = x2.contiguous()
