@@ -21,6 +21,7 @@ import torch
 
 import kernels.ffn as gated_ffn_mod
 import kernels.rms_norm as rms_norm_mod
+import kernels._t5_attention_launch as attention_launch_mod
 import kernels.t5_attention as attention_mod
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning",
@@ -84,7 +85,7 @@ class GuardedTorch:
 @pytest.fixture
 def guarded(monkeypatch):
     fake = GuardedTorch()
-    for module in (rms_norm_mod, gated_ffn_mod, attention_mod):
+    for module in (rms_norm_mod, gated_ffn_mod, attention_mod, attention_launch_mod):  # every allocating module
         monkeypatch.setattr(module, "torch", fake)
     return fake
 
