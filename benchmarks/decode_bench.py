@@ -368,10 +368,12 @@ def summary(rows: list[dict]) -> dict:
 
 def evidence_part(device: torch.device | str, smoke: bool, budget_s: float, log=print) -> dict:
     """What `t5forge bench gpu` records: {"status", "rows", "speed_vs_static"}."""
+    start = time.monotonic()
     rows = run(device, smoke, budget_s, log)
+    elapsed = round(time.monotonic() - start, 1)
     measured = [r for r in rows if r["status"] == "ok" and r["provider"] != "setup"]
     status = "ok" if measured else "error"
-    return dict(status=status, rows=rows, speed_vs_static=summary(rows),
+    return dict(status=status, elapsed_s=elapsed, rows=rows, speed_vs_static=summary(rows),
                 **({} if measured else dict(reason="no row measured")))
 
 
