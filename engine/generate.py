@@ -33,7 +33,13 @@ _OPTIONS = (
     ("--no-repeat-ngram-size", int, "ban repeating n-grams of this size"),
     ("--repetition-penalty", float, "CTRL repetition penalty (1.0 = off)"),
     ("--cache-implementation", str, "static (default) or dynamic KV cache"),
+    ("--decode-kernels", str, "the decode step's kernels: auto, model, reference or sdpa-attention"),
 )
+
+
+def _compile_step(text: str):
+    """--compile-step: true / false, or a mode of models/compiled_step.py (reduce-overhead, cuda-graph, ...)."""
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _early_stopping(text: str):
@@ -56,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy / beam")
     p.add_argument("--early-stopping", type=_early_stopping, default=None, help="beams: true, false or never")
+    p.add_argument("--compile-step", type=_compile_step, default=None,
+                   help="the decode step under torch.compile / CUDA graphs: true, false or a mode (docs/GENERATION.md)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     p.add_argument("--max-input-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
@@ -135,7 +143,7 @@ def load_model(args):
 
 def generation_kwargs(args) -> dict:
     """The generate() arguments the command line gave (the rest come from the checkpoint / defaults)."""
-    names = [flag[2:].replace("-", "_") for flag, _, _ in _OPTIONS] + ["do_sample", "early_stopping"]
+    names = [flag[2:].replace("-", "_") for flag, _, _ in _OPTIONS] + ["do_sample", "early_stopping", "compile_step"]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -252,6 +252,10 @@ def test_generate_cli_arguments_file_and_stdin(tmp_path, capsys, monkeypatch):
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
     assert generate_main(base + ["--file", str(tmp_path / "in.txt"), "--batch-size", "2"]) == 0
     assert capsys.readouterr().out.splitlines() == from_args  # order kept across length-sorted batches
+    assert generate_main(base + ["--compile-step", "aot_eager", "--decode-kernels", "reference"] + texts) == 0
+    assert capsys.readouterr().out.splitlines() == from_args  # the compiled decode step, the same outputs
+    assert generate_main(base + ["--compile-step", "warp-speed"] + texts) == 2
+    assert "compile_step" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts)))
     assert generate_main(base + ["--num-beams", "2", "--num-return-sequences", "2", "--early-stopping", "never"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 6
