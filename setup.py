@@ -10,7 +10,7 @@ INSTALL_REQUIRES = [
     "torch>=2.4,<2.14",
     "triton>=3.0,<3.10; platform_system == 'Linux'",
     "deepspeed>=0.16,<0.20",
-    "psutil>=5.9",  # engine/train.py watches the deepspeed launcher (DeepSpeed depends on it too)
+    "psutil>=5.9",  # engine/launcher.py watches the deepspeed launcher (DeepSpeed depends on it too)
     "sentencepiece>=0.2,<0.3",
     "safetensors>=0.4,<1",
     "numpy>=1.24",
