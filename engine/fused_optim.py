@@ -174,13 +174,6 @@ class _Fused:
                     state[key] = views[b]
                 state["step"] = step
 
-    def _decide_skip(self, heads: list) -> bool:
-        """One host sync for the whole step (every rank takes the same decision on the reduced sums)."""
-        skipped = bool(heads) and not bool(torch.isfinite(torch.stack(heads)).all())
-        self.last_step_skipped = skipped
-        self.skipped_steps += int(skipped)
-        return skipped
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
@@ -190,7 +183,7 @@ class _Fused:
         work = self._load_in(buckets)
         prepared = [self._prepare(group, bucket) for group, bucket, _ in work]
         heads = [s[0] for s in stats] + [p["total"] for p in prepared]
-        if self._decide_skip(heads):
+        if self._skip(heads):   # the reference's decision, over whole tensors and partitions alike
             for _, bucket, _ in work:
                 bucket.grads = None
             return loss

@@ -224,12 +224,12 @@ class _PartitionAware(torch.optim.Optimizer):
         units = self._units()
         stats = [self._stats(*u) for u in units]
         _reduce(stats, [u[2].group for u in units])
-        return None if self._skip(stats) else (units, stats)
+        return None if self._skip([s[0] for s in stats]) else (units, stats)
 
-    def _skip(self, stats: list) -> bool:
-        # One host sync for the whole step, on the reduced sums: every rank takes the same decision.
-        heads = torch.stack([s[0] for s in stats]) if stats else torch.zeros(1)
-        skipped = not bool(torch.isfinite(heads).all())
+    def _skip(self, heads: list) -> bool:
+        """Skip the whole step when any reduced statistic is non-finite: one host sync for the whole step,
+        on the all-reduced sums, so every rank takes the same decision."""
+        skipped = bool(heads) and not bool(torch.isfinite(torch.stack(heads)).all())
         self.last_step_skipped = skipped
         self.skipped_steps += int(skipped)
         return skipped
