@@ -131,6 +131,8 @@ def run(argv: list[str], log=print) -> dict[str, pathlib.Path]:
     info = devices.detect_device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     check_machine(info, args.smoke)
     out_dir = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / info.slug
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: is a file; give a directory for the results")
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     base = out_dir / f"evidence{'-smoke' if args.smoke else ''}-{stamp.strftime('%Y-%m-%dT%H%M')}"

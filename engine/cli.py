@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("engine.train", "pretrain_main", "pretrain T5 (no arguments: tiny model, built-in corpus, CPU)"),
     "finetune": ("engine.finetune", "finetune_main", "fine-tune on text-to-text tasks (full, adapters, unfreezing)"),
     "export": ("engine.export", "export_main", "write a run's checkpoint as a Hugging Face directory"),
-    "generate": ("engine.generate", "generate_main", "greedy or beam-search decoding from a model directory"),
+    "generate": ("engine.generate", "generate_main", "greedy, beam-search or sampled decoding from a model directory"),
     "tokenizer": ("engine.tokenizer", "tokenizer_main", "tokenizer tools: `tokenizer train`"),
     "data": ("engine.data.cli", "data_main", "data tools: `data clean-c4`"),
     "bench": ("benchmarks.runner", "bench_main", "run the kernel and model benchmark suites"),

@@ -79,3 +79,11 @@ def test_correctness_check_catches_a_slightly_wrong_kernel():
     for dtype, off in ((torch.float16, 1.01), (torch.bfloat16, 1.05)):   # a few units of each dtype's rounding
         assert evidence_checks.compare("rms", ref, ref, [x, w], dtype)["pass"]
         assert not evidence_checks.compare("rms", lambda x, w: ref(x, w) * off, ref, [x, w], dtype)["pass"]
+
+
+def test_out_onto_a_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "results.json"
+    target.write_text("{}")
+    assert evidence.main(["--smoke", "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {target}: is a file" in err and target.read_text() == "{}"
