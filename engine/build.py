@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from engine.config import RunConfig
+from engine.tokenizer_files import check_spec_exists, open_tokenizer, tokenizer_fingerprint
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
@@ -83,10 +84,9 @@ def resolve_data(cfg: RunConfig) -> tuple[list[str], str]:
             raise FileNotFoundError(f"config key 'data.paths': no file matches {pattern!r}")
         files.extend(matches)
     if not cfg.data.tokenizer:
-        raise ValueError("config key 'data.tokenizer': a SentencePiece model is required with data.paths "
-                         "(the real T5 vocabulary is spiece.model)")
-    if not os.path.isfile(cfg.data.tokenizer):
-        raise FileNotFoundError(f"config key 'data.tokenizer': file not found: {cfg.data.tokenizer}")
+        raise ValueError("config key 'data.tokenizer': a SentencePiece model (or byt5) is required with "
+                         "data.paths (the real T5 vocabulary is spiece.model)")
+    check_spec_exists(cfg.data.tokenizer, "config key 'data.tokenizer'")
     return files, cfg.data.tokenizer
 
 
@@ -154,10 +154,8 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
     set_determinism(cfg, device)
     kind = choose_engine(cfg, device)
     if data is None:
-        from engine.tokenizer import Tokenizer
-
         files, tokenizer_file = resolve_data(cfg)
-        tokenizer = Tokenizer(tokenizer_file)
+        tokenizer = open_tokenizer(tokenizer_file)
         tokenizer_vocab = tokenizer.vocab_size
     model_config = build_model_config(cfg, tokenizer_vocab)
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
@@ -172,8 +170,6 @@ def build_trainer(cfg: RunConfig, data=None, tokenizer_file: str | None = None, 
     flops = model_config.flops_per_token(cfg.data.input_length, target_length(cfg))
     extra = {"model_config": model_config.to_hf_dict()}
     if tokenizer_file:  # what export / finetune / generate compare a tokenizer with
-        from engine.tokenizer import tokenizer_fingerprint
-
         extra["tokenizer"] = tokenizer_fingerprint(tokenizer_file)
     trainer = Trainer(cfg, engine, data, flops_per_token=flops, tokenizer_file=tokenizer_file, device=device,
                       extra_state=extra)

@@ -39,9 +39,12 @@ class ByT5Tokenizer:
         self.num_sentinels = extra_ids
         self.parse_special = parse_special
 
+    num_pieces = OFFSET + 256   # the ids before the extra ids, as `Tokenizer.num_pieces`
+    num_threads = 1             # the interface of `Tokenizer` (data workers set it); encoding is pure Python
+
     @property
     def vocab_size(self) -> int:
-        return OFFSET + 256 + self.num_sentinels
+        return self.num_pieces + self.num_sentinels
 
     def sentinel_id(self, i: int) -> int:
         if not 0 <= i < self.num_sentinels:

@@ -15,6 +15,8 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
+from engine.tokenizer_files import BYT5
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
@@ -54,7 +56,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     paths: list[str] = field(default_factory=list)  # C4-style JSON lines (globs ok); empty = built-in corpus
-    tokenizer: str = ""  # SentencePiece model; "" = built-in tokenizer (built-in corpus) or required
+    tokenizer: str = ""  # SentencePiece model or "byt5"; "" = built-in tokenizer (built-in corpus) or required
     objective: str = "span_corruption"  # any objective of engine/data/objectives.py
     input_length: int = 128  # encoder tokens per row (512 in the paper)
     target_length: int = 0  # 0 = derived from the objective (114 for 512 with span corruption)
@@ -121,7 +123,7 @@ FINETUNE_METHODS = ("full", "adapters", "gradual_unfreezing")
 @dataclass
 class FinetuneSection:
     init: str = ""  # Hugging Face directory, our run dir / checkpoint (run/checkpoints/step_N), or "preset:NAME"
-    tokenizer: str = ""  # SentencePiece model; "" = spiece.model in init (or its tokenizer/ folder)
+    tokenizer: str = ""  # SentencePiece model or "byt5"; "" = the init's own (engine/tokenizer_files.py)
     method: str = "full"  # full | adapters | gradual_unfreezing
     d_adapter: int = 64  # adapters: inner size of each dense-ReLU-dense adapter
     unfreeze_every: int = 100  # gradual_unfreezing: steps between unfreezing one more block per stack
@@ -296,7 +298,7 @@ def apply_sections(cfg: RunConfig, doc: dict, where: str = "") -> None:
 
 # Input paths a config file names resolve against the file's own directory, so a config runs from any
 # working directory; run.dir (an output) and every command-line override stay relative to the working
-# directory. Absolute paths, `~` and "preset:..." are kept as they are.
+# directory. Absolute paths, `~`, "preset:..." and the tokenizer name "byt5" are kept as they are.
 INPUT_PATH_KEYS = ("data.paths", "data.tokenizer")
 
 
@@ -304,7 +306,8 @@ def resolve_against(base: pathlib.Path, value):
     """`value` (a path or a list of them) made relative to `base` when it is a relative path."""
     if isinstance(value, list):
         return [resolve_against(base, v) for v in value]
-    if not isinstance(value, str) or not value or value.startswith(("~", "preset:")) or pathlib.Path(value).is_absolute():
+    if (not isinstance(value, str) or not value or value.startswith(("~", "preset:")) or value == BYT5
+            or pathlib.Path(value).is_absolute()):
         return value
     return str(base / value)
 

@@ -155,10 +155,10 @@ def demo(model, cfg: RunConfig, tokenizer_file: str, file=None, eval_batches: in
     import logging
 
     from engine.data.c4 import C4Reader
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer_files import open_tokenizer
 
     file = file or sys.stdout
-    tokenizer = Tokenizer(tokenizer_file)
+    tokenizer = open_tokenizer(tokenizer_file)
     files, _ = resolve_data(cfg)
     # The first ~2 MB of the training text: the whole built-in corpus, a sample of a large one. Read by
     # the training's own reader, which skips what training skipped; it was reported once already.

@@ -6,18 +6,19 @@
 ZeRO-sharded checkpoints (stages 1-3, any number of ranks) are consolidated to fp32 with DeepSpeed's own
 `deepspeed.utils.zero_to_fp32`; local-engine checkpoints hold the whole model already. The output has
 `config.json`, safetensors weights (Hugging Face names: the fused weights are split back into `wi_0` /
-`wi_1` and `q` / `k` / `v`) and the run's SentencePiece model as `spiece.model`.
+`wi_1` and `q` / `k` / `v`) and the run's tokenizer: its SentencePiece model as `spiece.model`, or ByT5's
+`tokenizer_config.json`.
 """
 from __future__ import annotations
 
 import pathlib
-import shutil
 import sys
 
 import torch
 
 from engine import checkpoint as ckpt
 from engine.errors import USER_ERRORS, report
+from engine.tokenizer_files import write_tokenizer
 
 
 def find_checkpoint(run_dir: pathlib.Path, step: int | None) -> pathlib.Path:
@@ -57,18 +58,20 @@ def check_output_dir(out: pathlib.Path, run_dir: pathlib.Path) -> None:
                          "overwrite a checkpoint's files; choose another directory")
 
 
-def check_tokenizer_copy(path: pathlib.Path, state: dict, vocab_size: int) -> list[pathlib.Path]:
-    """The checkpoint's tokenizer/ copy: the same bytes the run recorded, and no more ids than the model."""
-    from engine.tokenizer import Tokenizer, check_same_tokenizer
+def check_tokenizer_copy(path: pathlib.Path, state: dict, vocab_size: int) -> str | None:
+    """The checkpoint's tokenizer/ copy (engine/tokenizer_files.py): the tokenizer the run recorded, and no
+    more ids than the model; None when the checkpoint carries none."""
+    from engine.tokenizer_files import check_same_tokenizer, find_tokenizer, open_tokenizer
 
-    models = sorted((path / "tokenizer").glob("*.model")) if (path / "tokenizer").is_dir() else []
-    for spm in models:
-        if isinstance(state.get("tokenizer"), dict):
-            check_same_tokenizer(spm, state["tokenizer"], f"checkpoint {path} (trainer_state.json)")
-        ids = Tokenizer(spm).vocab_size
-        if ids > vocab_size:
-            raise ValueError(f"{spm}: tokenizer has {ids} ids, more than the model's vocabulary of {vocab_size}")
-    return models
+    own = find_tokenizer(path)
+    if own is None:
+        return None
+    if isinstance(state.get("tokenizer"), dict):
+        check_same_tokenizer(own, state["tokenizer"], f"checkpoint {path} (trainer_state.json)")
+    ids = open_tokenizer(own).vocab_size
+    if ids > vocab_size:
+        raise ValueError(f"{own}: tokenizer has {ids} ids, more than the model's vocabulary of {vocab_size}")
+    return own
 
 
 def consolidated_state_dict(path: pathlib.Path, state: dict) -> dict[str, torch.Tensor]:
@@ -105,7 +108,7 @@ def export_checkpoint(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, 
         config = T5Config.from_hf_dict(state["model_config"])
     except (ValueError, TypeError, KeyError) as err:
         raise ValueError(f"{path / 'trainer_state.json'}: model_config: {err}") from None
-    tokenizers = check_tokenizer_copy(path, state, config.vocab_size)
+    tokenizer = check_tokenizer_copy(path, state, config.vocab_size)
     weights = consolidated_state_dict(path, state)
     with torch.device("meta"):
         model = T5ForConditionalGeneration(config)
@@ -119,8 +122,8 @@ def export_checkpoint(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, 
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
     model.load_state_dict({k: weights[k].float() for k in expected}, strict=True, assign=True)
     save_pretrained(model, out)
-    for spm in tokenizers:
-        shutil.copy2(spm, out / "spiece.model")
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, out)
     return path
 
 

@@ -39,7 +39,7 @@ import torch
 
 from engine import config as run_config
 from engine.config import FinetuneSection, TaskEntry  # its sections, beside every other section
-from engine.finetune_init import _own_tokenizers, load_init_model
+from engine.finetune_init import load_init_model, own_tokenizer
 from engine.tasks.evaluation import evaluate_tasks, gathered_copy, is_zero3_partitioned
 from engine.trainer import Trainer
 from engine.unfreezing import GradualUnfreezer
@@ -271,9 +271,11 @@ class FinetuneTrainer(Trainer):
 
 
 def _best_writer(run_dir: pathlib.Path, method: str, tokenizer_file: str):
-    """Writes RUN_DIR/best: a Hugging Face directory (full / unfreezing) or the adapters alone."""
+    """Writes RUN_DIR/best: a Hugging Face directory (full / unfreezing) or the adapters alone, with the
+    tokenizer (engine/tokenizer_files.py: write_tokenizer)."""
     import shutil
 
+    from engine.tokenizer_files import write_tokenizer
     from models.adapters import save_adapters
     from models.hf_checkpoint import save_pretrained
 
@@ -285,7 +287,7 @@ def _best_writer(run_dir: pathlib.Path, method: str, tokenizer_file: str):
             save_adapters(model, tmp / "adapters.safetensors")
         else:
             save_pretrained(model, tmp)
-        shutil.copy2(tokenizer_file, tmp / "spiece.model")
+        write_tokenizer(tokenizer_file, tmp)
         (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
         shutil.rmtree(best, ignore_errors=True)
         tmp.rename(best)  # never a half-written best/
@@ -325,7 +327,7 @@ def build_finetune(argv: list[str]):
     from engine.engines import build_engine, choose_engine
     from engine.mixtures import Mixture
     from engine.optim import build_optimizer
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer_files import open_tokenizer
     from engine.build import pick_device, seed_everything, set_determinism, set_threads
     from models.adapters import add_adapters, freeze_for_adapters
 
@@ -337,12 +339,12 @@ def build_finetune(argv: list[str]):
     kind = choose_engine(cfg, device)
     seed_everything(cfg.run.seed)
     model, tokenizer_file = load_init_model(ft, cfg, kind, device)
-    tokenizer = Tokenizer(tokenizer_file)
+    tokenizer = open_tokenizer(tokenizer_file)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"config key 'finetune.tokenizer': {tokenizer.vocab_size} ids do not fit the model's "
                          f"vocabulary of {model.config.vocab_size}")
-    if ft.tokenizer and not ft.init.startswith("preset:") and not _own_tokenizers(pathlib.Path(ft.init)):
-        from engine.tokenizer import check_fits_model  # no copy to compare with: at least the size
+    if ft.tokenizer and not ft.init.startswith("preset:") and not own_tokenizer(pathlib.Path(ft.init)):
+        from engine.tokenizer_files import check_fits_model  # no copy to compare with: at least the size
 
         try:
             check_fits_model(tokenizer.vocab_size, model.config.vocab_size, tokenizer_file, f"finetune.init {ft.init}")

@@ -17,36 +17,34 @@ if TYPE_CHECKING:
     from engine.config import FinetuneSection
 
 
-def _own_tokenizers(init: pathlib.Path) -> list[pathlib.Path]:
-    """The tokenizer files an init directory (or a run directory's latest checkpoint) carries."""
+def own_tokenizer(init: pathlib.Path) -> str | None:
+    """The tokenizer an init directory (or a run directory's latest checkpoint) carries, or None."""
     from engine import checkpoint as ckpt
+    from engine.tokenizer_files import find_tokenizer
 
     if (init / "checkpoints").is_dir():
         init = ckpt.latest_checkpoint(init / "checkpoints") or init
-    own = [init / "spiece.model", *sorted((init / "tokenizer").glob("*.model"))]
-    return [p for p in own if p.is_file()]
+    return find_tokenizer(init)
 
 
-def init_tokenizer(ft: FinetuneSection, init: pathlib.Path) -> pathlib.Path:
-    """`finetune.tokenizer`, else the init directory's own; a given one must be byte-identical to the
-    init's own copy when it has one (the model learned those ids)."""
-    from engine.tokenizer import check_same_tokenizer
+def init_tokenizer(ft: FinetuneSection, init: pathlib.Path) -> str:
+    """`finetune.tokenizer`, else the init directory's own; a given one must be the init's own (the same
+    bytes, or both ByT5) when it has one (the model learned those ids)."""
+    from engine.tokenizer_files import check_same_tokenizer, check_spec_exists
 
-    own = _own_tokenizers(init)
+    own = own_tokenizer(init)
     if ft.tokenizer:
-        given = pathlib.Path(ft.tokenizer)
-        if not given.is_file():
-            raise FileNotFoundError(f"config key 'finetune.tokenizer': file not found: {given}")
+        check_spec_exists(ft.tokenizer, "config key 'finetune.tokenizer'")
         if own:
             try:
-                check_same_tokenizer(given, own[0], f"finetune.init {init}")
+                check_same_tokenizer(ft.tokenizer, own, f"finetune.init {init}")
             except ValueError as err:
                 raise ValueError(f"config key 'finetune.tokenizer': {err}") from None
-        return given
+        return ft.tokenizer
     if not own:
-        raise FileNotFoundError(f"config key 'finetune.tokenizer': no tokenizer in {init} (no spiece.model or "
-                                "tokenizer/*.model); set finetune.tokenizer")
-    return own[0]
+        raise FileNotFoundError(f"config key 'finetune.tokenizer': no tokenizer in {init} (no spiece.model, "
+                                "tokenizer/*.model or ByT5 tokenizer_config.json); set finetune.tokenizer")
+    return own
 
 
 def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch.device | None = None):
@@ -64,12 +62,13 @@ def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch
     partitioned = builds_partitioned(cfg, kind)
 
     if ft.init.startswith("preset:"):  # from scratch: a preset with random T5 init (demos, ablations)
-        from engine.tokenizer import Tokenizer
+        from engine.tokenizer_files import check_spec_exists, open_tokenizer
         from models.config import T5Config
 
         if not ft.tokenizer:
             raise ValueError("config key 'finetune.tokenizer': required with finetune.init = 'preset:...'")
-        vocab = -(-Tokenizer(ft.tokenizer).vocab_size // 128) * 128
+        check_spec_exists(ft.tokenizer, "config key 'finetune.tokenizer'")
+        vocab = -(-open_tokenizer(ft.tokenizer).vocab_size // 128) * 128
         try:
             config = T5Config.from_preset(ft.init[len("preset:"):], vocab_size=vocab, **model_overrides(cfg))
         except (KeyError, ValueError) as err:
@@ -95,7 +94,7 @@ def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch
     overrides = model_overrides(cfg)
     if (init / "config.json").is_file():
         if not partitioned:
-            return from_pretrained(init, **overrides), str(tokenizer_file)
+            return from_pretrained(init, **overrides), tokenizer_file
         config = read_config(init, **overrides)
         # No random draws (as from_pretrained's meta build): the adapters drawn next match the plain path's.
         model = build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device, init=False)
@@ -109,25 +108,25 @@ def load_init_model(ft: FinetuneSection, cfg, kind: str = "local", device: torch
                 raise ValueError(f"config key 'finetune.init': {init}: {err}") from None
 
         load_partitioned(model, read_hf)
-        return model, str(tokenizer_file)
+        return model, tokenizer_file
     if (init / "model.safetensors").is_file():
         from safetensors.torch import load_file, load_model
 
         from engine.build import build_model_config
-        from engine.tokenizer import Tokenizer
+        from engine.tokenizer_files import open_tokenizer
 
         saved = run_config.config_from_dict(ckpt.load_trainer_state(init)["config"])
         for key, value in model_overrides(cfg).items():   # [model] keys of the same names
             setattr(saved.model, key, value)
-        config = build_model_config(saved, Tokenizer(tokenizer_file).vocab_size)
+        config = build_model_config(saved, open_tokenizer(tokenizer_file).vocab_size)
         if not partitioned:
             model = T5ForConditionalGeneration(config)
             load_model(model, str(init / "model.safetensors"))
-            return model, str(tokenizer_file)
+            return model, tokenizer_file
         # Initialized although overwritten: the plain path makes these random draws too (adapters are drawn next).
         model = build_model(lambda: T5ForConditionalGeneration(config), cfg, kind, device)
         load_partitioned(model, lambda: load_file(str(init / "model.safetensors")),
                          where=f"config key 'finetune.init': {init / 'model.safetensors'}: ")
-        return model, str(tokenizer_file)
+        return model, tokenizer_file
     raise FileNotFoundError(f"config key 'finetune.init': {init} has neither config.json (Hugging Face) nor "
                             "model.safetensors (our checkpoint; export DeepSpeed runs with `t5forge export`)")

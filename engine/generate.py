@@ -9,8 +9,9 @@
 The decoding options are `generate`'s (Hugging Face's names and meanings, models/generation_config.py);
 an option left out takes the checkpoint's generation_config.json value, else the default. Inputs come from
 the arguments, else from `--file` (one per line), else from stdin; one output line per input and returned
-sequence, in order. The tokenizer is DIR/spiece.model unless `--tokenizer` names one; `--tokenizer byt5` is
-ByT5's byte-level tokenizer (engine/byt5.py).
+sequence, in order. The tokenizer is the model directory's own (DIR/spiece.model, or ByT5's when its
+tokenizer_config.json names ByT5Tokenizer) unless `--tokenizer` names one; `--tokenizer byt5` is ByT5's
+byte-level tokenizer (engine/byt5.py).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("texts", nargs="*", help="input texts (default: --file, else stdin)")
     p.add_argument("--model", required=True, help="Hugging Face layout directory (config.json + weights)")
-    p.add_argument("--tokenizer", default="", help="SentencePiece model (default: MODEL/spiece.model), or byt5")
+    p.add_argument("--tokenizer", default="", help="SentencePiece model, or byt5 (default: the model directory's own)")
     p.add_argument("--adapters", default="", help="adapter file written by fine-tuning with adapters")
     p.add_argument("--file", default="", help="read inputs from this file, one per line")
     p.add_argument("--prefix", default="", help='prepended to every input, e.g. "summarize: "')
@@ -100,27 +101,28 @@ def pick_device(name: str):
     return device
 
 
-def pick_tokenizer(args, model_vocab: int) -> pathlib.Path:
-    """`--tokenizer`, else MODEL/spiece.model; checked against the model directory's own copy (the same
-    bytes) and the model's vocabulary (the ids must fit)."""
-    from engine.tokenizer import Tokenizer, check_fits_model, check_same_tokenizer
+def pick_tokenizer(args, model_vocab: int) -> str:
+    """`--tokenizer`, else the model directory's own (engine/tokenizer_files.py: MODEL/spiece.model or ByT5's
+    tokenizer_config.json); checked against that copy (the same tokenizer) and the model's vocabulary (the
+    ids must fit)."""
+    from engine.tokenizer_files import check_fits_model, check_same_tokenizer, check_spec_exists, find_tokenizer
+    from engine.tokenizer_files import open_tokenizer
 
-    own = pathlib.Path(args.model) / "spiece.model"
-    tokenizer_file = pathlib.Path(args.tokenizer) if args.tokenizer else own
-    if tokenizer_file.is_dir():
-        raise ValueError(f"--tokenizer {tokenizer_file}: is a directory; give the SentencePiece .model file")
-    if not tokenizer_file.is_file():
-        what = "--tokenizer: file not found" if args.tokenizer else \
-            "no tokenizer: the model directory has no spiece.model (give --tokenizer)"
-        raise FileNotFoundError(f"{what}: {tokenizer_file}")
-    ids = Tokenizer(tokenizer_file).vocab_size
-    if args.tokenizer and own.is_file():
-        check_same_tokenizer(tokenizer_file, own, f"model {args.model}")
+    own = find_tokenizer(args.model)
+    if args.tokenizer:
+        check_spec_exists(args.tokenizer, "--tokenizer")
+    elif own is None:
+        raise FileNotFoundError(f"no tokenizer: the model directory {args.model} has no spiece.model or ByT5 "
+                                "tokenizer_config.json (give --tokenizer)")
+    spec = args.tokenizer or own
+    ids = open_tokenizer(spec).vocab_size
+    if args.tokenizer and own:
+        check_same_tokenizer(spec, own, f"model {args.model}")
         if ids > model_vocab:
-            raise ValueError(f"tokenizer {tokenizer_file} has {ids} ids, more than the model's {model_vocab}")
+            raise ValueError(f"tokenizer {spec} has {ids} ids, more than the model's {model_vocab}")
     else:
-        check_fits_model(ids, model_vocab, tokenizer_file, f"model {args.model}")
-    return tokenizer_file
+        check_fits_model(ids, model_vocab, spec, f"model {args.model}")
+    return spec
 
 
 def load_model(args):
@@ -181,7 +183,7 @@ def generate_main(argv: list[str]) -> int:
     try:
         import torch
 
-        from engine.tokenizer import Tokenizer
+        from engine.tokenizer_files import open_tokenizer
         from models.hf_checkpoint import read_config
 
         for name in ("batch_size", "max_input_length"):
@@ -189,12 +191,7 @@ def generate_main(argv: list[str]) -> int:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
         model_vocab = read_config(args.model).vocab_size
         pick_device(args.device)
-        if args.tokenizer == "byt5":
-            from engine.byt5 import ByT5Tokenizer
-
-            tokenizer = ByT5Tokenizer()
-        else:
-            tokenizer = Tokenizer(pick_tokenizer(args, model_vocab))
+        tokenizer = open_tokenizer(pick_tokenizer(args, model_vocab))
         texts = [args.prefix + t for t in _read_inputs(args)]
         if not texts:
             raise ValueError("no input text (give it as arguments, --file or on stdin)")

@@ -152,46 +152,6 @@ class Tokenizer:
 # --------------------------------------------------------------------------------------------------
 # training
 
-def tokenizer_fingerprint(path: str | os.PathLike) -> dict:
-    """What identifies a tokenizer: the SHA-256 of its bytes and its vocabulary size (pieces + sentinels)."""
-    import hashlib
-
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return {"sha256": digest, "vocab_size": Tokenizer(path).vocab_size}
-
-
-def describe_tokenizer(path: str | os.PathLike, fp: dict | None = None) -> str:
-    fp = fp or tokenizer_fingerprint(path)
-    return f"{os.fspath(path)} (sha256 {fp['sha256'][:12]}, {fp['vocab_size']} ids)"
-
-
-def check_same_tokenizer(given: str | os.PathLike, reference: str | os.PathLike | dict, where: str) -> None:
-    """A one-line ValueError when `given` is not byte-identical to `reference` (a tokenizer file, or a
-    fingerprint saved with a checkpoint); `where` names what the reference belongs to."""
-    fp = tokenizer_fingerprint(given)
-    ref = reference if isinstance(reference, dict) else tokenizer_fingerprint(reference)
-    if fp["sha256"] == ref["sha256"]:
-        return
-    ref_name = where if isinstance(reference, dict) else describe_tokenizer(reference, ref)
-    size = (f"{fp['vocab_size']} ids vs {ref['vocab_size']}" if fp["vocab_size"] != ref["vocab_size"]
-            else f"same size, {ref['vocab_size']} ids, but other pieces / ids")
-    raise ValueError(f"tokenizer {describe_tokenizer(given, fp)} differs from the one {where} was trained with"
-                     f"{'' if isinstance(reference, dict) else ': ' + ref_name} ({size}); use that tokenizer "
-                     "(or a new run directory)")
-
-
-def check_fits_model(tokenizer_vocab: int, model_vocab: int, tokenizer_file, model_where: str) -> None:
-    """A tokenizer must fit the model's embedding and leave at most a multiple-of-128 padding unused:
-    bigger gives out-of-range ids, much smaller is another model's tokenizer."""
-    padded = -(-tokenizer_vocab // 128) * 128
-    if tokenizer_vocab > model_vocab or model_vocab > padded:
-        how = "more ids than" if tokenizer_vocab > model_vocab else "far fewer ids than"
-        raise ValueError(f"tokenizer {tokenizer_file} has {tokenizer_vocab} ids, {how} the vocabulary of "
-                         f"{model_where} ({model_vocab}); it is not this model's tokenizer")
-
-
 def iter_text_files(paths: Sequence[str], max_chars_per_doc: int = 0) -> Iterator[str]:
     """Documents of JSON-lines files (the `text` field) or lines of plain text files, gzip or not.
 

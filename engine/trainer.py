@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import pathlib
-import shutil
 import signal
 import sys
 import time
@@ -26,6 +25,7 @@ from engine.config import RunConfig
 from engine.engines import Engine
 from engine.metrics import MetricsLogger, device_peak_tflops, mfu
 from engine.schedules import lr_at
+from engine.tokenizer_files import write_tokenizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,7 +138,7 @@ class Trainer:
             ckpt.save_trainer_state(tmp, self.state_dict())
             if self.tokenizer_file:
                 (tmp / "tokenizer").mkdir(exist_ok=True)
-                shutil.copy2(self.tokenizer_file, tmp / "tokenizer" / pathlib.Path(self.tokenizer_file).name)
+                write_tokenizer(self.tokenizer_file, tmp / "tokenizer", pathlib.Path(self.tokenizer_file).name)
         self.engine.barrier()
         final = None
         if self.is_main:
@@ -176,7 +176,7 @@ class Trainer:
     def check_compatible(self, path: pathlib.Path, state: dict) -> None:
         """One line naming what differs between checkpoint `path` and this run: the model config (preset,
         vocabulary), the objective, the tokenizer (its bytes, against the checkpoint's own copy)."""
-        from engine.tokenizer import check_same_tokenizer
+        from engine.tokenizer_files import check_same_tokenizer, find_tokenizer
 
         where = f"checkpoint {path}"
         saved, ours = state.get("model_config"), self.extra_state.get("model_config")
@@ -191,10 +191,9 @@ class Trainer:
         if saved_objective is not None and saved_objective != self.cfg.data.objective:
             raise ValueError(f"{where} was trained with data.objective {saved_objective!r}, this run has "
                              f"{self.cfg.data.objective!r}; use a new run.dir to change it")
-        if self.tokenizer_file:
-            own = sorted((path / "tokenizer").glob("*.model")) if (path / "tokenizer").is_dir() else []
-            if own:
-                check_same_tokenizer(self.tokenizer_file, own[0], where)
+        own = find_tokenizer(path) if self.tokenizer_file else None
+        if own:
+            check_same_tokenizer(self.tokenizer_file, own, where)
 
     # ------------------------------------------------------------------------------------- steps
     def _next_batch(self) -> dict:
