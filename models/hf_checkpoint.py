@@ -127,6 +127,9 @@ def convert_hf_state_dict(model: T5ForConditionalGeneration, hf: dict[str, torch
         elif name in hf:
             out[name] = hf.pop(name)
     missing = [_shown(n) for n in expected if n not in out]
+    if missing and any(n.startswith("decoder.") for n in expected) and not any(n.startswith("decoder.") for n in out):
+        raise ValueError("checkpoint has no decoder: it is encoder-only (T5EncoderModel-style); load it with "
+                         "models.encoder.T5EncoderModel (docs/T5_FAMILY.md), or start from a whole model")
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} weight(s): {_first(missing)}")
     if hf:

@@ -120,6 +120,8 @@ def test_encoder_only_matches_transformers_both_ways(name, tmp_path):
         manual = (ref * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         torch.testing.assert_close(vectors, torch.nn.functional.normalize(manual, dim=-1), rtol=1e-4, atol=1e-5)
     assert ours.num_parameters() == sum(p.numel() for p in hf_enc.parameters())
+    with pytest.raises(ValueError, match="encoder-only .*models.encoder.T5EncoderModel"):  # not a seq2seq model
+        from_pretrained(tmp_path / "enc")
 
 
 @pytest.mark.parametrize("model_type", ["mt5", "umt5"])
