@@ -27,15 +27,6 @@ def builds_partitioned(cfg: RunConfig, kind: str) -> bool:
     return kind == "deepspeed" and cfg.deepspeed.zero_stage == 3
 
 
-def zero3_dtype(ds_config: dict) -> torch.dtype:
-    """The dtype DeepSpeed keeps the model's weights in under this config."""
-    if ds_config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds_config.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
 @contextlib.contextmanager
 def model_init_context(cfg: RunConfig, kind: str, device: torch.device):
     """Construct the model inside this: `deepspeed.zero.Init` at ZeRO-3 with the DeepSpeed engine
@@ -50,7 +41,9 @@ def model_init_context(cfg: RunConfig, kind: str, device: torch.device):
 
     init_distributed(device)
     ds_config = deepspeed_config(cfg, dist.get_world_size())
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=zero3_dtype(ds_config),
+    # dtype=None: DeepSpeed takes it from the config (bf16, fp16, else fp32). Given explicitly, DeepSpeed
+    # 0.19's zero.Init drops an fp32 dtype on CPUs it deems without fp16 (docs/MACHINE_NOTES.md).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None,
                              remote_device="cpu" if cfg.deepspeed.offload_params else None):
         yield
 
