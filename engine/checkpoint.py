@@ -89,10 +89,21 @@ def latest_checkpoint(ckpt_root: pathlib.Path) -> pathlib.Path | None:
 # --- verification on load -------------------------------------------------------------------------
 
 def write_manifest(directory: pathlib.Path) -> None:
-    """`manifest.json`: every file of a checkpoint with its size, written last (rank 0, in finalize)."""
+    """`manifest.json`: every file of a checkpoint with its size, written last (rank 0, in finalize; again
+    by `t5forge reshard`, which adds files), through a temporary file."""
     files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True), encoding="utf-8")
+    write_text_atomic(directory / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+PORTABLE = "portable.json"  # written last by `t5forge reshard` (engine/reshard.py): resumable on any world size
+
+
+def is_portable(directory: pathlib.Path) -> bool:
+    """The step directory holds a resharded (by-name) copy of its weights and optimizer state."""
+    from engine.optim_state import PORTABLE_OPTIMIZER, PORTABLE_WEIGHTS
+
+    return all((directory / name).is_file() for name in (PORTABLE, PORTABLE_WEIGHTS, PORTABLE_OPTIMIZER))
 
 
 def verify_checkpoint(directory: pathlib.Path) -> None:
