@@ -169,17 +169,18 @@ def read_named_state(path) -> dict:
 def load_named_state(optimizer, named: dict, where: str) -> None:
     """Set `optimizer`'s state from by-name state, cut for the layouts the engine declared on this rank."""
     flat_keys = _flat_keys(optimizer)
-    used = set()
     optimizer.state.clear()
     for group in optimizer.param_groups:
         for t in group["params"]:
             known = optimizer._layouts.get(id(t))
             whole = optimizer._whole_names.get(id(t))
             if known is not None and known[0] is t:
-                _load_partition(optimizer, t, known[1], named, flat_keys, used)
+                _load_partition(optimizer, t, known[1], named, flat_keys)
             elif whole is not None and whole[0] is t:
-                _load_whole(optimizer, t, whole[1], named, used)
-    unknown = sorted(set(named) - used)
+                _load_whole(optimizer, t, whole[1], named)
+    known = {n for _, layout in optimizer._layouts.values() for n in layout.names}  # held here or elsewhere
+    known.update(name for _, name in optimizer._whole_names.values())
+    unknown = sorted(set(named) - known)
     if unknown:
         raise ValueError(f"{where}: optimizer state for {len(unknown)} parameter(s) this model does not train, "
                          f"e.g. {unknown[0]!r}")
@@ -191,11 +192,10 @@ def _checked(value: torch.Tensor, shape, name: str, key: str) -> torch.Tensor:
     return value
 
 
-def _load_whole(optimizer, t: torch.Tensor, name: str, named: dict, used: set) -> None:
+def _load_whole(optimizer, t: torch.Tensor, name: str, named: dict) -> None:
     keys = named.get(name)
     if not keys:
         return
-    used.add(name)
     state = optimizer.state[t]
     for key, value in keys.items():
         if key == STEP:
@@ -214,15 +214,13 @@ def _is_adafactor(optimizer) -> bool:
     return isinstance(optimizer, Adafactor)
 
 
-def _load_partition(optimizer, flat: torch.Tensor, layout: PartitionLayout, named: dict, flat_keys: tuple,
-                    used: set) -> None:
+def _load_partition(optimizer, flat: torch.Tensor, layout: PartitionLayout, named: dict, flat_keys: tuple) -> None:
     state = optimizer.state[flat]
     for s in layout.slices:
         name = layout.names[s.param]
         keys = named.get(name)
         if not keys:
             continue
-        used.add(name)
         for key, value in keys.items():
             if key == STEP:
                 state[f"{STEP}:{name}"] = value

@@ -160,16 +160,17 @@ def resume_resharded(run_root: str, stage: str, optim: str, name: str) -> dict:
 
     weights = load_file(str(step_dir / "model.safetensors"))
     same = []
+    import deepspeed
+
     for pname, p in engine.module.named_parameters():
-        if stage != "3":
-            same.append(torch.equal(p.data, weights[pname]))
-    params = dict(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p], enabled=stage == "3"):
+            # the module's weights are the fp32 masters cast to its dtype (ZeRO-3 on a CPU: bf16)
+            same.append(torch.equal(p.data, weights[pname].to(p.dtype)))
     for flat, layout in engine._layouts:
         for sl in layout.slices:
             full = weights[layout.names[sl.param]].reshape(-1)
             same.append(torch.equal(flat.view(-1)[sl.flat_start:sl.flat_start + sl.numel],
                                     full[sl.param_start:sl.param_start + sl.numel]))
-    del params
     # This rank's live optimizer state, cut back out by name, against a fresh cut of the file's state.
     live = consolidate([("live", opt.state_dict(), layout_record(opt))], complete=False)
     wanted = read_named_state(step_dir / "optimizer.safetensors")

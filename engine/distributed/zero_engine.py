@@ -147,12 +147,16 @@ def weights_for(name: str, by_id: dict, module: torch.nn.Module) -> torch.Tensor
 
 
 def _set_module_param(p: torch.nn.Parameter, full: torch.Tensor, zero_stage: int) -> None:
-    """One parameter's whole value into the module: at ZeRO-3 gathered, set, and partitioned again."""
+    """One parameter's whole value into the module (cast to its dtype as DeepSpeed casts the fp32 masters):
+    at ZeRO-3 into this rank's shard `ds_tensor`, elements [rank * partition_numel, ...) of the flattened
+    parameter (the layout engine/distributed/partitions.py reads)."""
     if zero_stage == 3:
-        import deepspeed
+        import torch.distributed as dist
 
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            p.data.copy_(full.reshape(p.ds_shape))
+        part = p.partition_numel()
+        start = dist.get_rank(group=p.ds_process_group) * part
+        numel = max(0, min(part, p.ds_numel - start))
+        p.ds_tensor.data.view(-1)[:numel].copy_(full.reshape(-1)[start:start + numel])
         return
     p.data.copy_(full.reshape(p.shape))
 
