@@ -39,25 +39,27 @@ def _flat_keys(optimizer) -> tuple:
     return ELEMENTWISE if isinstance(optimizer, AdamWScale) else ()
 
 
-def layout_record(optimizer) -> dict:
-    """JSON: for each tensor of the optimizer (its index in `state_dict()`), the parameters it holds slices of."""
-    tensors, index = [], 0
-    for group in optimizer.param_groups:
-        for t in group["params"]:
-            known = optimizer._layouts.get(id(t))
-            whole = optimizer._whole_names.get(id(t))
-            if known is not None and known[0] is t:
-                layout = known[1]
-                tensors.append({"index": index, "whole": False, "names": list(layout.names),
-                                "shapes": [list(s) for s in layout.shapes],
-                                "slices": [[s.param, s.flat_start, s.param_start, s.numel] for s in layout.slices]})
-            elif whole is not None and whole[0] is t:
-                tensors.append({"index": index, "whole": True, "names": [whole[1]], "shapes": [list(t.shape)],
-                                "slices": [[0, 0, 0, t.numel()]]})
-            else:
-                raise ValueError(f"optimizer tensor {index} ({tuple(t.shape)}) has no parameter name; the engine "
-                                 "names every tensor it hands the optimizer")
-            index += 1
+def layout_record(optimizer, order: list | None = None) -> dict:
+    """JSON: for each tensor of the optimizer (its index in `state_dict()`), the parameters it holds slices of.
+    `order`: the tensors in that index order when the param groups do not hold them now (DeepSpeed ZeRO-3
+    puts its partitions there only for a step or a save)."""
+    tensors = []
+    if order is None:
+        order = [t for group in optimizer.param_groups for t in group["params"]]
+    for index, t in enumerate(order):
+        known = optimizer._layouts.get(id(t))
+        whole = optimizer._whole_names.get(id(t))
+        if known is not None and known[0] is t:
+            layout = known[1]
+            tensors.append({"index": index, "whole": False, "names": list(layout.names),
+                            "shapes": [list(s) for s in layout.shapes],
+                            "slices": [[s.param, s.flat_start, s.param_start, s.numel] for s in layout.slices]})
+        elif whole is not None and whole[0] is t:
+            tensors.append({"index": index, "whole": True, "names": [whole[1]], "shapes": [list(t.shape)],
+                            "slices": [[0, 0, 0, t.numel()]]})
+        else:
+            raise ValueError(f"optimizer tensor {index} ({tuple(t.shape)}) has no parameter name; the engine "
+                             "names every tensor it hands the optimizer")
     return {"optimizer": type(optimizer).__name__, "flat_keys": list(_flat_keys(optimizer)), "tensors": tensors}
 
 
@@ -143,6 +145,14 @@ def consolidate(ranks: list, complete: bool = True) -> dict:
     return merge.result(complete)
 
 
+def local_named_state(optimizer, complete: bool = False) -> dict:
+    """This rank's optimizer state by name, read from the live optimizer (`consolidate` of one rank; with
+    `complete` False, elementwise state outside this rank's slices reads as zeros)."""
+    order = [t for t, _ in optimizer._layouts.values()] + [t for t, _ in optimizer._whole_names.values()]
+    state = {i: optimizer.state[t] for i, t in enumerate(order) if t in optimizer.state}
+    return consolidate([("live", {"state": state}, layout_record(optimizer, order))], complete)
+
+
 def save_named_state(named: dict, path) -> None:
     from safetensors.torch import save_file
 
@@ -170,14 +180,11 @@ def load_named_state(optimizer, named: dict, where: str) -> None:
     """Set `optimizer`'s state from by-name state, cut for the layouts the engine declared on this rank."""
     flat_keys = _flat_keys(optimizer)
     optimizer.state.clear()
-    for group in optimizer.param_groups:
-        for t in group["params"]:
-            known = optimizer._layouts.get(id(t))
-            whole = optimizer._whole_names.get(id(t))
-            if known is not None and known[0] is t:
-                _load_partition(optimizer, t, known[1], named, flat_keys)
-            elif whole is not None and whole[0] is t:
-                _load_whole(optimizer, t, whole[1], named)
+    # Every tensor the engine declared, whether or not the param groups hold it now (ZeRO-3: only in a step).
+    for flat, layout in optimizer._layouts.values():
+        _load_partition(optimizer, flat, layout, named, flat_keys)
+    for t, name in optimizer._whole_names.values():
+        _load_whole(optimizer, t, name, named)
     known = {n for _, layout in optimizer._layouts.values() for n in layout.names}  # held here or elsewhere
     known.update(name for _, name in optimizer._whole_names.values())
     unknown = sorted(set(named) - known)
@@ -242,7 +249,7 @@ def layout_file(directory, rank: int):
     return directory / f"rank_{rank:05d}.optim_layout.json"
 
 
-def write_layout_record(directory, rank: int, optimizer) -> None:
+def write_layout_record(directory, rank: int, optimizer, order: list | None = None) -> None:
     """This rank's `layout_record` beside the engine's own files (flushed by the rank that wrote it, as the
     rank state in engine/checkpoint.py)."""
     import json
@@ -250,5 +257,5 @@ def write_layout_record(directory, rank: int, optimizer) -> None:
     from engine.checkpoint import _fsync_path
 
     path = layout_file(directory, rank)
-    path.write_text(json.dumps(layout_record(optimizer)), encoding="utf-8")
+    path.write_text(json.dumps(layout_record(optimizer, order)), encoding="utf-8")
     _fsync_path(path)

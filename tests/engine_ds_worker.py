@@ -144,7 +144,7 @@ def resume_resharded(run_root: str, stage: str, optim: str, name: str) -> dict:
     to RESHARD_STEPS."""
     import torch
 
-    from engine.optim_state import consolidate, layout_record, load_named_state, read_named_state
+    from engine.optim_state import load_named_state, local_named_state, read_named_state
 
     directory = f"{run_root}/{name}"
     cfg = load_run_config(COMMON + ["--run.dir", directory, "--run.engine", "deepspeed", "--deepspeed.zero_stage",
@@ -172,9 +172,10 @@ def resume_resharded(run_root: str, stage: str, optim: str, name: str) -> dict:
             same.append(torch.equal(flat.view(-1)[sl.flat_start:sl.flat_start + sl.numel],
                                     full[sl.param_start:sl.param_start + sl.numel]))
     # This rank's live optimizer state, cut back out by name, against a fresh cut of the file's state.
-    live = consolidate([("live", opt.state_dict(), layout_record(opt))], complete=False)
+    live = local_named_state(opt)
     wanted = read_named_state(step_dir / "optimizer.safetensors")
-    opt_same = _pieces_equal(live, wanted, opt)
+    held = {layout.names[sl.param] for _, layout in opt._layouts.values() for sl in layout.slices}
+    opt_same = bool(live) and set(live) == held & set(wanted) and _pieces_equal(live, wanted, opt)
     load_named_state(opt, wanted, "again")  # idempotent
     result = trainer.train()
     return {"weights_equal": all(same), "weights_checked": len(same), "optimizer_equal": opt_same,

@@ -103,7 +103,18 @@ class ZeroEngine:
         # save_latest=False: our `latest` pointer is written only after the directory is complete.
         self.ds.save_checkpoint(str(ckpt_root), tag=tag, client_state={}, save_latest=False)
         if hasattr(self.base_optimizer, "set_partition_layout"):  # ours: for `t5forge reshard`
-            write_layout_record(ckpt_root / tag, self.rank, self.base_optimizer)
+            write_layout_record(ckpt_root / tag, self.rank, self.base_optimizer, self._state_order())
+
+    def _state_order(self) -> list | None:
+        """The base optimizer's tensors in the order of the state_dict DeepSpeed saved, where its param groups
+        do not hold them: ZeRO-3 appends each sub-group's fp32 partition to its param group only around a
+        step or a save (stage3.py `_set_fp32_optimizer_param_groups`)."""
+        zero = self.ds.optimizer
+        if not hasattr(zero, "fp32_partitioned_groups_flat"):
+            return None
+        to_group = zero.sub_group_to_group_id
+        return [zero.fp32_partitioned_groups_flat[sub] for g in range(len(self.base_optimizer.param_groups))
+                for sub in range(len(zero.fp32_partitioned_groups_flat)) if to_group[sub] == g]
 
     def load(self, ckpt_root: pathlib.Path, tag: str) -> None:
         path, _ = self.ds.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
@@ -114,36 +125,32 @@ class ZeroEngine:
 
     def load_portable(self, directory: pathlib.Path) -> None:
         """The weights and by-name optimizer state of a resharded checkpoint (engine/reshard.py), cut for
-        this run's partitions: the module's parameters (at ZeRO-3 their shards, gathered and re-partitioned),
+        this run's partitions: the module's parameters (at ZeRO-3 this rank's shard of each),
         the fp32 masters the base optimizer steps, its state. The fp16 loss scale starts afresh."""
         from safetensors.torch import load_file
 
         weights = load_file(str(directory / PORTABLE_WEIGHTS))
-        by_id = {}
-        for name, p in self.module.named_parameters(remove_duplicate=False):  # a tied head has two names
-            if name in weights:
-                by_id[id(p)] = weights[name]
+        full = {}  # parameter name -> its weights (a tied head, stored once, under either of its names)
+        for name, p in self.module.named_parameters():
+            aliases = [n for n, q in self.module.named_parameters(remove_duplicate=False) if q is p]
+            found = [weights[n] for n in aliases if n in weights]
+            if not found:
+                raise ValueError(f"{directory / PORTABLE_WEIGHTS}: no weights for parameter {name}")
+            full[name] = found[0]
         with torch.no_grad():
             for name, p in self.module.named_parameters():
-                if id(p) not in by_id:
-                    raise ValueError(f"{directory / PORTABLE_WEIGHTS}: no weights for parameter {name}")
-                _set_module_param(p, by_id[id(p)], self.zero_stage)
-            for flat, layout in self._layouts:
-                params = dict(self.module.named_parameters())
+                _set_module_param(p, full[name], self.zero_stage)
+            for flat, layout in self._layouts:  # ZeRO 1-3: this rank's slices of the fp32 masters
                 for s in layout.slices:
-                    full = by_id[id(params[layout.names[s.param]])].reshape(-1)
-                    flat.view(-1)[s.flat_start:s.flat_start + s.numel].copy_(full[s.param_start:s.param_start + s.numel])
-            for name, master in self._whole:  # fp16 at ZeRO 0: DeepSpeed's fp32 masters of the halves
-                master.copy_(weights_for(name, by_id, self.module))
+                    value = full[layout.names[s.param]].reshape(-1)[s.param_start:s.param_start + s.numel]
+                    flat.view(-1)[s.flat_start:s.flat_start + s.numel].copy_(value)
+            for name, master in self._whole:  # ZeRO 0 (with fp16: DeepSpeed's fp32 masters of the halves)
+                master.copy_(full[name].reshape(master.shape))
         load_named_state(self.base_optimizer, read_named_state(directory / PORTABLE_OPTIMIZER), str(directory))
 
     def close(self) -> None:
         if self._dist.is_initialized():
             self._dist.barrier()
-
-
-def weights_for(name: str, by_id: dict, module: torch.nn.Module) -> torch.Tensor:
-    return by_id[id(dict(module.named_parameters())[name])]
 
 
 def _set_module_param(p: torch.nn.Parameter, full: torch.Tensor, zero_stage: int) -> None:
