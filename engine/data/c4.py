@@ -121,7 +121,7 @@ def common_start(states: list, num_files: int) -> tuple[int, int, int, int, int]
     With at least as many files as shards, shard s of N reads files s, s+N, ... of the epoch order and its
     file_pos k means files s, s+N, ..., s+(k-1)N are done: every file before min(s + kN) is done, so
     reading restarts at that file's first line. With fewer files every shard reads every file in the same
-    order and the one furthest behind gives the exact line (its global line count keeps the split by line)."""
+    order and the one furthest behind gives the line it had read (and its running line count)."""
     if any(st is None for st in states):
         return 0, 0, 0, 0, 0
     epoch = min(st["epoch"] for st in states)
@@ -176,12 +176,16 @@ class C4Reader:
         Not exact, by design: what the old readers had read but not yet handed on (each one's shuffle
         buffer, and the tokens and examples its dataset held) is dropped, and lines an old shard had read
         past the common start are read again under the new split. With at least as many files as shards
-        the start is a whole file, so a file being read restarts from its first line."""
-        if list(states[0]["files"]) != self.files:
+        the common start may fall inside a file: with files split over the new shards, shard 0 (whose first
+        file that is) starts it at that line."""
+        known = [st for st in states if st is not None]
+        if known and list(known[0]["files"]) != self.files:
             raise ValueError("reader states are for other data files; they cannot be re-split over these")
         epoch, first, line, offset, global_line = common_start(states, len(self.files))
         if self.by_files:
-            line = offset = global_line = 0
+            global_line = 0
+            if self.shard_index != 0:
+                line = offset = 0
         rng = np.random.default_rng([self.seed, self.shard_index, 0x5EED, step]).bit_generator.state
         return dict(epoch=epoch, file_pos=0, line=line, offset=offset, global_line=global_line,
                     epoch_docs=1 if (epoch, first, line) != (0, 0, 0) else 0, first_file=first, buffer=[], rng=rng,
