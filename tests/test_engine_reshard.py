@@ -138,3 +138,21 @@ def test_two_ranks_to_one_and_one_to_two(tmp_path, capsys):
         losses = trainer.train().losses
         assert results[f"{stage}:{optim}"] == pytest.approx(ref_losses[optim][:HALF], rel=1e-2 if stage == "3" else 1e-5)
         assert losses == pytest.approx(ref_losses[optim][HALF:], rel=1e-2 if stage == "3" else 1e-5), (stage, optim)
+
+
+def test_reshard_refusals_are_one_line(tmp_path, capsys):
+    """A checkpoint from before the layout records, a missing run, a bad --step: one line each, exit 2."""
+    from engine.checkpoint import write_manifest
+    from engine.reshard import reshard_main
+
+    _local(tmp_path / "run", "adafactor", 1).train()
+    step_dir = tmp_path / "run/checkpoints/step_00000001"
+    (step_dir / "rank_00000.optim_layout.json").unlink()  # as a checkpoint of an earlier t5forge
+    write_manifest(step_dir)
+    for argv, message in ((["run"], "rank_00000.optim_layout.json: missing (a checkpoint saved before"),
+                          (["nowhere"], "run directory not found"),
+                          (["run", "--step", "x"], "--step takes an integer")):
+        assert reshard_main([str(tmp_path / argv[0]), *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("t5forge reshard: error: ") and message in err and err.count("\n") == 1, err
+    assert not (step_dir / "portable.json").exists() and not list(step_dir.glob(".reshard-*"))
