@@ -2,14 +2,17 @@
 
     checkpoints/
       step_00000200/      model + optimizer (engine layout), trainer_state.json, rank_00000.pt ...,
-                          tokenizer/ (the SentencePiece model the run used)
+                          rank_R.optim_layout.json (what each rank's optimizer holds, engine/optim_state.py),
+                          tokenizer/ (the SentencePiece model the run used); after `t5forge reshard`
+                          also model.safetensors, optimizer.safetensors, portable.json (engine/reshard.py)
       latest              text file naming the newest COMPLETE step directory
 
 A save writes into `.tmp-step_N`, fsyncs every file, renames it to `step_N`, and only then replaces
 `latest` (itself through a temporary file and `os.replace`). A save killed at any point therefore
 leaves `latest` on the previous complete checkpoint; stale `.tmp-*` directories are removed on the
 next start. Per-rank state (RNG, data-loader position) goes into `rank_R.pt`, loaded with
-`torch.load(weights_only=True)`: nothing in a checkpoint is unpickled as code.
+`torch.load(weights_only=True)`: nothing in a checkpoint is unpickled as code on a resume (`t5forge
+reshard` and `t5forge export` read DeepSpeed's own files as DeepSpeed does).
 
 The directory must be on a filesystem every node sees (as DeepSpeed's own checkpoints assume).
 """
