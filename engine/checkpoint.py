@@ -11,8 +11,8 @@ A save writes into `.tmp-step_N`, fsyncs every file, renames it to `step_N`, and
 `latest` (itself through a temporary file and `os.replace`). A save killed at any point therefore
 leaves `latest` on the previous complete checkpoint; stale `.tmp-*` directories are removed on the
 next start. Per-rank state (RNG, data-loader position) goes into `rank_R.pt`, loaded with
-`torch.load(weights_only=True)`: nothing in a checkpoint is unpickled as code on a resume (`t5forge
-reshard` and `t5forge export` read DeepSpeed's own files as DeepSpeed does).
+`torch.load(weights_only=True)`: nothing of ours is unpickled as code (DeepSpeed's own files are read
+DeepSpeed's way, by its resume and by `t5forge reshard` / `t5forge export`).
 
 The directory must be on a filesystem every node sees (as DeepSpeed's own checkpoints assume).
 """

@@ -156,7 +156,8 @@ class LocalEngine:
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self.module, str(directory / "model.safetensors"))  # handles the tied embedding
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-        write_layout_record(directory, 0, self.optimizer)  # for `t5forge reshard` (engine/optim_state.py)
+        if hasattr(self.optimizer, "name_whole_tensors"):  # ours: for `t5forge reshard` (engine/optim_state.py)
+            write_layout_record(directory, 0, self.optimizer)
         if self.scaler is not None:
             torch.save(self.scaler.state_dict(), directory / "grad_scaler.pt")
 

@@ -57,9 +57,8 @@ def layout_record(optimizer, order: list | None = None) -> dict:
         elif whole is not None and whole[0] is t:
             tensors.append({"index": index, "whole": True, "names": [whole[1]], "shapes": [list(t.shape)],
                             "slices": [[0, 0, 0, t.numel()]]})
-        else:
-            raise ValueError(f"optimizer tensor {index} ({tuple(t.shape)}) has no parameter name; the engine "
-                             "names every tensor it hands the optimizer")
+        else:  # not named by the engine: recorded, so that reshard refuses it (a save never fails on it)
+            tensors.append({"index": index, "whole": True, "names": [], "shapes": [], "slices": []})
     return {"optimizer": type(optimizer).__name__, "flat_keys": list(_flat_keys(optimizer)), "tensors": tensors}
 
 
@@ -116,6 +115,11 @@ def consolidate(ranks: list, complete: bool = True) -> dict:
         states = sd.get("state", {})
         for tensor in record["tensors"]:
             names, shapes = tensor["names"], tensor["shapes"]
+            if not names:
+                if states.get(tensor["index"]):
+                    raise ValueError(f"{where}: optimizer tensor {tensor['index']} has state but no parameter name; "
+                                     "it cannot be resharded")
+                continue
             for name, shape in zip(names, shapes):
                 merge.shapes.setdefault(name, tuple(shape))
             state = states.get(tensor["index"], {})
