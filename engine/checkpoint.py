@@ -2,14 +2,17 @@
 
     checkpoints/
       step_00000200/      model + optimizer (engine layout), trainer_state.json, rank_00000.pt ...,
-                          tokenizer/ (the SentencePiece model the run used)
+                          rank_R.optim_layout.json (what each rank's optimizer holds, engine/optim_state.py),
+                          tokenizer/ (the SentencePiece model the run used); after `t5forge reshard`
+                          also model.safetensors, optimizer.safetensors, portable.json (engine/reshard.py)
       latest              text file naming the newest COMPLETE step directory
 
 A save writes into `.tmp-step_N`, fsyncs every file, renames it to `step_N`, and only then replaces
 `latest` (itself through a temporary file and `os.replace`). A save killed at any point therefore
 leaves `latest` on the previous complete checkpoint; stale `.tmp-*` directories are removed on the
 next start. Per-rank state (RNG, data-loader position) goes into `rank_R.pt`, loaded with
-`torch.load(weights_only=True)`: nothing in a checkpoint is unpickled as code.
+`torch.load(weights_only=True)`: nothing of ours is unpickled as code (DeepSpeed's own files are read
+DeepSpeed's way, by its resume and by `t5forge reshard` / `t5forge export`).
 
 The directory must be on a filesystem every node sees (as DeepSpeed's own checkpoints assume).
 """
@@ -89,10 +92,21 @@ def latest_checkpoint(ckpt_root: pathlib.Path) -> pathlib.Path | None:
 # --- verification on load -------------------------------------------------------------------------
 
 def write_manifest(directory: pathlib.Path) -> None:
-    """`manifest.json`: every file of a checkpoint with its size, written last (rank 0, in finalize)."""
+    """`manifest.json`: every file of a checkpoint with its size, written last (rank 0, in finalize; again
+    by `t5forge reshard`, which adds files), through a temporary file."""
     files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True), encoding="utf-8")
+    write_text_atomic(directory / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+PORTABLE = "portable.json"  # written last by `t5forge reshard` (engine/reshard.py): resumable on any world size
+
+
+def is_portable(directory: pathlib.Path) -> bool:
+    """The step directory holds a resharded (by-name) copy of its weights and optimizer state."""
+    from engine.optim_state import PORTABLE_OPTIMIZER, PORTABLE_WEIGHTS
+
+    return all((directory / name).is_file() for name in (PORTABLE, PORTABLE_WEIGHTS, PORTABLE_OPTIMIZER))
 
 
 def verify_checkpoint(directory: pathlib.Path) -> None:

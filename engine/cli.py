@@ -3,6 +3,7 @@
     t5forge pretrain [--config FILE] [--section.key VALUE ...]
     t5forge finetune --config FILE [--section.key VALUE ...]
     t5forge export RUN_DIR OUT_DIR
+    t5forge reshard RUN_DIR [--step N]
     t5forge generate --model DIR [TEXT ...]
     t5forge tokenizer train ...
     t5forge data clean-c4 WET_FILES... --out shard.json.gz
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("engine.train", "pretrain_main", "pretrain T5 (no arguments: tiny model, built-in corpus, CPU)"),
     "finetune": ("engine.finetune", "finetune_main", "fine-tune on text-to-text tasks (full, adapters, unfreezing)"),
     "export": ("engine.export", "export_main", "write a run's checkpoint as a Hugging Face directory"),
+    "reshard": ("engine.reshard", "reshard_main", "make a pretraining checkpoint resumable on another number of ranks"),
     "generate": ("engine.generate", "generate_main", "greedy, beam-search or sampled decoding from a model directory"),
     "tokenizer": ("engine.tokenizer", "tokenizer_main", "tokenizer tools: `tokenizer train`"),
     "data": ("engine.data.cli", "data_main", "data tools: `data clean-c4`"),

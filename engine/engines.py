@@ -10,6 +10,7 @@ DeepSpeed start-up, no process group) and multi-node ZeRO runs, and the tests co
     engine.all_reduce_sum(tensor)         # across data-parallel ranks (identity locally)
     engine.loss_scale                     # fp16: the current dynamic loss scale; None otherwise
     engine.save(ckpt_root, tag) / engine.load(ckpt_root, tag)   # model + optimizer, every rank calls
+    engine.load_portable(step_dir)        # the same from `t5forge reshard`'s files, on any number of ranks
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import torch
 from engine.config import RunConfig
 from engine.distributed.deepspeed_config import autocast_dtype
 from engine.distributed.process_group import launched_distributed
+from engine.optim_state import PORTABLE_OPTIMIZER, PORTABLE_WEIGHTS, load_named_state, read_named_state, \
+    write_layout_record
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Engine(Protocol):
     def barrier(self) -> None: ...
     def save(self, ckpt_root: pathlib.Path, tag: str) -> None: ...
     def load(self, ckpt_root: pathlib.Path, tag: str) -> None: ...
+    def load_portable(self, directory: pathlib.Path) -> None: ...
     def close(self) -> None: ...
 
 
@@ -152,6 +156,8 @@ class LocalEngine:
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self.module, str(directory / "model.safetensors"))  # handles the tied embedding
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        if hasattr(self.optimizer, "name_whole_tensors"):  # ours: for `t5forge reshard` (engine/optim_state.py)
+            write_layout_record(directory, 0, self.optimizer)
         if self.scaler is not None:
             torch.save(self.scaler.state_dict(), directory / "grad_scaler.pt")
 
@@ -166,6 +172,14 @@ class LocalEngine:
         self.optimizer.load_state_dict(state)
         if self.scaler is not None and (directory / "grad_scaler.pt").is_file():  # absent: saved without fp16
             self.scaler.load_state_dict(torch.load(directory / "grad_scaler.pt", weights_only=True))
+
+    def load_portable(self, directory: pathlib.Path) -> None:
+        """Weights and by-name optimizer state of a resharded checkpoint (engine/reshard.py); the fp16 loss
+        scale starts afresh."""
+        from safetensors.torch import load_model
+
+        load_model(self.module, str(directory / PORTABLE_WEIGHTS), device=str(self.device))
+        load_named_state(self.optimizer, read_named_state(directory / PORTABLE_OPTIMIZER), str(directory))
 
     def close(self) -> None:
         return None

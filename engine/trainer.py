@@ -116,10 +116,6 @@ class Trainer:
                 "engine": type(self.engine).__name__, "zero_stage": self.cfg.deepspeed.zero_stage, **self.extra_state}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.engine.world_size:
-            raise ValueError(f"checkpoint was written by {state['world_size']} ranks, this run has "
-                             f"{self.engine.world_size}: resume with the same world size (README: Changing the "
-                             "number of ranks)")
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
         self.skipped_in_a_row = state["skipped_in_a_row"]
@@ -159,16 +155,50 @@ class Trainer:
             return False
         state = ckpt.load_trainer_state(path)
         self.check_compatible(path, state)
+        changed = self.layout_change(state)
+        if changed and not ckpt.is_portable(path):
+            raise ValueError(f"checkpoint {path} was written {changed}: reshard it once with `t5forge reshard "
+                             f"{self.run_dir}`, then rerun (README: Changing the number of ranks)")
         self.load_state_dict(state)
-        self.engine.load(self.ckpt_root, path.name)
-        rng, data_state = ckpt.load_rank_state(path, self.engine.rank)
-        if hasattr(self.data, "load_state_dict"):
-            self.data.load_state_dict(data_state)
+        if changed:
+            self.engine.load_portable(path)
+        else:
+            self.engine.load(self.ckpt_root, path.name)
+        if state["world_size"] == self.engine.world_size:
+            rng, data_state = ckpt.load_rank_state(path, self.engine.rank)
+            if hasattr(self.data, "load_state_dict"):
+                self.data.load_state_dict(data_state)
+            ckpt.set_rng_state(rng)
+        else:
+            self._reshard_rank_state(path, state["world_size"])
         self._data_iter = None
-        ckpt.set_rng_state(rng)
         self.logger.truncate_after(self.step)
         self._last_saved_step = self.step
         return True
+
+    def layout_change(self, state: dict) -> str:
+        """'' when this run holds the model and optimizer as the checkpoint's run did (world size, engine,
+        ZeRO stage), else what differs, e.g. 'by 2 ranks, this run has 1'."""
+        ours = (self.engine.world_size, type(self.engine).__name__, self.cfg.deepspeed.zero_stage)
+        saved = (state["world_size"], state.get("engine", ours[1]), state.get("zero_stage", ours[2]))
+        what = ("by {} rank(s), this run has {}", "by the {} engine, this run uses {}", "at ZeRO {}, this run at {}")
+        return "; ".join(w.format(a, b) for w, a, b in zip(what, saved, ours) if a != b)
+
+    def _reshard_rank_state(self, path: pathlib.Path, old_world: int) -> None:
+        """Another number of ranks: the data stream re-split over this run's ranks from the old ranks' data
+        states (the data's `load_resharded_state`; without one it starts again from its beginning), and
+        fresh random generators seeded by run seed, step and rank (dropout cannot continue a stream that
+        was split over other ranks)."""
+        from engine.build import seed_everything
+
+        old_states = [ckpt.load_rank_state(path, r)[1] for r in range(old_world)]
+        reshard = getattr(self.data, "load_resharded_state", None)
+        if reshard is not None:
+            reshard(old_states, self.step)
+        elif self.is_main:
+            print(f"t5forge {self.progress_label}: the data cannot be re-split over {self.engine.world_size} "
+                  "rank(s); it starts again from its beginning", file=sys.stderr)
+        seed_everything(self.cfg.run.seed + 1000 * (self.engine.rank + 1) + 7_919 * self.step)
 
     # What may not change across a resume: the model's shape (preset, vocabulary) and the objective.
     RUNTIME_MODEL_KEYS = ("kernel_backend", "gradient_checkpointing", "dropout_rate", "torch_dtype")

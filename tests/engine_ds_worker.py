@@ -31,6 +31,7 @@ COMMON = ["--run.max_steps", "4", "--run.progress", "false", "--model.vocab_size
           "--schedule.warmup_steps", "0", "--checkpoint.every", "100", "--run.threads", "1", "--run.demo", "false",
           "--run.tensorboard", "false"]
 VOCAB, MICRO = 100, 4
+RESHARD_STEPS = 8  # tests/test_engine_reshard.py: 4 steps on one world size, 4 more on another
 # Overrides on COMMON for the optimizers whose statistics are per parameter (tests/test_engine_zero_optim.py).
 OPTIMIZERS = {
     "adafactor": ["--optim.name", "adafactor", "--optim.lr", "1e-2"],
@@ -136,6 +137,76 @@ def check_partitioned_load(run_root: str) -> dict:
     return {"sharded": sharded, "errors": errors}
 
 
+def resume_resharded(run_root: str, stage: str, optim: str, name: str) -> dict:
+    """Resume RUN_ROOT/NAME (resharded by `t5forge reshard`, written on another number of ranks) at ZeRO
+    STAGE with OPTIMIZERS[VARIANT] on these ranks; whether this rank's module weights, fp32 master slices
+    and optimizer state (cut for its own partitions) equal the resharded files bit for bit; then train on
+    to RESHARD_STEPS."""
+    import torch
+
+    from engine.optim_state import load_named_state, local_named_state, read_named_state
+
+    directory = f"{run_root}/{name}"
+    cfg = load_run_config(COMMON + ["--run.dir", directory, "--run.engine", "deepspeed", "--deepspeed.zero_stage",
+                                    stage, "--batch.micro_batch_size", str(MICRO), "--run.log_every", "1",
+                                    "--run.max_steps", str(RESHARD_STEPS)] + OPTIMIZERS.get(optim, []))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    trainer, _ = build_trainer(cfg, data=SyntheticData(VOCAB, MICRO, rank=rank, world_size=world),
+                               tokenizer_vocab=VOCAB)
+    assert trainer.resume()
+    step_dir = pathlib.Path(directory) / "checkpoints" / f"step_{trainer.step:08d}"
+    engine, opt = trainer.engine, trainer.engine.base_optimizer
+    from safetensors.torch import load_file
+
+    weights = load_file(str(step_dir / "model.safetensors"))
+    same = []
+    import deepspeed
+
+    for pname, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=stage == "3"):
+            # the module's weights are the fp32 masters cast to its dtype (ZeRO-3 on a CPU: bf16)
+            same.append(torch.equal(p.data, weights[pname].to(p.dtype)))
+    for flat, layout in engine._layouts:
+        for sl in layout.slices:
+            full = weights[layout.names[sl.param]].reshape(-1)
+            same.append(torch.equal(flat.view(-1)[sl.flat_start:sl.flat_start + sl.numel],
+                                    full[sl.param_start:sl.param_start + sl.numel]))
+    # This rank's live optimizer state, cut back out by name, against a fresh cut of the file's state.
+    live = local_named_state(opt)
+    wanted = read_named_state(step_dir / "optimizer.safetensors")
+    held = {layout.names[sl.param] for _, layout in opt._layouts.values() for sl in layout.slices}
+    opt_same = bool(live) and set(live) == held & set(wanted) and _pieces_equal(live, wanted, opt)
+    load_named_state(opt, wanted, "again")  # idempotent
+    result = trainer.train()
+    return {"weights_equal": all(same), "weights_checked": len(same), "optimizer_equal": opt_same,
+            "losses": result.losses, "start": trainer.step - len(result.losses)}
+
+
+def _pieces_equal(live: dict, wanted: dict, opt) -> bool:
+    """Every value this rank holds equals the file's at the same place (elementwise state: on this rank's
+    slices only, the rest reads as zeros in `live`)."""
+    import torch
+
+    from engine.optim_state import ELEMENTWISE
+
+    held = {}
+    for flat, layout in ((t, l) for t, l in opt._layouts.values()):
+        for sl in layout.slices:
+            held.setdefault(layout.names[sl.param], []).append(sl)
+    for name, keys in live.items():
+        for key, value in keys.items():
+            want = wanted[name][key]
+            if key in ELEMENTWISE and name in held:
+                for sl in held[name]:
+                    a = value.reshape(-1)[sl.param_start:sl.param_start + sl.numel]
+                    b = want.reshape(-1)[sl.param_start:sl.param_start + sl.numel]
+                    if not torch.equal(a, b.float()):
+                        return False
+            elif not (torch.equal(value, want) if isinstance(value, torch.Tensor) else value == want):
+                return False
+    return True
+
+
 def main(argv):
     argv = [a for a in argv if not a.startswith("--local_rank")]
     out_json, run_root, runs = argv[0], argv[1], argv[2:]
@@ -156,6 +227,9 @@ def main(argv):
             continue
         if run.startswith("init:"):
             results[run] = check_partitioned_build(run_root, run.split(":")[1])
+            continue
+        if run.startswith("resume:"):  # resume:STAGE:VARIANT:DIR (test_engine_reshard.py)
+            results[run] = resume_resharded(run_root, *run.split(":")[1:])
             continue
         stage, _, optim = run.partition(":")
         directory = f"{run_root}/zero{stage}" + (f"_{optim}" if optim else "")

@@ -21,6 +21,11 @@ class SyntheticData:
     def load_state_dict(self, state: dict) -> None:
         self.index = state["index"]
 
+    def load_resharded_state(self, states: list, step: int) -> None:
+        """A checkpoint of another world size: `index` counts global batches, the same on every old rank,
+        so the stream continues exactly (with the same global batch, micro-batch x ranks)."""
+        self.index = states[0]["index"]
+
     def __iter__(self):
         while True:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index)

@@ -114,6 +114,26 @@ def _seek_next_member(f, buf: bytes) -> bytes:
         buf = buf[-2:] + more
 
 
+def common_start(states: list, num_files: int) -> tuple[int, int, int, int, int]:
+    """(epoch, first file of the epoch's order, line, offset, global_line): a place in the corpus that every
+    reader of one split (their `state_dict()`s, None for a reader that has not started) has read past.
+
+    With at least as many files as shards, shard s of N reads files s, s+N, ... of the epoch order and its
+    file_pos k means files s, s+N, ..., s+(k-1)N are done: every file before min(s + kN) is done, so
+    reading restarts at that file's first line. With fewer files every shard reads every file in the same
+    order and the one furthest behind gives the line it had read (and its running line count)."""
+    if any(st is None for st in states):
+        return 0, 0, 0, 0, 0
+    epoch = min(st["epoch"] for st in states)
+    behind = [st for st in states if st["epoch"] == epoch]
+    shards = behind[0]["shard"][1]
+    if num_files >= shards:
+        first = min(st["shard"][0] + shards * st["file_pos"] + st.get("first_file", 0) for st in behind)
+        return epoch, min(first, num_files), 0, 0, 0
+    st = min(behind, key=lambda st: (st["file_pos"], st["line"]))
+    return epoch, st["file_pos"] + st.get("first_file", 0), st["line"], st["offset"], st["global_line"]
+
+
 class C4Reader:
     """Documents' `text` from C4 JSON lines; see the module docstring."""
 
@@ -128,7 +148,8 @@ class C4Reader:
         self.epochs, self.shuffle_files, self.strict, self.max_reported = epochs, shuffle_files, strict, max_reported
         self.by_files = len(self.files) >= num_shards
         self.stats = ReadStats()
-        self._state = dict(epoch=0, file_pos=0, line=0, offset=0, global_line=0, epoch_docs=0)
+        # first_file: files of this epoch's order left out (a stream re-split over other shards, `resharded_state`)
+        self._state = dict(epoch=0, file_pos=0, line=0, offset=0, global_line=0, epoch_docs=0, first_file=0)
         self._buffer: list[str] = []
         self._corrupt_details: list[str] = []
         self._rng = np.random.default_rng([seed, shard_index, 0x5EED])
@@ -142,18 +163,44 @@ class C4Reader:
     def load_state_dict(self, state: dict) -> None:
         if state["files"] != self.files or state["shard"] != [self.shard_index, self.num_shards]:
             raise ValueError("reader state is for other files or another shard split; it cannot resume here")
-        self._state = {k: state[k] for k in self._state}
+        self._state = {k: state.get(k, 0) if k == "first_file" else state[k] for k in self._state}
         self._buffer = list(state["buffer"])
         self._rng.bit_generator.state = state["rng"]
         self.stats = ReadStats(**state["stats"])
 
+    def resharded_state(self, states: list, step: int) -> dict:
+        """A state for this reader (its own shard of its own split) from the states of the readers of
+        another split over the same files: reading starts where every old shard had got to (`common_start`),
+        with an empty shuffle buffer and a random generator drawn afresh from (seed, shard, step).
+
+        Not exact, by design: what the old readers had read but not yet handed on (each one's shuffle
+        buffer, and the tokens and examples its dataset held) is dropped, and lines an old shard had read
+        past the common start are read again under the new split. With at least as many files as shards
+        the common start may fall inside a file: with files split over the new shards, shard 0 (whose first
+        file that is) starts it at that line."""
+        known = [st for st in states if st is not None]
+        if known and list(known[0]["files"]) != self.files:
+            raise ValueError("reader states are for other data files; they cannot be re-split over these")
+        epoch, first, line, offset, global_line = common_start(states, len(self.files))
+        if self.by_files:
+            global_line = 0
+            if self.shard_index != 0:
+                line = offset = 0
+        rng = np.random.default_rng([self.seed, self.shard_index, 0x5EED, step]).bit_generator.state
+        return dict(epoch=epoch, file_pos=0, line=line, offset=offset, global_line=global_line,
+                    epoch_docs=1 if (epoch, first, line) != (0, 0, 0) else 0, first_file=first, buffer=[], rng=rng,
+                    stats=dataclasses.asdict(ReadStats()), files=list(self.files),
+                    shard=[self.shard_index, self.num_shards])
+
     # ---- reading ----------------------------------------------------------------------------------
     def epoch_files(self, epoch: int) -> list[str]:
-        """This shard's files of one epoch, in reading order."""
+        """This shard's files of one epoch, in reading order (less the first `first_file` of the current one)."""
         order = list(self.files)
         if self.shuffle_files:
             perm = np.random.default_rng([self.seed, epoch, 0xF11E]).permutation(len(order))
             order = [order[i] for i in perm]
+        if epoch == self._state["epoch"]:
+            order = order[self._state["first_file"]:]
         return order[self.shard_index::self.num_shards] if self.by_files else order
 
     def _bad(self, path: str, line: int, kind: str, detail: str = "") -> None:
@@ -248,7 +295,7 @@ class C4Reader:
                 raise ValueError(f"no readable document in {len(self.files)} data file(s) "
                                  f"(shard {self.shard_index}/{self.num_shards}; {why}): {self.files[0]} ...")
             st["epoch"] += 1
-            st.update(file_pos=0, line=0, offset=0, global_line=0, epoch_docs=0)
+            st.update(file_pos=0, line=0, offset=0, global_line=0, epoch_docs=0, first_file=0)
 
     def __iter__(self) -> Iterator[str]:
         """Documents through the shuffle buffer: each new document takes the place of a random one in

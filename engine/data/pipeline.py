@@ -59,6 +59,7 @@ class PretrainDataset:
         self.batch_size, self.pack, self.tokenize_batch, self.as_torch = batch_size, pack, tokenize_batch, as_torch
         self.raw_length = objective.raw_length(inputs_length, targets_length)
         self.dense = objective.fn is span_corruption  # fixed-length examples: the vectorised path
+        self.seed = seed
         self.rng = np.random.default_rng([seed, reader.shard_index, 0x0B1E])
         self._tokens = np.zeros(0, dtype=np.int64)   # tokenized, not yet cut into chunks
         self._examples: list[tuple[np.ndarray, np.ndarray]] = []  # waiting for a row
@@ -85,6 +86,18 @@ class PretrainDataset:
         self.rng.bit_generator.state = state["rng"]
         self._exhausted = state["exhausted"]
         self._docs = None  # a fresh document iterator picks up the reader's restored position
+
+    def load_resharded_state(self, states: list, step: int) -> None:
+        """Continue a stream that ranks of another world size read (their `state_dict()`s, one per old
+        rank, single-process or worker states alike): this shard's reader starts where every old reader
+        had got to (engine.data.c4.C4Reader.resharded_state), with no tokens or examples waiting and the
+        objective's generator drawn afresh from (seed, shard, step)."""
+        self.reader.load_state_dict(self.reader.resharded_state(reader_states(states), step))
+        self._tokens = np.zeros(0, dtype=np.int64)
+        self._examples = []
+        self.rng = np.random.default_rng([self.seed, self.reader.shard_index, 0x0B1E, step])
+        self._exhausted = False
+        self._docs = None
 
     # ---- stages -------------------------------------------------------------------------------------
     def _fill_tokens(self, need: int) -> bool:
@@ -163,6 +176,17 @@ class PretrainDataset:
             if batch is None:
                 return
             yield self._to_output(batch)
+
+
+def reader_states(states: list) -> list:
+    """The reader states (None: a worker that has not reported one yet) in the data states of the ranks."""
+    readers = []
+    for state in states:
+        if "workers" in state:
+            readers += [None if w["state"] is None else w["state"]["reader"] for w in state["workers"]]
+        else:
+            readers.append(state["reader"])
+    return readers
 
 
 def build_pretrain_dataset(paths: Sequence[str] | str, tokenizer, objective: str = "span_corruption",

@@ -127,6 +127,15 @@ class MultiWorkerPretrainDataset:
         self._starts = [_WorkerStart(**s) for s in state["workers"]]
         self._next = int(state["next_worker"])
 
+    def load_resharded_state(self, states: list, step: int) -> None:
+        """A stream other ranks read (engine.data.pipeline.PretrainDataset.load_resharded_state), re-split:
+        each logical worker starts from its own shard of the new split, round robin from worker 0."""
+        for w in range(self.num_workers):
+            ds = self.build(w)
+            ds.load_resharded_state(states, step)
+            self._starts[w] = _WorkerStart(ds.state_dict(), 0, False)
+        self._next = 0
+
     # ---- iteration ----------------------------------------------------------------------------------
     def _advance(self) -> None:
         self._next = (self._next + 1) % self.num_workers

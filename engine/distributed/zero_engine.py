@@ -13,6 +13,8 @@ from engine.distributed.deepspeed_config import autocast_dtype, deepspeed_config
 from engine.distributed.partitions import whole_tensor_names, zero_partition_layouts
 from engine.distributed.process_group import init_distributed
 from engine.engines import StepInfo, autocast, compile_enabled, set_lr
+from engine.optim_state import PORTABLE_OPTIMIZER, PORTABLE_WEIGHTS, load_named_state, read_named_state, \
+    write_layout_record
 
 
 class ZeroEngine:
@@ -40,12 +42,16 @@ class ZeroEngine:
         self.module = self.ds.module
         if compile_enabled(cfg, device):   # DeepSpeed's own hook: compiles the module inside its engine
             self.ds.compile(backend=cfg.run.compile_backend)
+        self.zero_stage = cfg.deepspeed.zero_stage
+        self._layouts, self._whole = [], []  # what the base optimizer steps (load_portable writes into them)
         if cfg.deepspeed.zero_stage > 0 and hasattr(optimizer, "set_partition_layout"):
             names = {id(p): n for n, p in self.module.named_parameters()}
-            for flat, layout in zero_partition_layouts(self.ds.optimizer, names):
+            self._layouts = zero_partition_layouts(self.ds.optimizer, names)
+            for flat, layout in self._layouts:
                 optimizer.set_partition_layout(flat, layout)
         elif hasattr(optimizer, "name_whole_tensors"):
-            optimizer.name_whole_tensors(whole_tensor_names(self.ds.optimizer, self.module))
+            self._whole = whole_tensor_names(self.ds.optimizer, self.module)
+            optimizer.name_whole_tensors(self._whole)
         self._fp16 = cfg.deepspeed.precision == "fp16"
         self._bf16_ds = "bf16" in ds_config
         # DeepSpeed 0.19's engine.backward applies the fp16 loss scale for ZeRO optimizers only, while
@@ -96,6 +102,19 @@ class ZeroEngine:
     def save(self, ckpt_root: pathlib.Path, tag: str) -> None:
         # save_latest=False: our `latest` pointer is written only after the directory is complete.
         self.ds.save_checkpoint(str(ckpt_root), tag=tag, client_state={}, save_latest=False)
+        if hasattr(self.base_optimizer, "set_partition_layout"):  # ours: for `t5forge reshard`
+            write_layout_record(ckpt_root / tag, self.rank, self.base_optimizer, self._state_order())
+
+    def _state_order(self) -> list | None:
+        """The base optimizer's tensors in the order of the state_dict DeepSpeed saved, where its param groups
+        do not hold them: ZeRO-3 appends each sub-group's fp32 partition to its param group only around a
+        step or a save (stage3.py `_set_fp32_optimizer_param_groups`)."""
+        zero = self.ds.optimizer
+        if not hasattr(zero, "fp32_partitioned_groups_flat"):
+            return None
+        to_group = zero.sub_group_to_group_id
+        return [zero.fp32_partitioned_groups_flat[sub] for g in range(len(self.base_optimizer.param_groups))
+                for sub in range(len(zero.fp32_partitioned_groups_flat)) if to_group[sub] == g]
 
     def load(self, ckpt_root: pathlib.Path, tag: str) -> None:
         path, _ = self.ds.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
@@ -104,9 +123,49 @@ class ZeroEngine:
             raise FileNotFoundError(f"{ckpt_root / tag}: DeepSpeed found no checkpoint to load "
                                     "(a local-engine checkpoint? set run.engine = local)")
 
+    def load_portable(self, directory: pathlib.Path) -> None:
+        """The weights and by-name optimizer state of a resharded checkpoint (engine/reshard.py), cut for
+        this run's partitions: the module's parameters (at ZeRO-3 this rank's shard of each),
+        the fp32 masters the base optimizer steps, its state. The fp16 loss scale starts afresh."""
+        from safetensors.torch import load_file
+
+        weights = load_file(str(directory / PORTABLE_WEIGHTS))
+        full = {}  # parameter name -> its weights (a tied head, stored once, under either of its names)
+        for name, p in self.module.named_parameters():
+            aliases = [n for n, q in self.module.named_parameters(remove_duplicate=False) if q is p]
+            found = [weights[n] for n in aliases if n in weights]
+            if not found:
+                raise ValueError(f"{directory / PORTABLE_WEIGHTS}: no weights for parameter {name}")
+            full[name] = found[0]
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                _set_module_param(p, full[name], self.zero_stage)
+            for flat, layout in self._layouts:  # ZeRO 1-3: this rank's slices of the fp32 masters
+                for s in layout.slices:
+                    value = full[layout.names[s.param]].reshape(-1)[s.param_start:s.param_start + s.numel]
+                    flat.view(-1)[s.flat_start:s.flat_start + s.numel].copy_(value)
+            for name, master in self._whole:  # ZeRO 0 (with fp16: DeepSpeed's fp32 masters of the halves)
+                master.copy_(full[name].reshape(master.shape))
+        load_named_state(self.base_optimizer, read_named_state(directory / PORTABLE_OPTIMIZER), str(directory))
+
     def close(self) -> None:
         if self._dist.is_initialized():
             self._dist.barrier()
+
+
+def _set_module_param(p: torch.nn.Parameter, full: torch.Tensor, zero_stage: int) -> None:
+    """One parameter's whole value into the module (cast to its dtype as DeepSpeed casts the fp32 masters):
+    at ZeRO-3 into this rank's shard `ds_tensor`, elements [rank * partition_numel, ...) of the flattened
+    parameter (the layout engine/distributed/partitions.py reads)."""
+    if zero_stage == 3:
+        import torch.distributed as dist
+
+        part = p.partition_numel()
+        start = dist.get_rank(group=p.ds_process_group) * part
+        numel = max(0, min(part, p.ds_numel - start))
+        p.ds_tensor.data.view(-1)[:numel].copy_(full.reshape(-1)[start:start + numel])
+        return
+    p.data.copy_(full.reshape(p.shape))
 
 
 def _undo_fp16_init_step(fp16_optimizer, base: torch.optim.Optimizer) -> None:
