@@ -147,6 +147,30 @@ def test_eval_metric_and_eval_set_checked_before_training(tmp_path, capsys):
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
 
+
+def test_wrong_format_train_and_eval_files_are_one_line(tmp_path, capsys):
+    """A JSON-lines train file or a CSV eval file where the task reads TSVs: one line naming the file,
+    the line, the TSV header expected and what the file holds (not "missing column" over a dumped line)."""
+    path = _config(tmp_path, "full", 2)
+    run = tmp_path / "full"
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps({"words": "sea " * 40, "label": i % 2}) + "\n" for i in range(8)))
+    wrong = tmp_path / "wrong_train.toml"
+    wrong.write_text(path.read_text().replace(str(tmp_path / "train.tsv"), str(jsonl)))
+    assert finetune_main(["--config", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 400, err
+    assert (f"{jsonl}:1: not a tab-separated (TSV) file: expected a header line with the columns words, label; "
+            "found a JSON line '{\"words\": \"sea sea") in err, err
+    csv_dev = tmp_path / "dev.csv"
+    csv_dev.write_text("words,label\nsea sand,1\n")
+    wrong.write_text(path.read_text().replace(str(tmp_path / "dev.tsv"), str(csv_dev)))
+    assert finetune_main(["--config", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{csv_dev}:1: not a tab-separated (TSV) file" in err, err
+    assert "found comma-separated text 'words,label'" in err, err
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
 def test_mixture_with_span_corruption_and_progress_label(tmp_path, capsys):
     """A [[tasks]] entry with an objective adds unsupervised span corruption on C4 JSON lines to the
     mixture (multi-task pretraining); the progress bar is labelled "finetune"."""

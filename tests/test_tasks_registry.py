@@ -105,8 +105,16 @@ def test_bad_input_names_file_and_line(tmp_path):
     short = _write(tmp_path / "short.tsv", "sentence\tlabel\nno label column here\n")
     with pytest.raises(ValueError, match=r"short.tsv:2: expected at least 2"):
         list(get_task("sst2").examples(short))
-    with pytest.raises(ValueError, match=r"missing column 'label'"):
-        list(read_tsv(_write(tmp_path / "x.tsv", "sentence\n a\n"), required=("sentence", "label")))
+    with pytest.raises(ValueError, match=r"x.tsv:1: the header has no column 'label': expected a header line with "
+                       r"the columns sentence, label; found 2 tab-separated fields 'sentence\\tscore'"):
+        list(read_tsv(_write(tmp_path / "x.tsv", "sentence\tscore\n a\t1\n"), required=("sentence", "label")))
+    with pytest.raises(ValueError, match=r"x.tsv.csv:1: not a comma-separated \(CSV\) file: .*columns article, "
+                       r"highlights; found 2 tab-separated fields"):
+        list(get_task("cnn_dailymail").examples(_write(tmp_path / "x.tsv.csv", "sentence\tscore\n a\t1\n")))
+    jsonl = _write(tmp_path / "raw.tsv", '{"sentence": "a", "label": 1}\n')
+    with pytest.raises(ValueError, match=r"raw.tsv:1: expected at least 4 tab-separated columns \(source, label, "
+                       r"original_mark, sentence\); found a JSON line '\{\"sentence\": \"a\""):
+        list(get_task("cola").examples(jsonl))  # CoLA's raw release has no header line
     with pytest.raises(FileNotFoundError, match="no validation file under"):
         get_task("rte").resolve(_write(tmp_path / "empty/README", "").parent, "validation")
     with pytest.raises(ValueError, match="unknown split 'dev'"):

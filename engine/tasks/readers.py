@@ -39,16 +39,16 @@ def read_tsv(path, fieldnames: Sequence[str] | None = None, required: Sequence[s
         header = list(fieldnames) if fieldnames is not None else next(reader, None)
         if header is None:
             return
-        for name in required:
-            if name not in header:
-                raise ValueError(f"{path}: missing column {name!r} (columns: {', '.join(header)})")
+        if fieldnames is None:
+            _check_header(path, reader.line_num, "\t".join(header), header, required, "\t")
         width = max((header.index(name) for name in required), default=-1) + 1
         for row in reader:
             line = reader.line_num
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # blank line (CoLA's out-of-domain file ends without one, others with one)
             if len(row) < width:
-                raise ValueError(f"{path}:{line}: expected at least {width} tab-separated columns, got {len(row)}")
+                raise ValueError(f"{path}:{line}: expected at least {width} tab-separated columns "
+                                 f"({', '.join(header[:width])}); found {_looks_like(chr(9).join(row))}")
             record = dict(zip(header, row))
             record["_where"] = f"{path}:{line}"
             yield record
@@ -58,13 +58,45 @@ def read_csv(path, required: Sequence[str] = ()) -> Iterator[dict]:
     """Rows of a comma-separated file with a header (quoted fields may span lines, as in CNN/DailyMail)."""
     path = pathlib.Path(path)
     with _open_text(path) as f:
+        first = f.readline()
+        f.seek(0)
         reader = csv.DictReader(f)
-        for name in required:
-            if reader.fieldnames is None or name not in reader.fieldnames:
-                raise ValueError(f"{path}: missing column {name!r} (columns: {reader.fieldnames})")
+        if required:
+            _check_header(path, 1, first, reader.fieldnames or [], required, ",")
         for row in reader:
             row["_where"] = f"{path}:{reader.line_num}"
             yield row
+
+
+_FORMAT_NAMES = {"\t": "tab-separated (TSV)", ",": "comma-separated (CSV)"}
+
+
+def _check_header(path, line: int, raw: str, header: Sequence[str], required: Sequence[str], sep: str) -> None:
+    """A header without a `required` column: one line naming the file, the line, what was expected and
+    what was found (a JSON line or a CSV given where a TSV is expected says so, not "missing column")."""
+    missing = [name for name in required if name not in header]
+    if not missing:
+        return
+    expected = f"a header line with the columns {', '.join(required)}"
+    if sep not in raw or raw.lstrip().startswith(("{", "[")):
+        raise ValueError(f"{path}:{line}: not a {_FORMAT_NAMES[sep]} file: expected {expected}; "
+                         f"found {_looks_like(raw)}")
+    raise ValueError(f"{path}:{line}: the header has no column {', '.join(map(repr, missing))}: "
+                     f"expected {expected}; found {_looks_like(raw)}")
+
+
+def _looks_like(raw: str) -> str:
+    """What a line of unexpected form is (a JSON line, comma- or tab-separated fields), with its start."""
+    text = raw.strip()
+    if text.startswith(("{", "[")):
+        kind = "a JSON line"
+    elif "\t" in text:
+        kind = f"{text.count(chr(9)) + 1} tab-separated fields"
+    elif "," in text:
+        kind = "comma-separated text"
+    else:
+        kind = "one field"
+    return f"{kind} {text[:60] + '...' if len(text) > 60 else text!r}"
 
 
 def read_jsonl(path, required: Sequence[str] = ()) -> Iterator[dict]:
