@@ -164,7 +164,7 @@ def resume_resharded(run_root: str, stage: str, optim: str, name: str) -> dict:
 
     for pname, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p], enabled=stage == "3"):
-            # the module's weights are the fp32 masters cast to its dtype (ZeRO-3 on a CPU: bf16)
+            # the module's weights are the fp32 masters cast to its dtype (bf16 / fp16 runs)
             same.append(torch.equal(p.data, weights[pname].to(p.dtype)))
     for flat, layout in engine._layouts:
         for sl in layout.slices:
