@@ -22,6 +22,17 @@ ARGS = ["--model.vocab_size", "128", "--data.input_length", "32", "--batch.micro
         "--run.max_steps", "8", "--run.threads", "1", "--run.progress", "false", "--run.demo", "false",
         "--run.tensorboard", "false", "--run.log_every", "1", "--deepspeed.precision", "fp16"]
 OVERFLOW_STEPS = (3, 4)
+
+
+def _deepspeed_fp16() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+# DeepSpeed's CPU accelerator has fp16 only where oneDNN does (AVX-512 FP16 / AMX CPUs): elsewhere it refuses
+# fp16 (tested below as our one-line error), so the DeepSpeed fp16 runs need such a CPU or a GPU.
+needs_ds_fp16 = pytest.mark.skipif(not _deepspeed_fp16(), reason="DeepSpeed reports no fp16 on this CPU")
 # The scale after each of steps 1..6: halved on each overflow, on every engine and ZeRO stage.
 SCALES = [2.0**16] * 2 + [2.0**15] + [2.0**14] * 3
 
@@ -62,7 +73,7 @@ def _trainer(run_dir, engine, zero):
     return trainer
 
 
-@pytest.mark.parametrize("engine, zero", [("deepspeed", "0"), ("deepspeed", "1"), ("deepspeed", "2"), ("deepspeed", "3"),
+@pytest.mark.parametrize("engine, zero", [*[pytest.param("deepspeed", z, marks=needs_ds_fp16) for z in "0123"],
                                           ("local", "0")])
 def test_fp16_dynamic_loss_scale_skips_overflow_and_resumes(tmp_path, engine, zero):
     trainer = _trainer(tmp_path / "run", engine, zero)
@@ -108,6 +119,7 @@ def _common_losses(run_dir, engine, precision, zero="0"):
     return trainer.train().losses
 
 
+@needs_ds_fp16
 @pytest.mark.parametrize("zero", ["0", "1", "2", "3"])
 def test_deepspeed_fp16_trains_like_fp32(tmp_path, zero):
     """fp16 weights with the loss scale give fp32's loss curve to fp16 rounding. Guards the two DeepSpeed
@@ -119,6 +131,7 @@ def test_deepspeed_fp16_trains_like_fp32(tmp_path, zero):
 
 
 
+@needs_ds_fp16
 @pytest.mark.slow
 def test_fp16_zero_1_2_3_on_two_ranks_match_fp32(tmp_path):
     """ZeRO 1, 2 and 3 in fp16 on two gloo ranks train like fp32 on one rank holding the same global batch."""
@@ -135,3 +148,18 @@ def test_fp16_zero_1_2_3_on_two_ranks_match_fp32(tmp_path):
         assert losses == pytest.approx(reference, abs=2e-3), (stage, losses, reference)
         records = read_metrics(tmp_path / f"zero{stage}_fp16")
         assert records[-1]["step"] == 4 and records[-1]["loss_scale"] == 2.0**16  # no overflow at the initial scale
+
+
+def test_unsupported_precision_is_one_line(tmp_path, monkeypatch):
+    """Where DeepSpeed's accelerator lacks fp16, the engine names the config key before DeepSpeed fails."""
+    from deepspeed.accelerator import get_accelerator
+
+    from engine.config import load_run_config
+    from engine.distributed.zero_engine import check_precision_supported
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: None)
+    cfg = load_run_config(["--run.dir", str(tmp_path), "--run.engine", "deepspeed", *ARGS])
+    with pytest.raises(ValueError, match=r"^config key 'deepspeed.precision': fp16 is not supported by DeepSpeed's "
+                                         r"\w+ accelerator on this machine; use bf16 or fp32"):
+        check_precision_supported(cfg)
+    check_precision_supported(load_run_config(["--run.dir", str(tmp_path), *ARGS[:-2]]))  # fp32: fine

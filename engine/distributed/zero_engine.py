@@ -17,6 +17,19 @@ from engine.optim_state import PORTABLE_OPTIMIZER, PORTABLE_WEIGHTS, load_named_
     write_layout_record
 
 
+def check_precision_supported(cfg: RunConfig) -> None:
+    """DeepSpeed refuses a precision its accelerator lacks (fp16 on CPUs without oneDNN fp16, e.g. without
+    AVX-512; docs/MACHINE_NOTES.md) with a traceback deep in its engine: one line naming the key instead."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = {"fp16": acc.is_fp16_supported, "bf16": acc.is_bf16_supported}.get(cfg.deepspeed.precision)
+    if supported is not None and not supported():
+        raise ValueError(f"config key 'deepspeed.precision': {cfg.deepspeed.precision} is not supported by "
+                         f"DeepSpeed's {acc.device_name()} accelerator on this machine; use "
+                         f"{'bf16 or ' if cfg.deepspeed.precision == 'fp16' else ''}fp32 (or run.engine = \"local\")")
+
+
 class ZeroEngine:
     """deepspeed.initialize around the model and our optimizer (ZeRO 0-3); gloo on the CPU, NCCL on GPUs.
 
@@ -36,6 +49,7 @@ class ZeroEngine:
         self.base_optimizer = optimizer
         self.amp_dtype = autocast_dtype(cfg)
         ds_config = deepspeed_config(cfg, self.world_size)
+        check_precision_supported(cfg)
         if cfg.deepspeed.zero_stage == 3:
             _prepare_zero3(model)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
