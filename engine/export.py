@@ -127,23 +127,33 @@ def export_checkpoint(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, 
     return path
 
 
-def export_main(argv: list[str]) -> int:
-    args = list(argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args else 2
-    step = None
+def parse_run_argv(argv: list[str], command: str, usage: str, positional: int):
+    """`RUN_DIR ... [--step N]` of export and reshard: (the positional arguments, N or None), or None after
+    printing the one-line usage error."""
+    args, step = list(argv), None
     if "--step" in args:
         i = args.index("--step")
         try:
             step = int(args[i + 1])
         except (IndexError, ValueError):
-            print("t5forge export: error: --step takes an integer", file=sys.stderr)
-            return 2
+            print(f"t5forge {command}: error: --step takes an integer", file=sys.stderr)
+            return None
         del args[i:i + 2]
-    if len(args) != 2:
-        print("t5forge export: error: usage: t5forge export RUN_DIR OUT_DIR [--step N]", file=sys.stderr)
+    if len(args) != positional:
+        print(f"t5forge {command}: error: usage: {usage}", file=sys.stderr)
+        return None
+    return args, step
+
+
+def export_main(argv: list[str]) -> int:
+    args = list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    parsed = parse_run_argv(args, "export", "t5forge export RUN_DIR OUT_DIR [--step N]", 2)
+    if parsed is None:
         return 2
+    args, step = parsed
     try:
         path = export_checkpoint(args[0], args[1], step)
     except USER_ERRORS as err:

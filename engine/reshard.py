@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
 
 import torch
 
@@ -139,18 +138,12 @@ def reshard_main(argv: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args else 2
-    step = None
-    if "--step" in args:
-        i = args.index("--step")
-        try:
-            step = int(args[i + 1])
-        except (IndexError, ValueError):
-            print("t5forge reshard: error: --step takes an integer", file=sys.stderr)
-            return 2
-        del args[i:i + 2]
-    if len(args) != 1:
-        print("t5forge reshard: error: usage: t5forge reshard RUN_DIR [--step N]", file=sys.stderr)
+    from engine.export import parse_run_argv
+
+    parsed = parse_run_argv(args, "reshard", "t5forge reshard RUN_DIR [--step N]", 1)
+    if parsed is None:
         return 2
+    args, step = parsed
     try:
         path, added = reshard_checkpoint(args[0], step)
     except USER_ERRORS as err:
